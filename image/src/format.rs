@@ -1,0 +1,422 @@
+//! The container format.
+//!
+//! | offset            | size  | content                                                        |
+//! |-------------------|-------|----------------------------------------------------------------|
+//! | 0                 | 4096  | header: magic, format version, flags, header checksum, padding |
+//! | 4096              | ...   | sections, each page-aligned when it holds memory pages         |
+//! | table_offset      | ...   | section table: postcard `Vec<SectionEntry>`                    |
+//! | end - 40          | 40    | trailer: table offset, table length, table checksum, magic     |
+//!
+//! Every section and the table carry an xxh3-64 checksum. The header is written first and the
+//! trailer last, so an image can be streamed without seeking; a truncated image has no valid
+//! trailer. All integers are little-endian.
+
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+/// First bytes of every image.
+pub const MAGIC: [u8; 8] = *b"MIGRATE\x7f";
+/// Last bytes of every image (end of trailer).
+pub const TRAILER_MAGIC: [u8; 8] = *b"\x7fETARGIM";
+/// The format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The oldest format version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
+/// Size of the header block; sections start here.
+pub const HEADER_LEN: u64 = 4096;
+/// Memory sections are aligned to this so they can be mapped.
+pub const PAGE_SIZE: u64 = 4096;
+const TRAILER_LEN: u64 = 40;
+/// Upper bound for decoded metadata (the table and the metadata section).
+pub const MAX_METADATA_LEN: u64 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read image {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not a migrate image (bad magic); pass an image written by migrate-checkpoint")]
+    NotAnImage { path: PathBuf },
+    #[error("{path} was written by a newer migrate (image format {found}, this build reads up to {supported}); resume it with a newer migrate-resume")]
+    NewerVersion { path: PathBuf, found: u32, supported: u32 },
+    #[error("{path} uses image format {found}, older than this build supports ({oldest}); resume it with the migrate version that wrote it")]
+    OlderVersion { path: PathBuf, found: u32, oldest: u32 },
+    #[error("{path} is truncated or incomplete ({detail}); the checkpoint did not finish or the copy was cut short: take a new checkpoint or copy the image again")]
+    Truncated { path: PathBuf, detail: String },
+    #[error("{path} is corrupted: {what} checksum mismatch (stored {stored:#018x}, computed {computed:#018x}); copy the image again")]
+    Corrupted { path: PathBuf, what: String, stored: u64, computed: u64 },
+    #[error("{path}: malformed {what}: {detail}")]
+    Malformed { path: PathBuf, what: String, detail: String },
+    #[error("{path} has no {0:?} section", kind)]
+    MissingSection { path: PathBuf, kind: SectionKind },
+    #[error("cannot encode image metadata: {0}")]
+    Encode(String),
+    #[error("cannot write image: {0}")]
+    Write(io::Error),
+}
+
+/// What a section holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SectionKind {
+    /// postcard-encoded [`crate::schema::ImageMeta`].
+    Meta,
+    /// Raw pages of one VMA: the runs listed in its `Vma::runs`, concatenated.
+    Pages { vma: u32 },
+    /// A whole file's contents (deleted files, `--with-binaries`).
+    FileContents { file: u32 },
+}
+
+/// One entry of the section table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SectionEntry {
+    pub kind: SectionKind,
+    pub offset: u64,
+    pub length: u64,
+    pub checksum: u64,
+}
+
+/// Where the writer puts bytes. libmigrate implements it with raw `write(2)` so that writing
+/// an image from the frozen program never goes through libc's buffered I/O.
+pub trait Sink {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+}
+
+impl Sink for File {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        io::Write::write_all(self, buf)
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.extend_from_slice(buf);
+        Ok(())
+    }
+}
+
+fn header_bytes(flags: u32) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&flags.to_le_bytes());
+    let sum = xxh3_64(&h[0..16]);
+    h[16..24].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+/// Writes an image front to back. Allocation happens only in `new` (table capacity), in
+/// `add_section_bytes` callers' buffers and in `finish`: the page-writing path
+/// (`begin_section`/`write`/`end_section`) allocates nothing while the table has capacity.
+pub struct ImageWriter<S: Sink> {
+    sink: S,
+    pos: u64,
+    sections: Vec<SectionEntry>,
+    current: Option<(SectionKind, u64, Xxh3)>,
+}
+
+impl<S: Sink> ImageWriter<S> {
+    /// Starts an image, writing its header. `max_sections` sizes the table up front.
+    pub fn new(mut sink: S, max_sections: usize) -> Result<Self, ImageError> {
+        sink.write_all(&header_bytes(0)).map_err(ImageError::Write)?;
+        Ok(ImageWriter {
+            sink,
+            pos: HEADER_LEN,
+            sections: Vec::with_capacity(max_sections + 4),
+            current: None,
+        })
+    }
+
+    /// Current file offset.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn raw(&mut self, buf: &[u8]) -> Result<(), ImageError> {
+        self.sink.write_all(buf).map_err(ImageError::Write)?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Pads with zeros to the next page boundary.
+    pub fn align_to_page(&mut self) -> Result<(), ImageError> {
+        const ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+        let rem = (self.pos % PAGE_SIZE) as usize;
+        if rem != 0 {
+            self.raw(&ZEROS[..PAGE_SIZE as usize - rem])?;
+        }
+        Ok(())
+    }
+
+    /// Opens a section at the current (optionally page-aligned) offset.
+    pub fn begin_section(&mut self, kind: SectionKind, page_aligned: bool) -> Result<u64, ImageError> {
+        assert!(self.current.is_none(), "section already open");
+        if page_aligned {
+            self.align_to_page()?;
+        }
+        self.current = Some((kind, self.pos, Xxh3::new()));
+        Ok(self.pos)
+    }
+
+    /// Appends bytes to the open section.
+    pub fn write(&mut self, buf: &[u8]) -> Result<(), ImageError> {
+        match self.current.as_mut() {
+            Some((_, _, hasher)) => hasher.update(buf),
+            None => panic!("write outside a section"),
+        }
+        self.raw(buf)
+    }
+
+    /// Closes the open section and returns its index in the table.
+    pub fn end_section(&mut self) -> u32 {
+        let (kind, offset, hasher) = self.current.take().expect("no open section");
+        self.sections.push(SectionEntry { kind, offset, length: self.pos - offset, checksum: hasher.digest() });
+        (self.sections.len() - 1) as u32
+    }
+
+    /// Writes a whole section from one buffer.
+    pub fn add_section_bytes(&mut self, kind: SectionKind, bytes: &[u8], page_aligned: bool) -> Result<u32, ImageError> {
+        self.begin_section(kind, page_aligned)?;
+        self.write(bytes)?;
+        Ok(self.end_section())
+    }
+
+    /// Encodes and writes the metadata section.
+    pub fn add_meta(&mut self, meta: &crate::schema::ImageMeta) -> Result<u32, ImageError> {
+        let bytes = postcard::to_allocvec(meta).map_err(|e| ImageError::Encode(e.to_string()))?;
+        self.add_section_bytes(SectionKind::Meta, &bytes, false)
+    }
+
+    /// Writes the table and trailer; returns the sink and the image length.
+    pub fn finish(mut self) -> Result<(S, u64), ImageError> {
+        assert!(self.current.is_none(), "section still open");
+        let table = postcard::to_allocvec(&self.sections).map_err(|e| ImageError::Encode(e.to_string()))?;
+        let table_offset = self.pos;
+        self.raw(&table)?;
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        trailer[0..8].copy_from_slice(&table_offset.to_le_bytes());
+        trailer[8..16].copy_from_slice(&(table.len() as u64).to_le_bytes());
+        trailer[16..24].copy_from_slice(&xxh3_64(&table).to_le_bytes());
+        let tsum = xxh3_64(&trailer[0..24]);
+        trailer[24..32].copy_from_slice(&tsum.to_le_bytes());
+        trailer[32..40].copy_from_slice(&TRAILER_MAGIC);
+        self.raw(&trailer)?;
+        Ok((self.sink, self.pos))
+    }
+}
+
+/// Reads and verifies an image file. Every length read from the file is bounded by the file's
+/// size before anything is allocated.
+pub struct ImageReader {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    pub version: u32,
+    pub flags: u32,
+    sections: Vec<SectionEntry>,
+}
+
+impl ImageReader {
+    pub fn open(path: &Path) -> Result<Self, ImageError> {
+        let io_err = |source| ImageError::Io { path: path.to_path_buf(), source };
+        let mut file = File::open(path).map_err(io_err)?;
+        let len = file.seek(SeekFrom::End(0)).map_err(io_err)?;
+        Self::from_file(path, file, len)
+    }
+
+    fn from_file(path: &Path, file: File, len: u64) -> Result<Self, ImageError> {
+        let p = || path.to_path_buf();
+        let io_err = |source| ImageError::Io { path: path.to_path_buf(), source };
+        if len < 24 {
+            if len < 8 {
+                return Err(ImageError::NotAnImage { path: p() });
+            }
+        }
+        let mut head = [0u8; 24];
+        let n = read_at_most(&file, &mut head, 0).map_err(io_err)?;
+        if n < 8 || head[0..8] != MAGIC {
+            return Err(ImageError::NotAnImage { path: p() });
+        }
+        if n < 24 {
+            return Err(ImageError::Truncated { path: p(), detail: "header cut short".into() });
+        }
+        let stored = u64::from_le_bytes(head[16..24].try_into().unwrap());
+        let computed = xxh3_64(&head[0..16]);
+        if stored != computed {
+            return Err(ImageError::Corrupted { path: p(), what: "header".into(), stored, computed });
+        }
+        let version = u32::from_le_bytes(head[8..12].try_into().unwrap());
+        let flags = u32::from_le_bytes(head[12..16].try_into().unwrap());
+        if version > FORMAT_VERSION {
+            return Err(ImageError::NewerVersion { path: p(), found: version, supported: FORMAT_VERSION });
+        }
+        if version < OLDEST_READABLE_VERSION {
+            return Err(ImageError::OlderVersion { path: p(), found: version, oldest: OLDEST_READABLE_VERSION });
+        }
+        if len < HEADER_LEN + TRAILER_LEN {
+            return Err(ImageError::Truncated { path: p(), detail: format!("{len} bytes, no trailer") });
+        }
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        file.read_exact_at(&mut trailer, len - TRAILER_LEN).map_err(io_err)?;
+        if trailer[32..40] != TRAILER_MAGIC {
+            return Err(ImageError::Truncated { path: p(), detail: "no trailer at the end".into() });
+        }
+        let word = |i: usize| u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().unwrap());
+        let (table_offset, table_len, table_sum, trailer_sum) = (word(0), word(1), word(2), word(3));
+        let computed = xxh3_64(&trailer[0..24]);
+        if trailer_sum != computed {
+            return Err(ImageError::Corrupted { path: p(), what: "trailer".into(), stored: trailer_sum, computed });
+        }
+        let table_end = table_offset.checked_add(table_len);
+        if table_offset < HEADER_LEN || table_end != Some(len - TRAILER_LEN) || table_len > MAX_METADATA_LEN {
+            return Err(ImageError::Malformed {
+                path: p(),
+                what: "trailer".into(),
+                detail: format!("table at {table_offset}+{table_len} in a file of {len} bytes"),
+            });
+        }
+        let mut table = vec![0u8; table_len as usize];
+        file.read_exact_at(&mut table, table_offset).map_err(io_err)?;
+        let computed = xxh3_64(&table);
+        if computed != table_sum {
+            return Err(ImageError::Corrupted { path: p(), what: "section table".into(), stored: table_sum, computed });
+        }
+        let sections: Vec<SectionEntry> = postcard::from_bytes(&table).map_err(|e| ImageError::Malformed {
+            path: p(),
+            what: "section table".into(),
+            detail: e.to_string(),
+        })?;
+        for (i, s) in sections.iter().enumerate() {
+            let end = s.offset.checked_add(s.length);
+            if s.offset < HEADER_LEN || end.is_none_or(|e| e > table_offset) {
+                return Err(ImageError::Malformed {
+                    path: p(),
+                    what: format!("section {i}"),
+                    detail: format!("{}+{} outside the data area (ends at {table_offset})", s.offset, s.length),
+                });
+            }
+        }
+        Ok(ImageReader { path: path.to_path_buf(), file, len, version, flags, sections })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn sections(&self) -> &[SectionEntry] {
+        &self.sections
+    }
+
+    /// Reads a section whole and verifies its checksum.
+    pub fn read_section(&self, index: usize) -> Result<Vec<u8>, ImageError> {
+        let s = self.sections.get(index).copied().ok_or_else(|| ImageError::Malformed {
+            path: self.path.clone(),
+            what: "section reference".into(),
+            detail: format!("section {index} does not exist ({} sections)", self.sections.len()),
+        })?;
+        let mut buf = vec![0u8; s.length as usize];
+        self.file
+            .read_exact_at(&mut buf, s.offset)
+            .map_err(|source| ImageError::Io { path: self.path.clone(), source })?;
+        let computed = xxh3_64(&buf);
+        if computed != s.checksum {
+            return Err(ImageError::Corrupted {
+                path: self.path.clone(),
+                what: format!("section {index} ({:?})", s.kind),
+                stored: s.checksum,
+                computed,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Decodes the metadata section.
+    pub fn meta(&self) -> Result<crate::schema::ImageMeta, ImageError> {
+        let index = self
+            .sections
+            .iter()
+            .position(|s| s.kind == SectionKind::Meta)
+            .ok_or(ImageError::MissingSection { path: self.path.clone(), kind: SectionKind::Meta })?;
+        if self.sections[index].length > MAX_METADATA_LEN {
+            return Err(ImageError::Malformed {
+                path: self.path.clone(),
+                what: "metadata".into(),
+                detail: format!("{} bytes exceeds the limit", self.sections[index].length),
+            });
+        }
+        let bytes = self.read_section(index)?;
+        let meta: crate::schema::ImageMeta = postcard::from_bytes(&bytes).map_err(|e| ImageError::Malformed {
+            path: self.path.clone(),
+            what: "metadata".into(),
+            detail: e.to_string(),
+        })?;
+        meta.validate().map_err(|detail| ImageError::Malformed {
+            path: self.path.clone(),
+            what: "metadata".into(),
+            detail,
+        })?;
+        Ok(meta)
+    }
+
+    /// Verifies the checksum of every section (streaming, 1 MiB at a time).
+    pub fn verify_all(&self) -> Result<(), ImageError> {
+        let mut buf = vec![0u8; 1 << 20];
+        for (index, s) in self.sections.iter().enumerate() {
+            let mut hasher = Xxh3::new();
+            let mut off = s.offset;
+            let end = s.offset + s.length;
+            while off < end {
+                let n = ((end - off) as usize).min(buf.len());
+                self.file
+                    .read_exact_at(&mut buf[..n], off)
+                    .map_err(|source| ImageError::Io { path: self.path.clone(), source })?;
+                hasher.update(&buf[..n]);
+                off += n as u64;
+            }
+            let computed = hasher.digest();
+            if computed != s.checksum {
+                return Err(ImageError::Corrupted {
+                    path: self.path.clone(),
+                    what: format!("section {index} ({:?})", s.kind),
+                    stored: s.checksum,
+                    computed,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[allow(dead_code)]
+fn read_all(mut r: impl Read) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v)?;
+    Ok(v)
+}

@@ -1,0 +1,14 @@
+//! The migrate image: one file per checkpoint.
+//!
+//! `format` defines the container (header, sections with checksums, section table, trailer);
+//! `schema` defines the versioned metadata every resource kind dumps into it. Nothing else in the
+//! workspace knows the byte layout.
+
+pub mod format;
+pub mod schema;
+
+pub use format::{
+    ImageError, ImageReader, ImageWriter, SectionEntry, SectionKind, Sink, FORMAT_VERSION,
+    HEADER_LEN, MAGIC, PAGE_SIZE,
+};
+pub use schema::*;

@@ -1,0 +1,280 @@
+//! The versioned metadata schema: one struct per kind of process resource.
+//!
+//! Format version 1. Fields are only ever appended in new versions (postcard is positional:
+//! a new version bumps `FORMAT_VERSION` and old versions stay decodable through their own types).
+//! Addresses are the program's own; PIDs are *virtual* (what the program saw when first started).
+
+use serde::{Deserialize, Serialize};
+
+/// Everything in an image except the page bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    pub host: HostEntry,
+    pub process: ProcessEntry,
+}
+
+/// Where and when the checkpoint was taken; what the target must match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostEntry {
+    pub hostname: String,
+    pub boot_id: String,
+    pub kernel_release: String,
+    pub tool_version: String,
+    pub created_unix_ns: u64,
+    pub cpu: CpuEntry,
+    /// xxh3 of the [vdso] bytes, and its size.
+    pub vdso_hash: u64,
+    pub vdso_len: u64,
+    pub clocks: ClockEntry,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuEntry {
+    pub vendor: String,
+    /// XCR0: the xsave features enabled by the kernel, which the signal frames contain.
+    pub xfeatures: u64,
+    /// Size of the xsave area (CPUID 0xD.0 EBX) the frames were written with.
+    pub xsave_size: u32,
+}
+
+/// Clock readings taken while the program was frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClockEntry {
+    pub monotonic_ns: u64,
+    pub boottime_ns: u64,
+    pub realtime_ns: u64,
+}
+
+/// How a file is recognised again at resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// xxh3 of the whole contents, recorded for mapped executables and libraries.
+    pub hash: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    pub vpid: i32,
+    pub vppid: i32,
+    pub vpgid: i32,
+    pub vsid: i32,
+    /// `files` index of the executable.
+    pub exe: u32,
+    /// `files` index of libmigrate itself (must be the same build at resume).
+    pub libmigrate: u32,
+    /// LD_PRELOAD as the process had it: the layout depends on it.
+    pub ld_preload: String,
+    pub argv: Vec<String>,
+    pub personality: u32,
+    pub cwd: String,
+    pub umask: u32,
+    pub rlimits: Vec<RlimitEntry>,
+    pub mm: MmEntry,
+    pub auxv: Vec<u64>,
+    pub files: Vec<FileIdentity>,
+    pub vmas: Vec<VmaEntry>,
+    pub threads: Vec<ThreadEntry>,
+    pub fds: Vec<FdEntry>,
+    pub signals: SignalsEntry,
+    /// Virtual <-> real PID pairs known to the process (real as at checkpoint).
+    pub pids: Vec<(i32, i32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RlimitEntry {
+    pub resource: u32,
+    pub cur: u64,
+    pub max: u64,
+}
+
+/// The mm fields that PR_SET_MM_MAP sets (see prctl(2)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmEntry {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+pub const PROT_READ: u32 = 1;
+pub const PROT_WRITE: u32 = 2;
+pub const PROT_EXEC: u32 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private anonymous memory (incl. thread stacks, guard pages).
+    Anon,
+    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, /dev/zero shared).
+    SharedAnon,
+    /// File-backed, private (copy-on-write) mapping.
+    FilePrivate,
+    /// File-backed, shared mapping: the file holds the contents.
+    FileShared,
+    Heap,
+    Stack,
+    /// [vdso], [vvar], [vvar_vclock], [vsyscall]: provided by the kernel, never filled.
+    Special,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmaEntry {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    pub kind: VmaKind,
+    /// `files` index for file-backed mappings.
+    pub file: Option<u32>,
+    pub file_offset: u64,
+    /// The name /proc/self/maps shows ("[heap]", a path, "").
+    pub name: String,
+    /// VmFlags from smaps that matter for restore (e.g. "gd" for grows-down).
+    pub vm_flags: String,
+    /// Stored page runs (page index relative to `start`, page count), ascending.
+    pub runs: Vec<(u64, u64)>,
+    /// Section holding the runs' bytes, when any page is stored.
+    pub data_section: Option<u32>,
+}
+
+impl VmaEntry {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    pub fn stored_pages(&self) -> u64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadEntry {
+    pub vtid: i32,
+    /// The thread that libmigrate runs checkpoints on (recreated like any other).
+    pub is_checkpoint_thread: bool,
+    pub fs_base: u64,
+    /// glibc's cached tid field (PR_GET_TID_ADDRESS).
+    pub tid_address: u64,
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    /// Stack pointer of the saved jump context (callee-saved registers pushed below it).
+    pub resume_sp: u64,
+    pub name: String,
+    /// CPU affinity mask words.
+    pub affinity: Vec<u64>,
+    /// Signals pending for this thread only.
+    pub pending: Vec<SigInfoEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdEntry {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// Index (in `fds`) of the first descriptor sharing this one's open file description.
+    pub shares_with: Option<u32>,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// Regular file: reopened by path at `pos` with `flags` (O_* status and access flags).
+    Regular { file: u32, flags: u32, pos: u64 },
+    Directory { path: String, flags: u32, pos: u64 },
+    /// /dev/null, /dev/zero, /dev/urandom, …
+    CharDevice { path: String, rdev: u64, flags: u32 },
+    /// A terminal, pipe or socket leading outside the checkpoint on a standard stream:
+    /// connected to migrate-resume's own descriptor of the same number.
+    Inherited { what: String, flags: u32 },
+    /// Not restorable by this version; resume reports it (and maps it to /dev/null with --force).
+    Unsupported { what: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalsEntry {
+    /// Dispositions as the kernel holds them (rt_sigaction), signals 1..=64.
+    pub actions: Vec<SigActionEntry>,
+    /// Signals pending for the whole process, with their siginfo.
+    pub shared_pending: Vec<SigInfoEntry>,
+    /// The checkpoint signal libmigrate owns in this process.
+    pub checkpoint_signal: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigActionEntry {
+    pub signo: i32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigInfoEntry {
+    pub signo: i32,
+    /// The raw 128-byte siginfo_t.
+    pub info: Vec<u8>,
+}
+
+impl ImageMeta {
+    /// Structural checks on decoded metadata: every index in range, every VMA sane.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.process;
+        let nfiles = p.files.len() as u32;
+        if p.exe >= nfiles || p.libmigrate >= nfiles {
+            return Err("executable or libmigrate file index out of range".into());
+        }
+        let mut prev_end = 0u64;
+        for (i, v) in p.vmas.iter().enumerate() {
+            if v.start % crate::PAGE_SIZE != 0 || v.end % crate::PAGE_SIZE != 0 || v.end <= v.start {
+                return Err(format!("vma {i} has a bad range {:#x}-{:#x}", v.start, v.end));
+            }
+            if v.start < prev_end {
+                return Err(format!("vma {i} overlaps the one before it"));
+            }
+            if v.end > 0x7fff_ffff_f000 && v.kind != VmaKind::Special {
+                return Err(format!("vma {i} lies outside user space"));
+            }
+            prev_end = v.end;
+            if v.file.is_some_and(|f| f >= nfiles) {
+                return Err(format!("vma {i} names file {} of {nfiles}", v.file.unwrap_or(0)));
+            }
+            let pages = v.len() / crate::PAGE_SIZE;
+            let mut next = 0u64;
+            for &(first, count) in &v.runs {
+                if first < next || count == 0 || first.checked_add(count).is_none_or(|e| e > pages) {
+                    return Err(format!("vma {i} has a bad page run ({first}, {count})"));
+                }
+                next = first + count;
+            }
+        }
+        for f in &p.fds {
+            if let FdKind::Regular { file, .. } = f.kind {
+                if file >= nfiles {
+                    return Err(format!("fd {} names file {file} of {nfiles}", f.fd));
+                }
+            }
+            if f.shares_with.is_some_and(|s| s as usize >= p.fds.len()) {
+                return Err(format!("fd {} shares with a descriptor that does not exist", f.fd));
+            }
+        }
+        if p.threads.is_empty() || p.threads.len() > 65536 {
+            return Err(format!("{} threads", p.threads.len()));
+        }
+        Ok(())
+    }
+}
