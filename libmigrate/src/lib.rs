@@ -1,1 +1,106 @@
-//! placeholder
+//! libmigrate: injected with LD_PRELOAD into every managed process.
+//!
+//! Its constructor either starts the checkpoint machinery (a checkpoint thread waiting on the
+//! control socket and the checkpoint signal) or, when MIGRATE_RESTORE names an image, restores
+//! that image into this freshly exec'd process and never returns. See docs/ARCHITECTURE.md.
+
+extern crate alloc;
+
+pub mod alloc_arena;
+pub mod checkpoint;
+pub mod hooks;
+pub mod log;
+pub mod resources;
+pub mod restore;
+pub mod state;
+pub mod sys;
+
+use core::sync::atomic::Ordering;
+
+#[global_allocator]
+static ARENA: alloc_arena::Arena = alloc_arena::Arena::new();
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn constructor() {
+    match std::env::var("MIGRATE_LOG").as_deref() {
+        Ok("quiet") => log::LEVEL.store(log::QUIET, Ordering::Relaxed),
+        Ok("debug") => log::LEVEL.store(log::DEBUG, Ordering::Relaxed),
+        _ => {}
+    }
+    hooks::resolve_all();
+    if let Some(sig) = std::env::var("MIGRATE_SIGNAL")
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+    {
+        if (1..=64).contains(&sig)
+            && sig != state::SUSPEND_SIGNAL
+            && sig != libc::SIGKILL
+            && sig != libc::SIGSTOP
+        {
+            state::CHECKPOINT_SIGNAL.store(sig, Ordering::Relaxed);
+        }
+    }
+    if let Some((image, force)) = restore::requested() {
+        restore::run(&image, force);
+    }
+    start_managed();
+}
+
+/// Normal start: this process (or a fork child) becomes a managed process.
+fn start_managed() {
+    let pid = sys::getpid();
+    state::VIRTUAL_PID.store(pid, Ordering::Relaxed);
+    let _ = state::PIDS.insert(pid_virt::VirtPid(pid), pid_virt::RealPid(pid));
+    let dir = std::env::var_os("MIGRATE_CKPT_DIR")
+        .map(|d| std::os::unix::ffi::OsStrExt::as_bytes(d.as_os_str()).to_vec())
+        .or_else(|| resources::files_cwd())
+        .unwrap_or_else(|| b".".to_vec());
+    let _ = checkpoint::DEFAULT_DIR.set(dir);
+    let _ = checkpoint::LD_PRELOAD.set(std::env::var("LD_PRELOAD").unwrap_or_default());
+    if let Err(e) = checkpoint::suspend::install_handlers() {
+        info!("cannot install signal handlers ({e}); checkpoints are disabled in this process");
+        return;
+    }
+    if let Err(e) = checkpoint::control::open_channel() {
+        info!("cannot open the control socket ({e}); checkpoints by signal only");
+    }
+    spawn_checkpoint_thread();
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    ATFORK.call_once(|| {
+        // SAFETY: the handlers are plain extern "C" functions valid for the process's lifetime.
+        unsafe {
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_parent),
+                Some(after_fork_child),
+            )
+        };
+    });
+    state::ACTIVE.store(1, Ordering::Release);
+}
+
+fn spawn_checkpoint_thread() {
+    let spawned = std::thread::Builder::new()
+        .name("migrate-ckpt".into())
+        .stack_size(1 << 20)
+        .spawn(|| checkpoint::thread_main());
+    if let Err(e) = spawned {
+        info!("cannot start the checkpoint thread ({e}); checkpoints are disabled in this process");
+    }
+}
+
+extern "C" fn before_fork() {
+    ARENA.lock();
+}
+
+extern "C" fn after_fork_parent() {
+    ARENA.unlock();
+}
+
+extern "C" fn after_fork_child() {
+    ARENA.reset_lock_in_child();
+    start_managed();
+}

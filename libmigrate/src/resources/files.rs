@@ -1,0 +1,223 @@
+//! File descriptors. Dump: /proc/self/fd (not only what hooks saw: libc's internal opens bypass
+//! them), with fstat, fcntl flags, the offset, and kcmp to find descriptors that share one open
+//! file description (dup). Restore: each descriptor reopened at its number and offset, dups
+//! re-shared with dup3; standard streams that led outside (terminal, pipe, socket) are connected
+//! to migrate-resume's own.
+
+use crate::resources::{path_string, Files};
+use crate::state;
+use crate::sys::{self, fs};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use migrate_image::{FdEntry, FdKind};
+
+const KEPT_STATUS_FLAGS: i32 = libc::O_ACCMODE
+    | libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_DSYNC
+    | libc::O_SYNC
+    | libc::O_DIRECT
+    | libc::O_NOATIME
+    | libc::O_LARGEFILE
+    | libc::O_PATH;
+
+fn is_tty_rdev(rdev: u64) -> bool {
+    let major = libc::major(rdev);
+    // 4: tty/console, 5: /dev/tty, /dev/ptmx; 136..=143: pseudo-terminal slaves.
+    matches!(major, 4 | 5 | 136..=143)
+}
+
+pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
+    let names =
+        fs::list_dir(b"/proc/self/fd").map_err(|e| format!("cannot list /proc/self/fd: {e}"))?;
+    let mut fds: Vec<i32> = names
+        .iter()
+        .filter_map(|n| fs::parse_dec(n))
+        .map(|n| n as i32)
+        .collect();
+    fds.sort_unstable();
+    let mut out: Vec<FdEntry> = Vec::with_capacity(fds.len());
+    for fd in fds {
+        if state::is_own_fd(fd) || crate::checkpoint::is_transient_fd(fd) {
+            continue;
+        }
+        let Ok(st) = sys::fstat(fd) else { continue }; // closed meanwhile (the listing's own fd)
+        let link = fs::read_link(format!("/proc/self/fd/{fd}").as_bytes()).unwrap_or_default();
+        let path = path_string(&link);
+        let flags = sys::fcntl(fd, libc::F_GETFL, 0).unwrap_or(0) as i32 & KEPT_STATUS_FLAGS;
+        let cloexec = sys::fcntl(fd, libc::F_GETFD, 0).unwrap_or(0) as i32 & libc::FD_CLOEXEC != 0;
+        let pos = sys::lseek(fd, 0, libc::SEEK_CUR).unwrap_or(0);
+        let fmt = st.st_mode & libc::S_IFMT;
+        let kind = match fmt {
+            libc::S_IFREG if path.ends_with(" (deleted)") => FdKind::Unsupported {
+                what: format!("deleted file {path}"),
+            },
+            libc::S_IFREG if path.starts_with('/') => FdKind::Regular {
+                file: files.intern_path(&path, false),
+                flags: flags as u32,
+                pos,
+            },
+            libc::S_IFDIR => FdKind::Directory {
+                path,
+                flags: flags as u32,
+                pos,
+            },
+            libc::S_IFCHR if fd <= 2 && is_tty_rdev(st.st_rdev) => FdKind::Inherited {
+                what: format!("terminal {path}"),
+                flags: flags as u32,
+            },
+            libc::S_IFCHR if path.starts_with("/dev/") => FdKind::CharDevice {
+                path,
+                rdev: st.st_rdev,
+                flags: flags as u32,
+            },
+            libc::S_IFIFO | libc::S_IFSOCK if fd <= 2 => FdKind::Inherited {
+                what: path,
+                flags: flags as u32,
+            },
+            libc::S_IFIFO if path.starts_with('/') => FdKind::CharDevice {
+                path,
+                rdev: 0,
+                flags: flags as u32,
+            },
+            _ => FdKind::Unsupported {
+                what: if path.is_empty() {
+                    format!("descriptor of mode {fmt:o}")
+                } else {
+                    path
+                },
+            },
+        };
+        let shares_with = out
+            .iter()
+            .position(|prev| {
+                prev.shares_with.is_none() && sys::kcmp_file(sys::getpid(), prev.fd, fd) == Ok(0)
+            })
+            .map(|i| i as u32);
+        out.push(FdEntry {
+            fd,
+            cloexec,
+            shares_with,
+            kind,
+        });
+    }
+    Ok(out)
+}
+
+fn reopen(path: &str, flags: i32) -> Result<i32, String> {
+    let open_flags =
+        (flags & KEPT_STATUS_FLAGS & !libc::O_NOATIME) | libc::O_CLOEXEC | libc::O_NOCTTY;
+    sys::open(&fs::cpath(path.as_bytes()), open_flags, 0)
+        .map_err(|e| format!("cannot reopen {path}: {e}"))
+}
+
+/// Opens a named FIFO without waiting for the other side, then restores blocking mode.
+fn reopen_fifo(path: &str, flags: i32) -> Result<i32, String> {
+    let fd = reopen(path, flags | libc::O_NONBLOCK)?;
+    if flags & libc::O_NONBLOCK == 0 {
+        let cur = sys::fcntl(fd, libc::F_GETFL, 0).unwrap_or(0);
+        let _ = sys::fcntl(fd, libc::F_SETFL, cur & !(libc::O_NONBLOCK as usize));
+    }
+    Ok(fd)
+}
+
+/// Recreates the saved descriptor table. Called in the new process before the address space
+/// switch, when no descriptor of libmigrate's own is open yet.
+pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), String> {
+    // Close what the new process has but the saved one had not (inherited from migrate-resume).
+    if let Ok(names) = fs::list_dir(b"/proc/self/fd") {
+        for n in names {
+            if let Some(fd) = fs::parse_dec(&n).map(|v| v as i32) {
+                let inherited_std = fd <= 2
+                    && p.fds
+                        .iter()
+                        .any(|f| f.fd == fd && matches!(f.kind, FdKind::Inherited { .. }));
+                if !inherited_std {
+                    let _ = sys::close(fd);
+                }
+            }
+        }
+    }
+    for f in &p.fds {
+        let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+        if let Some(first) = f.shares_with {
+            let target = p.fds[first as usize].fd;
+            sys::dup3(target, f.fd, cloexec)
+                .map_err(|e| format!("cannot duplicate descriptor {target} to {}: {e}", f.fd))?;
+            continue;
+        }
+        let opened = match &f.kind {
+            FdKind::Regular { file, flags, pos } => {
+                let path = &p.files[*file as usize].path;
+                let fd = reopen(path, *flags as i32)?;
+                if flags & libc::O_APPEND as u32 == 0 || *pos != 0 {
+                    sys::lseek(fd, *pos as i64, libc::SEEK_SET)
+                        .map_err(|e| format!("cannot seek {path} to {pos}: {e}"))?;
+                }
+                Some(fd)
+            }
+            FdKind::Directory { path, flags, pos } => {
+                let fd = reopen(path, *flags as i32 | libc::O_DIRECTORY)?;
+                let _ = sys::lseek(fd, *pos as i64, libc::SEEK_SET);
+                Some(fd)
+            }
+            FdKind::CharDevice {
+                path,
+                rdev: 0,
+                flags,
+            } => Some(reopen_fifo(path, *flags as i32)?),
+            FdKind::CharDevice { path, flags, .. } => Some(reopen(path, *flags as i32)?),
+            FdKind::Inherited { what, flags } => {
+                if sys::fcntl(f.fd, libc::F_GETFD, 0).is_err() {
+                    crate::debug!(
+                        "descriptor {} ({what}) is not open in migrate-resume; using /dev/null",
+                        f.fd
+                    );
+                    Some(reopen("/dev/null", *flags as i32)?)
+                } else {
+                    None
+                }
+            }
+            FdKind::Unsupported { what } => {
+                if !force {
+                    return Err(format!(
+                        "descriptor {} ({what}) cannot be restored by this version of migrate; pass --force to resume with /dev/null in its place",
+                        f.fd
+                    ));
+                }
+                Some(reopen("/dev/null", libc::O_RDWR)?)
+            }
+        };
+        match opened {
+            Some(fd) if fd != f.fd => {
+                sys::dup3(fd, f.fd, cloexec)
+                    .map_err(|e| format!("cannot place descriptor {}: {e}", f.fd))?;
+                let _ = sys::close(fd);
+            }
+            Some(fd) => {
+                let _ = sys::fcntl(
+                    fd,
+                    libc::F_SETFD,
+                    if f.cloexec {
+                        libc::FD_CLOEXEC as usize
+                    } else {
+                        0
+                    },
+                );
+            }
+            None => {
+                let _ = sys::fcntl(
+                    f.fd,
+                    libc::F_SETFD,
+                    if f.cloexec {
+                        libc::FD_CLOEXEC as usize
+                    } else {
+                        0
+                    },
+                );
+            }
+        }
+    }
+    Ok(())
+}

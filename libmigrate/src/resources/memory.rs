@@ -1,0 +1,271 @@
+//! The address space. Dump: /proc/self/maps describes the VMAs, /proc/self/pagemap tells which
+//! pages hold data of their own (never-touched anonymous pages and unmodified file pages are
+//! not stored); pages are written straight from the mappings in large writes. Restore: the plan
+//! (restore/plan.rs) turns each VmaEntry into a mapping and the runs into reads from the image.
+
+use crate::resources::Files;
+use crate::sys::{self, fs};
+use alloc::string::String;
+use alloc::vec::Vec;
+use migrate_image::{VmaEntry, VmaKind, PROT_EXEC, PROT_READ, PROT_WRITE};
+
+/// One line of /proc/self/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapLine {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub offset: u64,
+    pub dev: u64,
+    pub inode: u64,
+    pub name: String,
+}
+
+impl MapLine {
+    pub fn is_special(&self) -> bool {
+        matches!(
+            self.name.as_str(),
+            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
+        )
+    }
+}
+
+pub fn parse_maps(text: &[u8]) -> Vec<MapLine> {
+    let mut out = Vec::new();
+    for line in text.split(|&c| c == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        let mut fields = line.splitn(6, |&c| c == b' ');
+        let range = fields.next().unwrap_or(b"");
+        let perms = fields.next().unwrap_or(b"");
+        let offset = fields.next().unwrap_or(b"");
+        let dev = fields.next().unwrap_or(b"");
+        let inode = fields.next().unwrap_or(b"");
+        let name = fields.next().unwrap_or(b"");
+        let Some(dash) = range.iter().position(|&c| c == b'-') else {
+            continue;
+        };
+        let (Some(start), Some(end)) = (
+            fs::parse_hex(&range[..dash]),
+            fs::parse_hex(&range[dash + 1..]),
+        ) else {
+            continue;
+        };
+        let mut prot = 0;
+        if perms.first() == Some(&b'r') {
+            prot |= PROT_READ;
+        }
+        if perms.get(1) == Some(&b'w') {
+            prot |= PROT_WRITE;
+        }
+        if perms.get(2) == Some(&b'x') {
+            prot |= PROT_EXEC;
+        }
+        let (major, minor) = match dev.iter().position(|&c| c == b':') {
+            Some(c) => (
+                fs::parse_hex(&dev[..c]).unwrap_or(0),
+                fs::parse_hex(&dev[c + 1..]).unwrap_or(0),
+            ),
+            None => (0, 0),
+        };
+        let name = name
+            .iter()
+            .skip_while(|&&c| c == b' ')
+            .copied()
+            .collect::<Vec<u8>>();
+        out.push(MapLine {
+            start,
+            end,
+            prot,
+            shared: perms.get(3) == Some(&b's'),
+            offset: fs::parse_hex(offset).unwrap_or(0),
+            dev: libc::makedev(major as u32, minor as u32),
+            inode: fs::parse_dec(inode).unwrap_or(0) as u64,
+            name: String::from_utf8_lossy(&name).into_owned(),
+        });
+    }
+    out
+}
+
+pub fn read_maps() -> sys::SysResult<Vec<MapLine>> {
+    Ok(parse_maps(&fs::read_file(b"/proc/self/maps")?))
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Which pages of a VMA carry data of their own, as runs of (first page, count).
+fn stored_runs(
+    pagemap_fd: i32,
+    v: &MapLine,
+    kind: VmaKind,
+    buf: &mut [u64],
+) -> sys::SysResult<Vec<(u64, u64)>> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    if matches!(kind, VmaKind::Special | VmaKind::FileShared) {
+        return Ok(runs);
+    }
+    let pages = (v.end - v.start) / 4096;
+    let first_page = v.start / 4096;
+    let mut done = 0u64;
+    while done < pages {
+        let n = (pages - done).min(buf.len() as u64) as usize;
+        // SAFETY: u64 slice viewed as bytes for pread.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, n * 8) };
+        let got = sys::pread(pagemap_fd, bytes, (first_page + done) * 8)?;
+        let got = got / 8;
+        if got == 0 {
+            break;
+        }
+        for (i, &e) in buf[..got].iter().enumerate() {
+            let stored = match kind {
+                VmaKind::FilePrivate => {
+                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
+                }
+                _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
+            };
+            if stored {
+                let page = done + i as u64;
+                match runs.last_mut() {
+                    Some(last) if last.0 + last.1 == page => last.1 += 1,
+                    _ => runs.push((page, 1)),
+                }
+            }
+        }
+        done += got as u64;
+    }
+    Ok(runs)
+}
+
+fn kind_of(m: &MapLine, mm_start_brk: u64, mm_brk: u64) -> VmaKind {
+    if m.is_special() {
+        VmaKind::Special
+    } else if m.name == "[stack]" {
+        VmaKind::Stack
+    } else if m.name == "[heap]"
+        || (m.inode == 0
+            && m.start >= mm_start_brk
+            && m.end <= mm_brk.next_multiple_of(4096)
+            && mm_brk > mm_start_brk)
+    {
+        VmaKind::Heap
+    } else if m.inode == 0 {
+        if m.shared {
+            VmaKind::SharedAnon
+        } else {
+            VmaKind::Anon
+        }
+    } else if m.shared {
+        VmaKind::FileShared
+    } else {
+        VmaKind::FilePrivate
+    }
+}
+
+/// Describes every VMA of the process, with the page runs to store.
+pub fn dump(
+    maps: &[MapLine],
+    files: &mut Files,
+    start_brk: u64,
+    brk: u64,
+) -> Result<Vec<VmaEntry>, String> {
+    let pagemap = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: {e}"))?;
+    let mut buf = alloc::vec![0u64; 65536];
+    let mut out = Vec::with_capacity(maps.len());
+    let mut result = Ok(());
+    for m in maps {
+        let mut kind = kind_of(m, start_brk, brk);
+        let mut file = None;
+        if m.inode != 0 && !m.is_special() {
+            if m.name.ends_with(" (deleted)") || !m.name.starts_with('/') {
+                // The file is gone (or has no path, like SysV shm): keep the contents instead.
+                kind = if m.shared {
+                    VmaKind::SharedAnon
+                } else {
+                    VmaKind::Anon
+                };
+            } else {
+                file = Some(files.intern_path(&m.name, m.prot & PROT_EXEC != 0));
+            }
+        }
+        let runs = match stored_runs(pagemap, m, kind, &mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                result = Err(alloc::format!(
+                    "cannot read /proc/self/pagemap for {:#x}-{:#x}: {e}",
+                    m.start,
+                    m.end
+                ));
+                break;
+            }
+        };
+        out.push(VmaEntry {
+            start: m.start,
+            end: m.end,
+            prot: m.prot,
+            kind,
+            file,
+            file_offset: m.offset,
+            name: m.name.clone(),
+            vm_flags: if kind == VmaKind::Stack {
+                "gd".into()
+            } else {
+                String::new()
+            },
+            runs,
+            data_section: None,
+        });
+    }
+    let _ = sys::close(pagemap);
+    result.map(|_| out)
+}
+
+/// Chunk size for writing pages: hashed while hot in cache, then written.
+pub const WRITE_CHUNK: usize = 256 * 1024;
+
+/// Writes the stored runs of `v` into the open section. Allocates nothing. `live` marks the
+/// mapping that holds the writing thread's own stack: it changes while being hashed and
+/// written, so it is first copied (through /proc/self/mem) into `bounce`.
+pub fn write_pages<S: migrate_image::Sink>(
+    w: &mut migrate_image::ImageWriter<S>,
+    v: &VmaEntry,
+    mem_fd: i32,
+    bounce: &mut [u8],
+    live: bool,
+) -> Result<(), migrate_image::ImageError> {
+    for &(first, count) in &v.runs {
+        let mut addr = v.start + first * 4096;
+        let end = addr + count * 4096;
+        while addr < end {
+            let n = ((end - addr) as usize).min(WRITE_CHUNK);
+            if v.prot & PROT_READ != 0 && !live {
+                // SAFETY: the range is a mapped, readable part of our own address space that no
+                // other thread modifies (they are all parked).
+                let chunk = unsafe { core::slice::from_raw_parts(addr as *const u8, n) };
+                w.write(chunk)?;
+            } else {
+                // Unreadable memory (PROT_NONE after use) or our own stack: read it through
+                // /proc/self/mem into a stable copy.
+                let take = n.min(bounce.len());
+                let b = &mut bounce[..take];
+                let got = sys::pread(mem_fd, b, addr).map_err(|e| {
+                    migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0))
+                })?;
+                if got == 0 {
+                    return Err(migrate_image::ImageError::Write(
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    ));
+                }
+                w.write(&b[..got])?;
+                addr += got as u64;
+                continue;
+            }
+            addr += n as u64;
+        }
+    }
+    Ok(())
+}

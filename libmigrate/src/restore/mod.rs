@@ -1,0 +1,108 @@
+//! Resume, inside the new process: libmigrate's constructor sees MIGRATE_RESTORE, restores the
+//! kernel objects while libc still works (descriptors, cwd, umask, rlimits, signal
+//! dispositions), builds the plan and hands over to the libc-free switch (switch.rs). The
+//! restored copies of the program's threads and of the checkpoint thread then meet again in
+//! `finish_in_restored_process`, which releases them all at once.
+
+pub mod plan;
+pub mod switch;
+
+use crate::checkpoint::{self, control, suspend};
+use crate::resources::{files, memory, process, signals};
+use crate::state;
+use crate::sys::{self, context};
+use alloc::format;
+use alloc::string::{String, ToString};
+use core::sync::atomic::Ordering;
+use migrate_image::ImageMeta;
+use pid_virt::{RealPid, VirtPid};
+
+/// Restores the image at `path` into this process. Never returns.
+pub fn run(path: &[u8], force: bool) -> ! {
+    let err = match restore(path, force) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let mut b = crate::log::StackBuf::<2048>::new();
+    b.push_bytes(b"migrate-resume: error: ");
+    b.push_bytes(err.as_bytes());
+    b.push_bytes(b"\n");
+    let _ = sys::write_all(2, b.as_bytes());
+    sys::exit_group(5)
+}
+
+enum Never {}
+
+fn restore(path: &[u8], force: bool) -> Result<Never, String> {
+    let all = !0u64;
+    let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), None);
+    let path_str = String::from_utf8_lossy(path).into_owned();
+    let (meta, sections) = {
+        let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str))
+            .map_err(|e| e.to_string())?;
+        let meta = reader.meta().map_err(|e| e.to_string())?;
+        (meta, reader.sections().to_vec())
+    };
+    let p = &meta.process;
+    files::restore(p, force)?;
+    process::restore(p)?;
+    signals::restore_actions(&p.signals);
+    let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+    let built = plan::build(&meta, &sections, path, &current)?;
+    // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
+    unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
+}
+
+/// Called on the restored checkpoint thread (see checkpoint::dump_and_write) with the plan's
+/// address: finishes the restore and releases the program.
+pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
+    // SAFETY: the plan region stays mapped until we unmap it below.
+    let plan = unsafe { &*(plan_addr as *const plan::PlanHeader) };
+    let p = &meta.process;
+    if let Some(me) = p.threads.iter().find(|t| t.is_checkpoint_thread) {
+        sys::set_robust_list(me.robust_list, me.robust_list_len);
+        let _ = state::PIDS.insert(VirtPid(me.vtid), RealPid(sys::gettid()));
+    }
+    let _ = state::PIDS.insert(VirtPid(p.vpid), RealPid(sys::getpid()));
+    if p.vppid > 0 {
+        let _ = state::PIDS.insert(VirtPid(p.vppid), RealPid(sys::getppid()));
+    }
+    // Wait for every program thread to be back in its handler (so nothing runs on the plan's
+    // stack any more), then drop the plan.
+    let expected = (p.threads.len() - 1) as u32;
+    let deadline = sys::monotonic_ns() + 30_000_000_000;
+    loop {
+        let n = suspend::RESTORED_ARRIVED.load(Ordering::Acquire);
+        if n >= expected || sys::monotonic_ns() > deadline {
+            break;
+        }
+        let _ = sys::futex_wait(&suspend::RESTORED_ARRIVED, n, 50_000_000);
+    }
+    let image = String::from_utf8_lossy(plan.image_path()).into_owned();
+    // SAFETY: nothing uses the plan region any more.
+    let _ = unsafe { sys::munmap(plan.region_start as usize, plan.region_len as usize) };
+    if let Err(e) = control::open_channel() {
+        crate::info!(
+            "cannot open the control socket after resume: {e}; checkpoints by signal only"
+        );
+    }
+    checkpoint::requeue_after_restore(meta);
+    crate::debug!("resumed from {image} as real pid {}", sys::getpid());
+    suspend::release_all();
+}
+
+/// Reads MIGRATE_RESTORE / MIGRATE_FORCE: `Some((image path, force))` when this process is a
+/// resume.
+pub fn requested() -> Option<(alloc::vec::Vec<u8>, bool)> {
+    let path = std::env::var_os("MIGRATE_RESTORE")?;
+    let force = std::env::var_os("MIGRATE_FORCE").is_some_and(|v| v == "1");
+    Some((
+        std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec(),
+        force,
+    ))
+}
+
+#[allow(dead_code)]
+fn unused(_: &str) -> String {
+    "".to_string()
+}

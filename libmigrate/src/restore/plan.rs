@@ -1,0 +1,449 @@
+//! The restore plan: everything the libc-free switch needs, as plain #[repr(C)] records in one
+//! fresh mapping that lies outside both the current and the saved layout (its upper part is the
+//! switch's stack). Nothing in it points into memory that the switch replaces.
+
+use crate::resources::memory::MapLine;
+use crate::sys::{self, fs, PrctlMmMap};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use migrate_image::{ImageMeta, SectionEntry, VmaKind, PROT_WRITE};
+
+pub const PLAN_MAGIC: u64 = 0x6e61_6c70_7267_696d; // "migrplan"
+pub const STACK_SIZE: usize = 256 * 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct PlanVma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: i32,
+    pub map_flags: i32,
+    pub fd: i32,
+    pub keep: u32,
+    pub file_offset: u64,
+    pub first_run: u32,
+    pub nruns: u32,
+    pub data_offset: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct PlanThread {
+    pub fs_base: u64,
+    pub tid_address: u64,
+    pub robust_list: u64,
+    pub robust_len: u64,
+    pub resume_sp: u64,
+    pub is_main: u32,
+    pub new_tid: i32,
+}
+
+#[repr(C)]
+pub struct PlanHeader {
+    pub magic: u64,
+    pub region_start: u64,
+    pub region_len: u64,
+    pub image_fd: i32,
+    pub nfds: u32,
+    pub nkeep: u32,
+    pub nvmas: u32,
+    pub nruns: u32,
+    pub nthreads: u32,
+    pub keeps_off: u64,
+    pub vmas_off: u64,
+    pub runs_off: u64,
+    pub threads_off: u64,
+    pub fds_off: u64,
+    pub auxv_off: u64,
+    pub auxv_len: u64,
+    pub path_off: u64,
+    pub path_len: u64,
+    pub mm: PrctlMmMap,
+    pub stack_top: u64,
+}
+
+impl PlanHeader {
+    /// # Safety
+    /// `self` must be the header at the start of a plan region built by [`build`].
+    pub unsafe fn array<T>(&self, off: u64, n: u32) -> &[T] {
+        // SAFETY: build() placed `n` initialised T's at `off` inside the region.
+        unsafe {
+            core::slice::from_raw_parts(
+                (self as *const Self as *const u8).add(off as usize) as *const T,
+                n as usize,
+            )
+        }
+    }
+    pub fn keeps(&self) -> &[Range] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.keeps_off, self.nkeep) }
+    }
+    pub fn vmas(&self) -> &[PlanVma] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.vmas_off, self.nvmas) }
+    }
+    pub fn runs(&self) -> &[Range] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.runs_off, self.nruns) }
+    }
+    pub fn threads(&self) -> &[PlanThread] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.threads_off, self.nthreads) }
+    }
+    pub fn fds(&self) -> &[i32] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.fds_off, self.nfds) }
+    }
+    pub fn image_path(&self) -> &[u8] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.path_off, self.path_len as u32) }
+    }
+}
+
+/// Picks an address range of `len` bytes free in both layouts.
+fn free_range(len: u64, busy: &[(u64, u64)]) -> Option<u64> {
+    let mut busy = busy.to_vec();
+    busy.sort_unstable();
+    let mut candidate = 0x1000_0000_0000u64;
+    for &(s, e) in &busy {
+        if e + 0x10_0000 <= candidate {
+            continue;
+        }
+        if s >= candidate + len + 0x10_0000 {
+            break;
+        }
+        candidate = (e + 0x10_0000).next_multiple_of(0x1000);
+    }
+    (candidate + len < 0x7f00_0000_0000).then_some(candidate)
+}
+
+fn open_high(path: &[u8], flags: i32, min_fd: i32) -> sys::SysResult<i32> {
+    let fd = sys::open(path, flags | libc::O_CLOEXEC, 0)?;
+    let high = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, min_fd as usize)? as i32;
+    let _ = sys::close(fd);
+    Ok(high)
+}
+
+fn same_mapping(m: &MapLine, v: &migrate_image::VmaEntry, meta: &ImageMeta) -> bool {
+    let Some(f) = v.file else { return false };
+    let id = &meta.process.files[f as usize];
+    m.start == v.start
+        && m.end == v.end
+        && m.prot == v.prot
+        && m.offset == v.file_offset
+        && m.inode == id.ino
+        && m.dev == id.dev
+}
+
+pub struct Built {
+    pub addr: usize,
+    pub stack_top: usize,
+}
+
+/// Builds the plan. Opens the image and the mapped files at descriptor numbers above every
+/// saved one. Fails (with nothing changed yet in memory) if the layout cannot be restored here.
+pub fn build(
+    meta: &ImageMeta,
+    sections: &[SectionEntry],
+    image_path: &[u8],
+    current: &[MapLine],
+) -> Result<Built, String> {
+    let p = &meta.process;
+    let min_fd = p
+        .fds
+        .iter()
+        .map(|f| f.fd)
+        .max()
+        .unwrap_or(2)
+        .max(crate::state::OWN_FD_BASE + 16)
+        + 1;
+    let image_fd = open_high(&fs::cpath(image_path), libc::O_RDONLY, min_fd).map_err(|e| {
+        format!(
+            "cannot reopen the image {}: {e}",
+            String::from_utf8_lossy(image_path)
+        )
+    })?;
+
+    // Which saved mappings are already in place, byte for byte (the binary's and libraries' code).
+    let mut keep = alloc::vec![false; p.vmas.len()];
+    for (i, v) in p.vmas.iter().enumerate() {
+        if v.kind == VmaKind::FilePrivate && v.prot & PROT_WRITE == 0 && v.runs.is_empty() {
+            keep[i] = current.iter().any(|m| same_mapping(m, v, meta));
+        }
+    }
+    // The switch runs from libmigrate's code: that mapping must be one of the kept ones.
+    let here = crate::restore::switch::restorer_main as *const () as u64;
+    let code_kept = p
+        .vmas
+        .iter()
+        .zip(&keep)
+        .any(|(v, &k)| k && v.start <= here && here < v.end);
+    if !code_kept {
+        return Err("libmigrate.so is not at the address it had in the checkpointed process (the LD_PRELOAD list, \
+                    the library build or RLIMIT_STACK differ); resume with the same migrate build and preload list"
+            .into());
+    }
+    // The kernel's special mappings stay where they are; they must be where they were.
+    for v in p
+        .vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::Special && v.name != "[vsyscall]")
+    {
+        if !current
+            .iter()
+            .any(|m| m.name == v.name && m.start == v.start && m.end == v.end)
+        {
+            return Err(format!("the kernel placed {} elsewhere than in the checkpointed process; resume on a host with the same kernel", v.name));
+        }
+    }
+
+    // Descriptors for file-backed mappings that must be mapped anew.
+    let mut file_fds: Vec<(u32, i32)> = Vec::new();
+    for (i, v) in p.vmas.iter().enumerate() {
+        let Some(f) = v.file else { continue };
+        if keep[i] || file_fds.iter().any(|&(g, _)| g == f) {
+            continue;
+        }
+        let writable_shared = p.vmas.iter().any(|w| {
+            w.file == Some(f) && w.kind == VmaKind::FileShared && w.prot & PROT_WRITE != 0
+        });
+        let path = &p.files[f as usize].path;
+        let flags = if writable_shared {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        let fd = open_high(&fs::cpath(path.as_bytes()), flags, min_fd)
+            .map_err(|e| format!("cannot open mapped file {path}: {e}"))?;
+        file_fds.push((f, fd));
+    }
+
+    // Plan records.
+    let mut vmas = Vec::with_capacity(p.vmas.len());
+    let mut runs: Vec<Range> = Vec::new();
+    for (i, v) in p.vmas.iter().enumerate() {
+        if v.kind == VmaKind::Special {
+            continue;
+        }
+        let (map_flags, fd) = match v.kind {
+            VmaKind::Anon | VmaKind::Heap => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            VmaKind::Stack => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
+                -1,
+            ),
+            VmaKind::SharedAnon => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+            VmaKind::FilePrivate | VmaKind::FileShared => {
+                let f = v.file.unwrap_or(0);
+                let fd = file_fds
+                    .iter()
+                    .find(|&&(g, _)| g == f)
+                    .map_or(-1, |&(_, fd)| fd);
+                (
+                    if v.kind == VmaKind::FileShared {
+                        libc::MAP_SHARED
+                    } else {
+                        libc::MAP_PRIVATE
+                    },
+                    fd,
+                )
+            }
+            VmaKind::Special => unreachable!(),
+        };
+        let data_offset = match v.data_section {
+            Some(s) => {
+                sections
+                    .get(s as usize)
+                    .ok_or("page section missing from the image")?
+                    .offset
+            }
+            None if !v.runs.is_empty() => {
+                return Err(format!(
+                    "no page data for mapping {:#x}-{:#x}",
+                    v.start, v.end
+                ))
+            }
+            None => 0,
+        };
+        vmas.push(PlanVma {
+            start: v.start,
+            end: v.end,
+            prot: v.prot as i32,
+            map_flags,
+            fd,
+            keep: keep[i] as u32,
+            file_offset: v.file_offset,
+            first_run: runs.len() as u32,
+            nruns: v.runs.len() as u32,
+            data_offset,
+        });
+        runs.extend(v.runs.iter().map(|&(first, count)| Range {
+            start: first,
+            end: first + count,
+        }));
+    }
+    let main_vtid = p.vpid;
+    let threads: Vec<PlanThread> = p
+        .threads
+        .iter()
+        .map(|t| PlanThread {
+            fs_base: t.fs_base,
+            tid_address: t.tid_address,
+            robust_list: t.robust_list,
+            robust_len: t.robust_list_len,
+            resume_sp: t.resume_sp,
+            is_main: (t.vtid == main_vtid) as u32,
+            new_tid: 0,
+        })
+        .collect();
+    if threads.iter().filter(|t| t.is_main != 0).count() != 1 {
+        return Err("the image has no main thread (the process's first thread had exited)".into());
+    }
+    let fds: Vec<i32> = file_fds
+        .iter()
+        .map(|&(_, fd)| fd)
+        .chain([image_fd])
+        .collect();
+
+    // Lay the region out.
+    let hdr = core::mem::size_of::<PlanHeader>() as u64;
+    let align = |x: u64| x.next_multiple_of(64);
+    let keeps_count =
+        keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1;
+    let keeps_off = align(hdr);
+    let vmas_off = align(keeps_off + (keeps_count * core::mem::size_of::<Range>()) as u64);
+    let runs_off = align(vmas_off + (vmas.len() * core::mem::size_of::<PlanVma>()) as u64);
+    let threads_off = align(runs_off + (runs.len() * core::mem::size_of::<Range>()) as u64);
+    let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
+    let auxv_off = align(fds_off + (fds.len() * 4) as u64);
+    let path_off = align(auxv_off + (p.auxv.len() * 8) as u64);
+    let data_len = align(path_off + image_path.len() as u64).next_multiple_of(4096);
+    let region_len = data_len + STACK_SIZE as u64;
+
+    let mut busy: Vec<(u64, u64)> = current.iter().map(|m| (m.start, m.end)).collect();
+    busy.extend(p.vmas.iter().map(|v| (v.start, v.end)));
+    let addr = free_range(region_len, &busy).ok_or("no free address range for the restore plan")?;
+    let got = sys::mmap(
+        addr as usize,
+        region_len as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+        -1,
+        0,
+    )
+    .map_err(|e| format!("cannot map the restore plan: {e}"))?;
+    if got as u64 != addr {
+        return Err("the restore plan landed at the wrong address".into());
+    }
+
+    let mut keeps: Vec<Range> = p
+        .vmas
+        .iter()
+        .zip(&keep)
+        .filter(|(_, &k)| k)
+        .map(|(v, _)| Range {
+            start: v.start,
+            end: v.end,
+        })
+        .collect();
+    keeps.extend(current.iter().filter(|m| m.is_special()).map(|m| Range {
+        start: m.start,
+        end: m.end,
+    }));
+    keeps.push(Range {
+        start: addr,
+        end: addr + region_len,
+    });
+    keeps.sort_unstable_by_key(|r| r.start);
+
+    let mm = &p.mm;
+    let header = PlanHeader {
+        magic: PLAN_MAGIC,
+        region_start: addr,
+        region_len,
+        image_fd,
+        nfds: fds.len() as u32,
+        nkeep: keeps.len() as u32,
+        nvmas: vmas.len() as u32,
+        nruns: runs.len() as u32,
+        nthreads: threads.len() as u32,
+        keeps_off,
+        vmas_off,
+        runs_off,
+        threads_off,
+        fds_off,
+        auxv_off,
+        auxv_len: p.auxv.len() as u64,
+        path_off,
+        path_len: image_path.len() as u64,
+        mm: PrctlMmMap {
+            start_code: mm.start_code,
+            end_code: mm.end_code,
+            start_data: mm.start_data,
+            end_data: mm.end_data,
+            start_brk: mm.start_brk,
+            brk: mm.brk,
+            start_stack: mm.start_stack,
+            arg_start: mm.arg_start,
+            arg_end: mm.arg_end,
+            env_start: mm.env_start,
+            env_end: mm.env_end,
+            auxv: addr + auxv_off,
+            auxv_size: (p.auxv.len() * 8) as u32,
+            exe_fd: u32::MAX,
+        },
+        stack_top: addr + region_len,
+    };
+    // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
+    // offsets computed above; all records are plain data.
+    unsafe {
+        let base = addr as *mut u8;
+        core::ptr::write(base as *mut PlanHeader, header);
+        core::ptr::copy_nonoverlapping(
+            keeps.as_ptr(),
+            base.add(keeps_off as usize) as *mut Range,
+            keeps.len(),
+        );
+        core::ptr::copy_nonoverlapping(
+            vmas.as_ptr(),
+            base.add(vmas_off as usize) as *mut PlanVma,
+            vmas.len(),
+        );
+        core::ptr::copy_nonoverlapping(
+            runs.as_ptr(),
+            base.add(runs_off as usize) as *mut Range,
+            runs.len(),
+        );
+        core::ptr::copy_nonoverlapping(
+            threads.as_ptr(),
+            base.add(threads_off as usize) as *mut PlanThread,
+            threads.len(),
+        );
+        core::ptr::copy_nonoverlapping(
+            fds.as_ptr(),
+            base.add(fds_off as usize) as *mut i32,
+            fds.len(),
+        );
+        core::ptr::copy_nonoverlapping(
+            p.auxv.as_ptr(),
+            base.add(auxv_off as usize) as *mut u64,
+            p.auxv.len(),
+        );
+        core::ptr::copy_nonoverlapping(
+            image_path.as_ptr(),
+            base.add(path_off as usize),
+            image_path.len(),
+        );
+    }
+    Ok(Built {
+        addr: addr as usize,
+        stack_top: (addr + region_len) as usize,
+    })
+}

@@ -1,0 +1,57 @@
+//! Process-wide state of libmigrate. Plain atomics and fixed arrays: it is read by hooks on
+//! any program thread and by signal handlers, and it is part of the checkpointed memory, so a
+//! restored process finds it as it was (the restore path then updates what the kernel changed).
+
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use pid_virt::{PidTable, RealPid, VirtPid};
+
+/// The reserved real-time signal that parks program threads (SIGRTMAX-1 in glibc's numbering).
+pub const SUSPEND_SIGNAL: i32 = 63;
+/// Default checkpoint signal.
+pub const DEFAULT_CHECKPOINT_SIGNAL: i32 = libc::SIGUSR2;
+
+/// The signal that triggers a checkpoint in this process.
+pub static CHECKPOINT_SIGNAL: AtomicI32 = AtomicI32::new(DEFAULT_CHECKPOINT_SIGNAL);
+/// The pid the program sees (its pid when first started).
+pub static VIRTUAL_PID: AtomicI32 = AtomicI32::new(0);
+pub static PIDS: PidTable = PidTable::new();
+
+/// Bumped at the start of every checkpoint: a hook whose blocking call failed with EINTR knows
+/// from it whether the interruption was ours.
+pub static CHECKPOINT_GENERATION: AtomicU64 = AtomicU64::new(0);
+/// CLOCK_MONOTONIC (of the host where the checkpoint ran) when the program was frozen; hooks
+/// that continue a timed wait compute the time that remained at that moment.
+pub static FREEZE_MONOTONIC_NS: AtomicU64 = AtomicU64::new(0);
+
+/// libmigrate's own descriptors live at and above this number, out of the program's way.
+pub const OWN_FD_BASE: i32 = 1000;
+pub static CONTROL_FD: AtomicI32 = AtomicI32::new(-1);
+pub static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Set once the process runs as a managed process (constructor finished).
+pub static ACTIVE: AtomicU32 = AtomicU32::new(0);
+
+pub fn virtual_pid() -> i32 {
+    match VIRTUAL_PID.load(Ordering::Relaxed) {
+        0 => crate::sys::getpid(),
+        v => v,
+    }
+}
+
+pub fn to_virt(real: i32) -> i32 {
+    PIDS.to_virt(RealPid(real)).0
+}
+
+pub fn to_real(virt: i32) -> i32 {
+    PIDS.to_real(VirtPid(virt)).0
+}
+
+/// Is `fd` one of libmigrate's own descriptors?
+pub fn is_own_fd(fd: i32) -> bool {
+    fd == CONTROL_FD.load(Ordering::Relaxed) || fd == WAKE_FD.load(Ordering::Relaxed)
+}
+
+/// Signal-set bits (kernel layout: bit n-1 for signal n) of the signals libmigrate owns.
+pub fn own_signal_bits() -> u64 {
+    (1u64 << (SUSPEND_SIGNAL - 1)) | (1u64 << (CHECKPOINT_SIGNAL.load(Ordering::Relaxed) - 1))
+}

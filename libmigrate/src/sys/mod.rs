@@ -1,0 +1,535 @@
+//! The thin layer that owns raw system calls and the few assembly routines. Nothing here calls
+//! libc: everything works while the program is frozen, half-restored, or holding libc's locks.
+//! Every function returns the kernel's raw result (negative errno on failure); `Errno` wraps it.
+
+pub mod context;
+pub mod fs;
+
+use core::arch::asm;
+
+pub use libc::{c_int, c_long, c_void};
+
+/// A failed system call's errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl core::fmt::Display for Errno {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let name = match self.0 {
+            libc::EPERM => "EPERM: operation not permitted",
+            libc::ENOENT => "ENOENT: no such file or directory",
+            libc::EINTR => "EINTR",
+            libc::EIO => "EIO: input/output error",
+            libc::EBADF => "EBADF: bad file descriptor",
+            libc::EAGAIN => "EAGAIN",
+            libc::ENOMEM => "ENOMEM: out of memory",
+            libc::EACCES => "EACCES: permission denied",
+            libc::EFAULT => "EFAULT",
+            libc::EEXIST => "EEXIST: file exists",
+            libc::ENOTDIR => "ENOTDIR: not a directory",
+            libc::EISDIR => "EISDIR: is a directory",
+            libc::EINVAL => "EINVAL: invalid argument",
+            libc::ENOSPC => "ENOSPC: no space left on device",
+            libc::EROFS => "EROFS: read-only file system",
+            libc::EDQUOT => "EDQUOT: disk quota exceeded",
+            libc::ENAMETOOLONG => "ENAMETOOLONG",
+            _ => "",
+        };
+        if name.is_empty() {
+            write!(f, "errno {}", self.0)
+        } else {
+            f.write_str(name)
+        }
+    }
+}
+
+pub type SysResult<T> = Result<T, Errno>;
+
+#[inline(always)]
+fn check(ret: isize) -> SysResult<usize> {
+    if (-4095..0).contains(&ret) {
+        Err(Errno(-ret as i32))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Raw `syscall` with up to six arguments.
+///
+/// # Safety
+/// The caller guarantees the arguments are valid for system call `nr` (pointers point to
+/// memory of the right size and lifetime).
+#[inline(always)]
+pub unsafe fn syscall6(
+    nr: c_long,
+    a1: usize,
+    a2: usize,
+    a3: usize,
+    a4: usize,
+    a5: usize,
+    a6: usize,
+) -> isize {
+    let ret: isize;
+    // SAFETY: the x86_64 syscall ABI: number in rax, args in rdi rsi rdx r10 r8 r9, rcx and r11
+    // clobbered. Validity of the arguments is the caller's contract.
+    unsafe {
+        asm!("syscall", inlateout("rax") nr as isize => ret, in("rdi") a1, in("rsi") a2, in("rdx") a3,
+             in("r10") a4, in("r8") a5, in("r9") a6, lateout("rcx") _, lateout("r11") _,
+             options(nostack));
+    }
+    ret
+}
+
+macro_rules! sc {
+    ($nr:expr) => { sc!($nr, 0, 0, 0, 0, 0, 0) };
+    ($nr:expr, $a:expr) => { sc!($nr, $a, 0, 0, 0, 0, 0) };
+    ($nr:expr, $a:expr, $b:expr) => { sc!($nr, $a, $b, 0, 0, 0, 0) };
+    ($nr:expr, $a:expr, $b:expr, $c:expr) => { sc!($nr, $a, $b, $c, 0, 0, 0) };
+    ($nr:expr, $a:expr, $b:expr, $c:expr, $d:expr) => { sc!($nr, $a, $b, $c, $d, 0, 0) };
+    ($nr:expr, $a:expr, $b:expr, $c:expr, $d:expr, $e:expr) => { sc!($nr, $a, $b, $c, $d, $e, 0) };
+    ($nr:expr, $a:expr, $b:expr, $c:expr, $d:expr, $e:expr, $f:expr) => {
+        // SAFETY: each wrapper below passes arguments that match the syscall's contract; pointer
+        // arguments come from references or from callers documented as unsafe.
+        check(unsafe { syscall6($nr, $a as usize, $b as usize, $c as usize, $d as usize, $e as usize, $f as usize) })
+    };
+}
+
+pub fn getpid() -> i32 {
+    sc!(libc::SYS_getpid).unwrap_or(0) as i32
+}
+pub fn getppid() -> i32 {
+    sc!(libc::SYS_getppid).unwrap_or(0) as i32
+}
+pub fn gettid() -> i32 {
+    sc!(libc::SYS_gettid).unwrap_or(0) as i32
+}
+pub fn getuid() -> u32 {
+    sc!(libc::SYS_getuid).unwrap_or(0) as u32
+}
+pub fn getpgid(pid: i32) -> SysResult<i32> {
+    sc!(libc::SYS_getpgid, pid).map(|v| v as i32)
+}
+pub fn getsid(pid: i32) -> SysResult<i32> {
+    sc!(libc::SYS_getsid, pid).map(|v| v as i32)
+}
+
+pub fn read(fd: i32, buf: &mut [u8]) -> SysResult<usize> {
+    sc!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len())
+}
+pub fn write(fd: i32, buf: &[u8]) -> SysResult<usize> {
+    sc!(libc::SYS_write, fd, buf.as_ptr(), buf.len())
+}
+/// `write(2)` from raw memory.
+///
+/// # Safety
+/// `[addr, addr+len)` must be mapped (unreadable memory gives EFAULT, which is reported).
+pub unsafe fn write_raw(fd: i32, addr: usize, len: usize) -> SysResult<usize> {
+    sc!(libc::SYS_write, fd, addr, len)
+}
+/// `pread64(2)` into raw memory.
+///
+/// # Safety
+/// `[addr, addr+len)` must be writable memory that nothing else is using.
+pub unsafe fn pread_raw(fd: i32, addr: usize, len: usize, offset: u64) -> SysResult<usize> {
+    sc!(libc::SYS_pread64, fd, addr, len, offset)
+}
+pub fn pread(fd: i32, buf: &mut [u8], offset: u64) -> SysResult<usize> {
+    sc!(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), offset)
+}
+pub fn write_all(fd: i32, mut buf: &[u8]) -> SysResult<()> {
+    while !buf.is_empty() {
+        match write(fd, buf) {
+            Ok(0) => return Err(Errno(libc::EIO)),
+            Ok(n) => buf = &buf[n..],
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+pub fn close(fd: i32) -> SysResult<()> {
+    sc!(libc::SYS_close, fd).map(|_| ())
+}
+/// Opens a path given as a NUL-terminated byte string.
+pub fn open(path: &[u8], flags: i32, mode: u32) -> SysResult<i32> {
+    assert!(path.last() == Some(&0), "path must be NUL-terminated");
+    sc!(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), flags, mode).map(|v| v as i32)
+}
+pub fn openat(dirfd: i32, path: &[u8], flags: i32, mode: u32) -> SysResult<i32> {
+    assert!(path.last() == Some(&0), "path must be NUL-terminated");
+    sc!(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode).map(|v| v as i32)
+}
+pub fn lseek(fd: i32, off: i64, whence: i32) -> SysResult<u64> {
+    sc!(libc::SYS_lseek, fd, off, whence).map(|v| v as u64)
+}
+pub fn fsync(fd: i32) -> SysResult<()> {
+    sc!(libc::SYS_fsync, fd).map(|_| ())
+}
+pub fn fcntl(fd: i32, cmd: i32, arg: usize) -> SysResult<usize> {
+    sc!(libc::SYS_fcntl, fd, cmd, arg)
+}
+pub fn dup3(old: i32, new: i32, flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_dup3, old, new, flags).map(|v| v as i32)
+}
+pub fn renameat(olddir: i32, old: &[u8], newdir: i32, new: &[u8]) -> SysResult<()> {
+    assert!(old.last() == Some(&0) && new.last() == Some(&0));
+    sc!(
+        libc::SYS_renameat,
+        olddir,
+        old.as_ptr(),
+        newdir,
+        new.as_ptr()
+    )
+    .map(|_| ())
+}
+pub fn unlinkat(dir: i32, path: &[u8]) -> SysResult<()> {
+    assert!(path.last() == Some(&0));
+    sc!(libc::SYS_unlinkat, dir, path.as_ptr(), 0).map(|_| ())
+}
+pub fn fstat(fd: i32) -> SysResult<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    sc!(libc::SYS_fstat, fd, &mut st as *mut libc::stat).map(|_| st)
+}
+pub fn stat(path: &[u8]) -> SysResult<libc::stat> {
+    assert!(path.last() == Some(&0));
+    // SAFETY: as above.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    sc!(
+        libc::SYS_newfstatat,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        &mut st as *mut libc::stat,
+        0
+    )
+    .map(|_| st)
+}
+pub fn readlink(path: &[u8], buf: &mut [u8]) -> SysResult<usize> {
+    assert!(path.last() == Some(&0));
+    sc!(
+        libc::SYS_readlinkat,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        buf.as_mut_ptr(),
+        buf.len()
+    )
+}
+pub fn getdents64(fd: i32, buf: &mut [u8]) -> SysResult<usize> {
+    sc!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len())
+}
+pub fn chdir(path: &[u8]) -> SysResult<()> {
+    assert!(path.last() == Some(&0));
+    sc!(libc::SYS_chdir, path.as_ptr()).map(|_| ())
+}
+pub fn umask(mask: u32) -> u32 {
+    sc!(libc::SYS_umask, mask).unwrap_or(0) as u32
+}
+pub fn prlimit(resource: u32, new: Option<&libc::rlimit64>) -> SysResult<libc::rlimit64> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let newp = new.map_or(core::ptr::null(), |r| r as *const libc::rlimit64);
+    sc!(
+        libc::SYS_prlimit64,
+        0,
+        resource,
+        newp,
+        &mut old as *mut libc::rlimit64
+    )
+    .map(|_| old)
+}
+pub fn personality(p: u32) -> SysResult<u32> {
+    sc!(libc::SYS_personality, p).map(|v| v as u32)
+}
+
+pub fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: u64) -> SysResult<usize> {
+    sc!(libc::SYS_mmap, addr, len, prot, flags, fd, off)
+}
+/// # Safety
+/// Unmapping memory that Rust references point into is undefined behaviour; the caller
+/// guarantees nothing live is in the range.
+pub unsafe fn munmap(addr: usize, len: usize) -> SysResult<()> {
+    sc!(libc::SYS_munmap, addr, len).map(|_| ())
+}
+/// # Safety
+/// Removing access from memory in use by Rust code is the caller's responsibility.
+pub unsafe fn mprotect(addr: usize, len: usize, prot: i32) -> SysResult<()> {
+    sc!(libc::SYS_mprotect, addr, len, prot).map(|_| ())
+}
+pub fn brk(addr: usize) -> usize {
+    sc!(libc::SYS_brk, addr).unwrap_or(0)
+}
+
+pub fn kill(pid: i32, sig: i32) -> SysResult<()> {
+    sc!(libc::SYS_kill, pid, sig).map(|_| ())
+}
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> SysResult<()> {
+    sc!(libc::SYS_tgkill, tgid, tid, sig).map(|_| ())
+}
+pub fn exit_group(code: i32) -> ! {
+    let _ = sc!(libc::SYS_exit_group, code);
+    unreachable!("exit_group returned")
+}
+
+/// The kernel's `struct sigaction` on x86_64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelSigaction {
+    pub handler: usize,
+    pub flags: u64,
+    pub restorer: usize,
+    pub mask: u64,
+}
+pub const SA_RESTORER: u64 = 0x0400_0000;
+
+pub fn rt_sigaction(
+    sig: i32,
+    new: Option<&KernelSigaction>,
+    old: Option<&mut KernelSigaction>,
+) -> SysResult<()> {
+    let newp = new.map_or(core::ptr::null(), |r| r as *const KernelSigaction);
+    let oldp = old.map_or(core::ptr::null_mut(), |r| r as *mut KernelSigaction);
+    sc!(libc::SYS_rt_sigaction, sig, newp, oldp, 8).map(|_| ())
+}
+pub fn rt_sigprocmask(how: i32, set: Option<&u64>, old: Option<&mut u64>) -> SysResult<()> {
+    let setp = set.map_or(core::ptr::null(), |r| r as *const u64);
+    let oldp = old.map_or(core::ptr::null_mut(), |r| r as *mut u64);
+    sc!(libc::SYS_rt_sigprocmask, how, setp, oldp, 8).map(|_| ())
+}
+/// Dequeues one pending signal from `set` without waiting; `Ok(None)` if none.
+pub fn rt_sigtimedwait_now(set: u64, info: &mut [u8; 128]) -> SysResult<Option<i32>> {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match sc!(
+        libc::SYS_rt_sigtimedwait,
+        &set as *const u64,
+        info.as_mut_ptr(),
+        &ts as *const libc::timespec,
+        8
+    ) {
+        Ok(sig) => Ok(Some(sig as i32)),
+        Err(Errno(libc::EAGAIN)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+pub fn rt_sigqueueinfo(pid: i32, sig: i32, info: &[u8; 128]) -> SysResult<()> {
+    sc!(libc::SYS_rt_sigqueueinfo, pid, sig, info.as_ptr()).map(|_| ())
+}
+pub fn rt_tgsigqueueinfo(pid: i32, tid: i32, sig: i32, info: &[u8; 128]) -> SysResult<()> {
+    sc!(libc::SYS_rt_tgsigqueueinfo, pid, tid, sig, info.as_ptr()).map(|_| ())
+}
+
+pub fn clock_gettime(clock: i32) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let _ = sc!(
+        libc::SYS_clock_gettime,
+        clock,
+        &mut ts as *mut libc::timespec
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+pub fn monotonic_ns() -> u64 {
+    clock_gettime(libc::CLOCK_MONOTONIC)
+}
+
+pub const FUTEX_WAIT_PRIVATE: i32 = 128;
+pub const FUTEX_WAKE_PRIVATE: i32 = 129;
+
+/// Waits while `*word == expected`, at most `timeout_ns` (0: forever).
+pub fn futex_wait(
+    word: &core::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout_ns: u64,
+) -> SysResult<()> {
+    let ts = libc::timespec {
+        tv_sec: (timeout_ns / 1_000_000_000) as i64,
+        tv_nsec: (timeout_ns % 1_000_000_000) as i64,
+    };
+    let tsp = if timeout_ns == 0 {
+        core::ptr::null()
+    } else {
+        &ts as *const libc::timespec
+    };
+    sc!(
+        libc::SYS_futex,
+        word.as_ptr(),
+        FUTEX_WAIT_PRIVATE,
+        expected,
+        tsp
+    )
+    .map(|_| ())
+}
+pub fn futex_wake(word: &core::sync::atomic::AtomicU32) {
+    let _ = sc!(libc::SYS_futex, word.as_ptr(), FUTEX_WAKE_PRIVATE, i32::MAX);
+}
+
+pub const ARCH_SET_FS: i32 = 0x1002;
+pub const ARCH_GET_FS: i32 = 0x1003;
+pub fn arch_get_fs() -> u64 {
+    let mut v = 0u64;
+    let _ = sc!(libc::SYS_arch_prctl, ARCH_GET_FS, &mut v as *mut u64);
+    v
+}
+pub fn get_tid_address() -> u64 {
+    let mut v = 0u64;
+    let _ = sc!(
+        libc::SYS_prctl,
+        libc::PR_GET_TID_ADDRESS,
+        &mut v as *mut u64
+    );
+    v
+}
+pub fn get_robust_list() -> (u64, u64) {
+    let (mut head, mut len) = (0u64, 0u64);
+    let _ = sc!(
+        libc::SYS_get_robust_list,
+        0,
+        &mut head as *mut u64,
+        &mut len as *mut u64
+    );
+    (head, len)
+}
+pub fn get_thread_name(buf: &mut [u8; 16]) {
+    let _ = sc!(libc::SYS_prctl, libc::PR_GET_NAME, buf.as_mut_ptr());
+}
+pub fn set_thread_name(name: &[u8; 16]) {
+    let _ = sc!(libc::SYS_prctl, libc::PR_SET_NAME, name.as_ptr());
+}
+pub fn sched_getaffinity(mask: &mut [u64; 16]) -> usize {
+    sc!(
+        libc::SYS_sched_getaffinity,
+        0,
+        core::mem::size_of_val(mask),
+        mask.as_mut_ptr()
+    )
+    .unwrap_or(0)
+}
+pub fn sched_setaffinity(mask: &[u64]) {
+    let _ = sc!(
+        libc::SYS_sched_setaffinity,
+        0,
+        core::mem::size_of_val(mask),
+        mask.as_ptr()
+    );
+}
+
+pub fn socket(domain: i32, ty: i32, proto: i32) -> SysResult<i32> {
+    sc!(libc::SYS_socket, domain, ty, proto).map(|v| v as i32)
+}
+pub fn bind(fd: i32, addr: &libc::sockaddr_un, len: u32) -> SysResult<()> {
+    sc!(libc::SYS_bind, fd, addr as *const libc::sockaddr_un, len).map(|_| ())
+}
+pub fn listen(fd: i32, backlog: i32) -> SysResult<()> {
+    sc!(libc::SYS_listen, fd, backlog).map(|_| ())
+}
+pub fn accept4(fd: i32, flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_accept4, fd, 0, 0, flags).map(|v| v as i32)
+}
+pub fn peer_uid(fd: i32) -> SysResult<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = core::mem::size_of::<libc::ucred>() as u32;
+    sc!(
+        libc::SYS_getsockopt,
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        &mut cred as *mut libc::ucred,
+        &mut len as *mut u32
+    )
+    .map(|_| cred.uid)
+}
+pub fn set_rcv_timeout(fd: i32, secs: i64) {
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    let _ = sc!(
+        libc::SYS_setsockopt,
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        &tv as *const libc::timeval,
+        core::mem::size_of::<libc::timeval>()
+    );
+}
+pub fn eventfd(flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_eventfd2, 0, flags).map(|v| v as i32)
+}
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
+    sc!(libc::SYS_poll, fds.as_mut_ptr(), fds.len(), timeout_ms)
+}
+pub fn kcmp_file(pid: i32, fd1: i32, fd2: i32) -> SysResult<i32> {
+    const KCMP_FILE: i32 = 0;
+    sc!(libc::SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2).map(|v| v as i32)
+}
+pub fn uname() -> libc::utsname {
+    // SAFETY: utsname is plain bytes; zero is valid.
+    let mut u: libc::utsname = unsafe { core::mem::zeroed() };
+    let _ = sc!(libc::SYS_uname, &mut u as *mut libc::utsname);
+    u
+}
+pub fn set_tid_address(addr: u64) -> i32 {
+    sc!(libc::SYS_set_tid_address, addr).unwrap_or(0) as i32
+}
+pub fn set_robust_list(head: u64, len: u64) {
+    let _ = sc!(libc::SYS_set_robust_list, head, len);
+}
+
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP, …)` argument.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrctlMmMap {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: u64,
+    pub auxv_size: u32,
+    pub exe_fd: u32,
+}
+pub fn prctl_set_mm_map(map: &PrctlMmMap) -> SysResult<()> {
+    const PR_SET_MM: i32 = 35;
+    const PR_SET_MM_MAP: i32 = 14;
+    sc!(
+        libc::SYS_prctl,
+        PR_SET_MM,
+        PR_SET_MM_MAP,
+        map as *const PrctlMmMap,
+        core::mem::size_of::<PrctlMmMap>(),
+        0
+    )
+    .map(|_| ())
+}
+
+/// XCR0 (enabled xsave features) and the xsave area size for them.
+pub fn xsave_features() -> (u64, u32) {
+    use core::arch::x86_64::__cpuid_count;
+    // SAFETY: cpuid is available on every x86_64 CPU; xgetbv is executed only when CPUID says
+    // OSXSAVE is set.
+    unsafe {
+        let leaf1 = __cpuid_count(1, 0);
+        if leaf1.ecx & (1 << 27) == 0 {
+            return (0, 0);
+        }
+        let xcr0 = core::arch::x86_64::_xgetbv(0);
+        let leaf_d = __cpuid_count(0xd, 0);
+        (xcr0, leaf_d.ebx)
+    }
+}
