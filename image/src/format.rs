@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -121,12 +121,7 @@ impl<S: Sink> ImageWriter<S> {
     /// Starts an image, writing its header. `max_sections` sizes the table up front.
     pub fn new(mut sink: S, max_sections: usize) -> Result<Self, ImageError> {
         sink.write_all(&header_bytes(0)).map_err(ImageError::Write)?;
-        Ok(ImageWriter {
-            sink,
-            pos: HEADER_LEN,
-            sections: Vec::with_capacity(max_sections + 4),
-            current: None,
-        })
+        Ok(ImageWriter { sink, pos: HEADER_LEN, sections: Vec::with_capacity(max_sections + 4), current: None })
     }
 
     /// Current file offset.
@@ -177,7 +172,12 @@ impl<S: Sink> ImageWriter<S> {
     }
 
     /// Writes a whole section from one buffer.
-    pub fn add_section_bytes(&mut self, kind: SectionKind, bytes: &[u8], page_aligned: bool) -> Result<u32, ImageError> {
+    pub fn add_section_bytes(
+        &mut self,
+        kind: SectionKind,
+        bytes: &[u8],
+        page_aligned: bool,
+    ) -> Result<u32, ImageError> {
         self.begin_section(kind, page_aligned)?;
         self.write(bytes)?;
         Ok(self.end_section())
@@ -229,10 +229,8 @@ impl ImageReader {
     fn from_file(path: &Path, file: File, len: u64) -> Result<Self, ImageError> {
         let p = || path.to_path_buf();
         let io_err = |source| ImageError::Io { path: path.to_path_buf(), source };
-        if len < 24 {
-            if len < 8 {
-                return Err(ImageError::NotAnImage { path: p() });
-            }
+        if len < 8 {
+            return Err(ImageError::NotAnImage { path: p() });
         }
         let mut head = [0u8; 24];
         let n = read_at_most(&file, &mut head, 0).map_err(io_err)?;
@@ -412,11 +410,4 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(done)
-}
-
-#[allow(dead_code)]
-fn read_all(mut r: impl Read) -> io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    r.read_to_end(&mut v)?;
-    Ok(v)
 }

@@ -8,7 +8,6 @@ pub mod format;
 pub mod schema;
 
 pub use format::{
-    ImageError, ImageReader, ImageWriter, SectionEntry, SectionKind, Sink, FORMAT_VERSION,
-    HEADER_LEN, MAGIC, PAGE_SIZE,
+    ImageError, ImageReader, ImageWriter, SectionEntry, SectionKind, Sink, FORMAT_VERSION, HEADER_LEN, MAGIC, PAGE_SIZE,
 };
 pub use schema::*;

@@ -193,15 +193,54 @@ pub struct FdEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FdKind {
     /// Regular file: reopened by path at `pos` with `flags` (O_* status and access flags).
-    Regular { file: u32, flags: u32, pos: u64 },
-    Directory { path: String, flags: u32, pos: u64 },
+    Regular {
+        file: u32,
+        flags: u32,
+        pos: u64,
+    },
+    Directory {
+        path: String,
+        flags: u32,
+        pos: u64,
+    },
     /// /dev/null, /dev/zero, /dev/urandom, …
-    CharDevice { path: String, rdev: u64, flags: u32 },
+    CharDevice {
+        path: String,
+        rdev: u64,
+        flags: u32,
+    },
     /// A terminal, pipe or socket leading outside the checkpoint on a standard stream:
     /// connected to migrate-resume's own descriptor of the same number.
-    Inherited { what: String, flags: u32 },
+    Inherited {
+        what: String,
+        flags: u32,
+    },
+    /// A named pipe, reopened by path without waiting for the other side.
+    Fifo {
+        path: String,
+        flags: u32,
+    },
+    /// One end of a pipe whose both ends are in the checkpoint. `data` (on the first entry of
+    /// each pipe) holds the bytes that were in flight; `capacity` is F_GETPIPE_SZ.
+    Pipe {
+        pipe: u64,
+        write_end: bool,
+        flags: u32,
+        capacity: u32,
+        data: Vec<u8>,
+    },
+    /// A pipe or socket whose other side was outside the checkpoint (not on a standard
+    /// stream): restored as a disconnected descriptor — reads see end-of-file, writes EPIPE —
+    /// so the program fails cleanly instead of talking to something else.
+    Detached {
+        what: String,
+        write_end: bool,
+        flags: u32,
+    },
     /// Not restorable by this version; resume reports it (and maps it to /dev/null with --force).
-    Unsupported { what: String },
+    Unsupported {
+        what: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,11 +53,7 @@ impl Arena {
     }
 
     pub fn lock(&self) {
-        while self
-            .lock
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             // SAFETY: sched_yield has no arguments.
             unsafe { sys::syscall6(libc::SYS_sched_yield, 0, 0, 0, 0, 0, 0) };
         }
@@ -72,8 +68,11 @@ impl Arena {
         self.lock.store(false, Ordering::Release);
     }
 
-    fn state(&self) -> &mut State {
-        // SAFETY: called only with the lock held (see alloc/dealloc).
+    /// # Safety
+    /// The caller holds the lock, so no other reference to the state exists.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn state(&self) -> &mut State {
+        // SAFETY: per the contract, the lock makes this the only reference.
         unsafe { &mut *self.state.get() }
     }
 
@@ -82,14 +81,7 @@ impl Arena {
             return true;
         }
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        match sys::mmap(
-            0,
-            REGION_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            -1,
-            0,
-        ) {
+        match sys::mmap(0, REGION_SIZE, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) {
             Ok(addr) => {
                 st.base = addr;
                 st.bump = addr;
@@ -159,17 +151,7 @@ impl Arena {
         let size = (size + PAGE - 1) & !(PAGE - 1);
         // SAFETY: the block belongs to the caller, who is done with it; DONTNEED only drops
         // the pages (they read back as zeros).
-        unsafe {
-            sys::syscall6(
-                libc::SYS_madvise,
-                addr,
-                size,
-                libc::MADV_DONTNEED as usize,
-                0,
-                0,
-                0,
-            )
-        };
+        unsafe { sys::syscall6(libc::SYS_madvise, addr, size, libc::MADV_DONTNEED as usize, 0, 0, 0) };
         // Merge with a neighbour when possible, else remember it (or leak it if the list is full).
         for i in 0..st.nfree_large {
             let (a, l) = st.free_large[i];
@@ -200,7 +182,8 @@ impl Default for Arena {
 unsafe impl GlobalAlloc for Arena {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.lock();
-        let st = self.state();
+        // SAFETY: the lock is held until unlock() below.
+        let st = unsafe { self.state() };
         let p = if !Self::ensure_region(st) {
             0
         } else if layout.size() <= MAX_SMALL && layout.align() <= PAGE {
@@ -214,7 +197,8 @@ unsafe impl GlobalAlloc for Arena {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         self.lock();
-        let st = self.state();
+        // SAFETY: the lock is held until unlock() below.
+        let st = unsafe { self.state() };
         if layout.size() <= MAX_SMALL && layout.align() <= PAGE {
             let class = Self::class_of(layout.size().max(layout.align()));
             // SAFETY: the block is at least 16 bytes and no longer used by the caller.

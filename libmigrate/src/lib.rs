@@ -31,15 +31,8 @@ extern "C" fn constructor() {
         _ => {}
     }
     hooks::resolve_all();
-    if let Some(sig) = std::env::var("MIGRATE_SIGNAL")
-        .ok()
-        .and_then(|s| s.parse::<i32>().ok())
-    {
-        if (1..=64).contains(&sig)
-            && sig != state::SUSPEND_SIGNAL
-            && sig != libc::SIGKILL
-            && sig != libc::SIGSTOP
-        {
+    if let Some(sig) = std::env::var("MIGRATE_SIGNAL").ok().and_then(|s| s.parse::<i32>().ok()) {
+        if (1..=64).contains(&sig) && sig != state::SUSPEND_SIGNAL && sig != libc::SIGKILL && sig != libc::SIGSTOP {
             state::CHECKPOINT_SIGNAL.store(sig, Ordering::Relaxed);
         }
     }
@@ -56,7 +49,7 @@ fn start_managed() {
     let _ = state::PIDS.insert(pid_virt::VirtPid(pid), pid_virt::RealPid(pid));
     let dir = std::env::var_os("MIGRATE_CKPT_DIR")
         .map(|d| std::os::unix::ffi::OsStrExt::as_bytes(d.as_os_str()).to_vec())
-        .or_else(|| resources::files_cwd())
+        .or_else(resources::files_cwd)
         .unwrap_or_else(|| b".".to_vec());
     let _ = checkpoint::DEFAULT_DIR.set(dir);
     let _ = checkpoint::LD_PRELOAD.set(std::env::var("LD_PRELOAD").unwrap_or_default());
@@ -71,22 +64,14 @@ fn start_managed() {
     static ATFORK: std::sync::Once = std::sync::Once::new();
     ATFORK.call_once(|| {
         // SAFETY: the handlers are plain extern "C" functions valid for the process's lifetime.
-        unsafe {
-            libc::pthread_atfork(
-                Some(before_fork),
-                Some(after_fork_parent),
-                Some(after_fork_child),
-            )
-        };
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
     });
     state::ACTIVE.store(1, Ordering::Release);
 }
 
 fn spawn_checkpoint_thread() {
-    let spawned = std::thread::Builder::new()
-        .name("migrate-ckpt".into())
-        .stack_size(1 << 20)
-        .spawn(|| checkpoint::thread_main());
+    let spawned =
+        std::thread::Builder::new().name("migrate-ckpt".into()).stack_size(1 << 20).spawn(|| checkpoint::thread_main());
     if let Err(e) = spawned {
         info!("cannot start the checkpoint thread ({e}); checkpoints are disabled in this process");
     }

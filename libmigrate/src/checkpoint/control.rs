@@ -24,10 +24,7 @@ pub fn socket_name(pid: i32) -> crate::log::StackBuf<64> {
 
 /// Creates the listening socket and the wake eventfd (at start, after fork, after restore).
 pub fn open_channel() -> sys::SysResult<()> {
-    for fd in [
-        CONTROL_FD.swap(-1, Ordering::AcqRel),
-        WAKE_FD.swap(-1, Ordering::AcqRel),
-    ] {
+    for fd in [CONTROL_FD.swap(-1, Ordering::AcqRel), WAKE_FD.swap(-1, Ordering::AcqRel)] {
         if fd >= 0 {
             let _ = sys::close(fd);
         }
@@ -56,10 +53,7 @@ pub fn open_channel() -> sys::SysResult<()> {
 fn parse_request(line: &[u8]) -> Option<Request> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let rest = line.strip_prefix(b"checkpoint ")?;
-    let mut req = Request {
-        kill: false,
-        dir: None,
-    };
+    let mut req = Request { kill: false, dir: None };
     let (head, dir) = match rest.windows(4).position(|w| w == b"dir=") {
         Some(p) => (&rest[..p], Some(&rest[p + 4..])),
         None => (rest, None),
@@ -82,16 +76,8 @@ pub fn next_request() -> (Request, i32) {
         let ctl = CONTROL_FD.load(Ordering::Acquire);
         let wake = WAKE_FD.load(Ordering::Acquire);
         let mut fds = [
-            libc::pollfd {
-                fd: ctl,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: ctl, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
         ];
         match sys::poll(&mut fds, -1) {
             Ok(_) => {}
@@ -100,13 +86,7 @@ pub fn next_request() -> (Request, i32) {
         if fds[1].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
-            return (
-                Request {
-                    kill: false,
-                    dir: None,
-                },
-                -1,
-            );
+            return (Request { kill: false, dir: None }, -1);
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
@@ -119,11 +99,10 @@ pub fn next_request() -> (Request, i32) {
         match sys::peer_uid(conn) {
             Ok(uid) if uid == me || uid == 0 => {}
             Ok(uid) => {
-                crate::info!("refused a checkpoint request from uid {uid}: only the owner (uid {me}) or root may checkpoint");
-                reply(
-                    conn,
-                    b"error permission denied: only the process owner or root may checkpoint it\n",
+                crate::info!(
+                    "refused a checkpoint request from uid {uid}: only the owner (uid {me}) or root may checkpoint"
                 );
+                reply(conn, b"error permission denied: only the process owner or root may checkpoint it\n");
                 continue;
             }
             Err(_) => {
@@ -142,10 +121,7 @@ pub fn next_request() -> (Request, i32) {
         }
         match parse_request(&line) {
             Some(req) => return (req, conn),
-            None => reply(
-                conn,
-                b"error malformed request (expected `checkpoint kill=<0|1> dir=<path>`)\n",
-            ),
+            None => reply(conn, b"error malformed request (expected `checkpoint kill=<0|1> dir=<path>`)\n"),
         }
     }
 }

@@ -37,9 +37,7 @@ pub fn clear_transient(slot: usize) {
     TRANSIENT_FDS[slot].store(-1, Ordering::Release);
 }
 pub fn is_transient_fd(fd: i32) -> bool {
-    TRANSIENT_FDS
-        .iter()
-        .any(|t| t.load(Ordering::Acquire) == fd)
+    TRANSIENT_FDS.iter().any(|t| t.load(Ordering::Acquire) == fd)
 }
 
 /// The default checkpoint directory (absolute), set at start.
@@ -56,11 +54,7 @@ unsafe impl Sync for SavedSp {}
 static CHECKPOINT_THREAD_SP: SavedSp = SavedSp(UnsafeCell::new(0));
 
 pub enum Outcome {
-    Written {
-        path: String,
-        bytes: u64,
-        frozen_ms: u64,
-    },
+    Written { path: String, bytes: u64, frozen_ms: u64 },
     Restored,
 }
 
@@ -77,11 +71,7 @@ pub fn thread_main() -> ! {
                 // `conn` belonged to the process this image was taken from.
                 clear_transient(0);
             }
-            Ok(Outcome::Written {
-                path,
-                bytes,
-                frozen_ms,
-            }) => {
+            Ok(Outcome::Written { path, bytes, frozen_ms }) => {
                 if conn < 0 {
                     crate::info!(
                         "checkpoint written to {path} ({} KiB, program stopped for {frozen_ms} ms)",
@@ -121,18 +111,13 @@ fn quiesce(me: i32) -> Result<usize, String> {
     let mut used = 0usize;
     let mut alive = 0u32;
     loop {
-        let tasks = fs::list_dir(b"/proc/self/task")
-            .map_err(|e| format!("cannot list /proc/self/task: {e}"))?;
+        let tasks = fs::list_dir(b"/proc/self/task").map_err(|e| format!("cannot list /proc/self/task: {e}"))?;
         let mut signalled = 0;
         for t in tasks {
             let Some(tid) = fs::parse_dec(&t).map(|v| v as i32) else {
                 continue;
             };
-            if tid == me
-                || SLOTS[..used]
-                    .iter()
-                    .any(|s| s.tid.load(Ordering::Relaxed) == tid)
-            {
+            if tid == me || SLOTS[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid) {
                 continue;
             }
             if used == SLOTS.len() {
@@ -165,9 +150,7 @@ fn quiesce(me: i32) -> Result<usize, String> {
             if sys::monotonic_ns() > deadline {
                 let stuck: Vec<i32> = SLOTS[..used]
                     .iter()
-                    .filter(|s| {
-                        s.tid.load(Ordering::Relaxed) > 0 && s.parked.load(Ordering::Acquire) == 0
-                    })
+                    .filter(|s| s.tid.load(Ordering::Relaxed) > 0 && s.parked.load(Ordering::Acquire) == 0)
                     .map(|s| s.tid.load(Ordering::Relaxed))
                     .collect();
                 suspend::release_all();
@@ -178,10 +161,7 @@ fn quiesce(me: i32) -> Result<usize, String> {
             let _ = sys::futex_wait(&PARKED, parked, 20_000_000);
             for s in &SLOTS[..used] {
                 let tid = s.tid.load(Ordering::Relaxed);
-                if tid > 0
-                    && s.parked.load(Ordering::Acquire) == 0
-                    && sys::tgkill(pid, tid, 0).is_err()
-                {
+                if tid > 0 && s.parked.load(Ordering::Acquire) == 0 && sys::tgkill(pid, tid, 0).is_err() {
                     s.tid.store(-1, Ordering::Release);
                     alive -= 1;
                 }
@@ -233,16 +213,11 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
 
 fn own_library_path(maps: &[memory::MapLine]) -> Option<String> {
     let here = own_library_path as *const () as u64;
-    maps.iter()
-        .find(|m| m.start <= here && here < m.end)
-        .map(|m| m.name.clone())
+    maps.iter().find(|m| m.start <= here && here < m.end).map(|m| m.name.clone())
 }
 
 fn dir_for(req: &Request) -> Vec<u8> {
-    req.dir
-        .clone()
-        .or_else(|| DEFAULT_DIR.get().cloned())
-        .unwrap_or_else(|| b".".to_vec())
+    req.dir.clone().or_else(|| DEFAULT_DIR.get().cloned()).unwrap_or_else(|| b".".to_vec())
 }
 
 fn basename(path: &str) -> &str {
@@ -265,9 +240,7 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
         .filter(|s| s.tid.load(Ordering::Relaxed) > 0 && s.parked.load(Ordering::Acquire) != 0)
         .map(threads::from_slot)
         .collect();
-    thread_entries.push(threads::checkpoint_thread_entry(
-        CHECKPOINT_VTID.load(Ordering::Relaxed),
-    ));
+    thread_entries.push(threads::checkpoint_thread_entry(CHECKPOINT_VTID.load(Ordering::Relaxed)));
     let (vpid, vppid, vpgid, vsid) = process::ids();
     let mut pids = Vec::new();
     state::PIDS.for_each(|v, r| pids.push((v.0, r.0)));
@@ -356,23 +329,13 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
     // The layout must not have changed while we described it (it would if anything we called
     // mapped memory): the image would miss a mapping.
     match memory::read_maps() {
-        Ok(now)
-            if now
-                .iter()
-                .map(|m| (m.start, m.end))
-                .eq(maps.iter().map(|m| (m.start, m.end))) => {}
+        Ok(now) if now.iter().map(|m| (m.start, m.end)).eq(maps.iter().map(|m| (m.start, m.end))) => {}
         _ => {
             cleanup(fd, mem_fd);
             return Err("the address space changed while it was being described; try again".into());
         }
     }
-    let nsections = meta
-        .process
-        .vmas
-        .iter()
-        .filter(|v| !v.runs.is_empty())
-        .count()
-        + 2;
+    let nsections = meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + 2;
     let mut writer = match ImageWriter::new(FdSink(fd), nsections) {
         Ok(w) => w,
         Err(e) => {
@@ -417,12 +380,7 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
     for (v, s) in meta.process.vmas.iter_mut().zip(&sections) {
         v.data_section = *s;
     }
-    if let Some(t) = meta
-        .process
-        .threads
-        .iter_mut()
-        .find(|t| t.is_checkpoint_thread)
-    {
+    if let Some(t) = meta.process.threads.iter_mut().find(|t| t.is_checkpoint_thread) {
         // SAFETY: written by park_and_save on this thread.
         t.resume_sp = unsafe { *CHECKPOINT_THREAD_SP.0.get() };
     }
@@ -449,10 +407,7 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
         let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed) + 1;
         let candidate = format!("{dir_str}/{exe_name}-{}-{seq}.mig", meta.process.vpid);
         const RENAME_NOREPLACE: usize = 1;
-        let (a, b) = (
-            fs::cpath(tmp_path.as_bytes()),
-            fs::cpath(candidate.as_bytes()),
-        );
+        let (a, b) = (fs::cpath(tmp_path.as_bytes()), fs::cpath(candidate.as_bytes()));
         // SAFETY: both paths are NUL-terminated buffers alive for the call.
         let r = unsafe {
             sys::syscall6(
@@ -470,31 +425,17 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
         }
         if r != -(libc::EEXIST as isize) {
             let _ = sys::unlinkat(libc::AT_FDCWD, &a);
-            return Err(format!(
-                "cannot rename {tmp_path} to {candidate}: {}",
-                sys::Errno(-r as i32)
-            ));
+            return Err(format!("cannot rename {tmp_path} to {candidate}: {}", sys::Errno(-r as i32)));
         }
     };
-    if let Ok(dfd) = sys::open(
-        &fs::cpath(&dir),
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        0,
-    ) {
+    if let Ok(dfd) = sys::open(&fs::cpath(&dir), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0) {
         let _ = sys::fsync(dfd);
         let _ = sys::close(dfd);
     }
     if !req.kill {
-        signals::requeue(
-            &meta.process.signals.shared_pending,
-            &private_pending(&meta),
-        );
+        signals::requeue(&meta.process.signals.shared_pending, &private_pending(&meta));
     }
-    Ok(Outcome::Written {
-        path: final_path,
-        bytes,
-        frozen_ms,
-    })
+    Ok(Outcome::Written { path: final_path, bytes, frozen_ms })
 }
 
 /// Re-queues, in a restored process, the signals that were pending at checkpoint time.

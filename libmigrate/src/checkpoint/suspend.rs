@@ -86,21 +86,14 @@ impl ThreadSlot {
     /// Records the per-thread state the kernel keeps for the calling thread.
     fn record_current_thread(&self) {
         self.fs_base.store(sys::arch_get_fs(), Ordering::Relaxed);
-        self.tid_address
-            .store(sys::get_tid_address(), Ordering::Relaxed);
+        self.tid_address.store(sys::get_tid_address(), Ordering::Relaxed);
         let (head, len) = sys::get_robust_list();
         self.robust_head.store(head, Ordering::Relaxed);
         self.robust_len.store(len, Ordering::Relaxed);
         let mut name = [0u8; 16];
         sys::get_thread_name(&mut name);
-        self.name[0].store(
-            u64::from_ne_bytes(name[..8].try_into().unwrap_or([0; 8])),
-            Ordering::Relaxed,
-        );
-        self.name[1].store(
-            u64::from_ne_bytes(name[8..].try_into().unwrap_or([0; 8])),
-            Ordering::Relaxed,
-        );
+        self.name[0].store(u64::from_ne_bytes(name[..8].try_into().unwrap_or([0; 8])), Ordering::Relaxed);
+        self.name[1].store(u64::from_ne_bytes(name[8..].try_into().unwrap_or([0; 8])), Ordering::Relaxed);
         let mut mask = [0u64; 16];
         sys::sched_getaffinity(&mut mask);
         for (a, m) in self.affinity.iter().zip(mask) {
@@ -112,14 +105,8 @@ impl ThreadSlot {
     fn reinstate_current_thread(&self) {
         let tid = sys::gettid();
         self.tid.store(tid, Ordering::Release);
-        let _ = state::PIDS.insert(
-            pid_virt::VirtPid(self.vtid.load(Ordering::Relaxed)),
-            pid_virt::RealPid(tid),
-        );
-        sys::set_robust_list(
-            self.robust_head.load(Ordering::Relaxed),
-            self.robust_len.load(Ordering::Relaxed),
-        );
+        let _ = state::PIDS.insert(pid_virt::VirtPid(self.vtid.load(Ordering::Relaxed)), pid_virt::RealPid(tid));
+        sys::set_robust_list(self.robust_head.load(Ordering::Relaxed), self.robust_len.load(Ordering::Relaxed));
         sys::set_thread_name(&self.name_bytes());
         let mut mask = [0u64; 16];
         for (m, a) in mask.iter_mut().zip(&self.affinity) {
@@ -155,11 +142,7 @@ impl ThreadSlot {
 /// SigPnd of /proc/thread-self/status: the signals pending for the calling thread only.
 fn private_pending_set() -> u64 {
     let mut buf = [0u8; 4096];
-    let Ok(fd) = sys::open(
-        b"/proc/thread-self/status\0",
-        libc::O_RDONLY | libc::O_CLOEXEC,
-        0,
-    ) else {
+    let Ok(fd) = sys::open(b"/proc/thread-self/status\0", libc::O_RDONLY | libc::O_CLOEXEC, 0) else {
         return 0;
     };
     let mut len = 0;
@@ -177,10 +160,7 @@ fn private_pending_set() -> u64 {
     };
     let rest = &text[pos + key.len()..];
     let start = rest.iter().position(|c| c.is_ascii_hexdigit()).unwrap_or(0);
-    let end = rest[start..]
-        .iter()
-        .position(|c| !c.is_ascii_hexdigit())
-        .map_or(rest.len(), |e| start + e);
+    let end = rest[start..].iter().position(|c| !c.is_ascii_hexdigit()).map_or(rest.len(), |e| start + e);
     sys::fs::parse_hex(&rest[start..end]).unwrap_or(0)
 }
 
@@ -205,11 +185,7 @@ extern "C" fn park(arg: *mut libc::c_void) {
 }
 
 /// The SUSPEND_SIGNAL handler (SA_SIGINFO|SA_RESTART, every signal blocked while it runs).
-pub extern "C" fn suspend_handler(
-    _sig: i32,
-    _info: *mut libc::siginfo_t,
-    _uctx: *mut libc::c_void,
-) {
+pub extern "C" fn suspend_handler(_sig: i32, _info: *mut libc::siginfo_t, _uctx: *mut libc::c_void) {
     let Some(slot) = find_slot(sys::gettid()) else {
         return; // not asked for by a checkpoint in progress
     };
@@ -217,13 +193,7 @@ pub extern "C" fn suspend_handler(
     slot.take_private_pending();
     // SAFETY: the slot outlives the park; a non-zero return means we are in a restored process,
     // where only memory (not descriptors) of this frame is trusted — we use none.
-    let resumed = unsafe {
-        context::park_and_save(
-            slot.resume_sp.get(),
-            park,
-            slot as *const ThreadSlot as *mut _,
-        )
-    };
+    let resumed = unsafe { context::park_and_save(slot.resume_sp.get(), park, slot as *const ThreadSlot as *mut _) };
     if resumed != 0 {
         slot.reinstate_current_thread();
         RESTORED_ARRIVED.fetch_add(1, Ordering::AcqRel);
@@ -239,11 +209,7 @@ pub fn release_all() {
 }
 
 /// The checkpoint signal's handler: wakes the checkpoint thread, nothing else.
-pub extern "C" fn checkpoint_signal_handler(
-    _sig: i32,
-    _info: *mut libc::siginfo_t,
-    _uctx: *mut libc::c_void,
-) {
+pub extern "C" fn checkpoint_signal_handler(_sig: i32, _info: *mut libc::siginfo_t, _uctx: *mut libc::c_void) {
     let fd = state::WAKE_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let _ = sys::write(fd, &1u64.to_ne_bytes());
@@ -261,15 +227,8 @@ pub fn install_handlers() -> sys::SysResult<()> {
         mask: all,
     };
     sys::rt_sigaction(SUSPEND_SIGNAL, Some(&act), None)?;
-    let act = sys::KernelSigaction {
-        handler: checkpoint_signal_handler as *const () as usize,
-        ..act
-    };
-    sys::rt_sigaction(
-        state::CHECKPOINT_SIGNAL.load(Ordering::Relaxed),
-        Some(&act),
-        None,
-    )
+    let act = sys::KernelSigaction { handler: checkpoint_signal_handler as *const () as usize, ..act };
+    sys::rt_sigaction(state::CHECKPOINT_SIGNAL.load(Ordering::Relaxed), Some(&act), None)
 }
 
 /// glibc's signal trampoline (__restore_rt), read back from a disposition glibc installed.

@@ -11,10 +11,7 @@ pub struct Real {
 
 impl Real {
     pub const fn new(name: &'static [u8]) -> Self {
-        Real {
-            name,
-            addr: AtomicUsize::new(0),
-        }
+        Real { name, addr: AtomicUsize::new(0) }
     }
 
     /// Address of the next definition of this symbol after libmigrate.
@@ -25,8 +22,7 @@ impl Real {
         }
         // SAFETY: `name` is a NUL-terminated static string; dlsym is safe to call with
         // RTLD_NEXT from a loaded library.
-        let a = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr() as *const libc::c_char) }
-            as usize;
+        let a = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr() as *const libc::c_char) } as usize;
         self.addr.store(a, Ordering::Relaxed);
         a
     }

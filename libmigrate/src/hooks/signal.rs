@@ -16,15 +16,7 @@ real_fn!(SIGNALFD, b"signalfd\0");
 real_fn!(SIGWAIT, b"sigwait\0");
 
 pub fn resolve() {
-    for r in [
-        &SIGACTION,
-        &SIGNAL,
-        &SIGPROCMASK,
-        &PTHREAD_SIGMASK,
-        &SIGSUSPEND,
-        &SIGNALFD,
-        &SIGWAIT,
-    ] {
+    for r in [&SIGACTION, &SIGNAL, &SIGPROCMASK, &PTHREAD_SIGMASK, &SIGSUSPEND, &SIGNALFD, &SIGWAIT] {
         r.get();
     }
 }
@@ -37,16 +29,8 @@ struct VirtualAction {
 }
 
 static VIRTUAL: [VirtualAction; 2] = [
-    VirtualAction {
-        handler: AtomicUsize::new(0),
-        flags: AtomicU64::new(0),
-        mask: AtomicU64::new(0),
-    },
-    VirtualAction {
-        handler: AtomicUsize::new(0),
-        flags: AtomicU64::new(0),
-        mask: AtomicU64::new(0),
-    },
+    VirtualAction { handler: AtomicUsize::new(0), flags: AtomicU64::new(0), mask: AtomicU64::new(0) },
+    VirtualAction { handler: AtomicUsize::new(0), flags: AtomicU64::new(0), mask: AtomicU64::new(0) },
 ];
 static WARNED: AtomicBool = AtomicBool::new(false);
 
@@ -61,8 +45,7 @@ fn virtual_slot(sig: c_int) -> Option<&'static VirtualAction> {
 }
 
 fn warn_clash(sig: c_int, handler: usize) {
-    if handler != libc::SIG_DFL && handler != libc::SIG_IGN && !WARNED.swap(true, Ordering::Relaxed)
-    {
+    if handler != libc::SIG_DFL && handler != libc::SIG_IGN && !WARNED.swap(true, Ordering::Relaxed) {
         crate::info!(
             "the program installs a handler for signal {sig}, which migrate uses for checkpoints; its handler \
              will not run (start it with `migrate-run --signal <other>` to leave this signal to the program)"
@@ -101,11 +84,7 @@ fn filtered_mask(
 /// # Safety
 /// Called by the program with sigaction(2)'s contract.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sigaction(
-    sig: c_int,
-    act: *const libc::sigaction,
-    old: *mut libc::sigaction,
-) -> c_int {
+pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
     if let Some(v) = virtual_slot(sig) {
         if !old.is_null() {
             // SAFETY: `old` is the program's valid out-pointer.
@@ -113,8 +92,7 @@ pub unsafe extern "C" fn sigaction(
                 core::ptr::write_bytes(old, 0, 1);
                 (*old).sa_sigaction = v.handler.load(Ordering::Relaxed);
                 (*old).sa_flags = v.flags.load(Ordering::Relaxed) as c_int;
-                *(&mut (*old).sa_mask as *mut sigset_t as *mut u64) =
-                    v.mask.load(Ordering::Relaxed);
+                *(&mut (*old).sa_mask as *mut sigset_t as *mut u64) = v.mask.load(Ordering::Relaxed);
             }
         }
         if !act.is_null() {
@@ -124,15 +102,11 @@ pub unsafe extern "C" fn sigaction(
             v.handler.store(a.sa_sigaction, Ordering::Relaxed);
             v.flags.store(a.sa_flags as u64, Ordering::Relaxed);
             // SAFETY: sigset_t is at least 8 bytes.
-            v.mask.store(
-                unsafe { *(&a.sa_mask as *const sigset_t as *const u64) },
-                Ordering::Relaxed,
-            );
+            v.mask.store(unsafe { *(&a.sa_mask as *const sigset_t as *const u64) }, Ordering::Relaxed);
         }
         return 0;
     }
-    let real =
-        call_real!(SIGACTION: fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int);
+    let real = call_real!(SIGACTION: fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int);
     // SAFETY: pass-through of the program's arguments.
     unsafe { real(sig, act, old) }
 }
@@ -154,11 +128,7 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
 /// # Safety
 /// sigprocmask(2)'s contract.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sigprocmask(
-    how: c_int,
-    set: *const sigset_t,
-    old: *mut sigset_t,
-) -> c_int {
+pub unsafe extern "C" fn sigprocmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int {
     let real = call_real!(SIGPROCMASK: fn(c_int, *const sigset_t, *mut sigset_t) -> c_int);
     filtered_mask(how, set, old, real)
 }
@@ -166,11 +136,7 @@ pub unsafe extern "C" fn sigprocmask(
 /// # Safety
 /// pthread_sigmask(3)'s contract.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn pthread_sigmask(
-    how: c_int,
-    set: *const sigset_t,
-    old: *mut sigset_t,
-) -> c_int {
+pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int {
     let real = call_real!(PTHREAD_SIGMASK: fn(c_int, *const sigset_t, *mut sigset_t) -> c_int);
     filtered_mask(how, set, old, real)
 }

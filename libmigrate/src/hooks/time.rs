@@ -10,7 +10,7 @@ use super::{errno, set_errno};
 use crate::state::{CHECKPOINT_GENERATION, FREEZE_MONOTONIC_NS};
 use crate::sys;
 use core::sync::atomic::Ordering;
-use libc::{c_int, c_uint, c_void, sigset_t, timespec};
+use libc::{c_int, c_uint, sigset_t, timespec};
 
 real_fn!(NANOSLEEP, b"nanosleep\0");
 real_fn!(CLOCK_NANOSLEEP, b"clock_nanosleep\0");
@@ -55,33 +55,22 @@ impl Deadline {
         Deadline(sys::monotonic_ns() + ms as u64 * 1_000_000)
     }
     fn after_ts(ts: &timespec) -> Self {
-        Deadline(
-            sys::monotonic_ns()
-                + ts.tv_sec.max(0) as u64 * 1_000_000_000
-                + ts.tv_nsec.max(0) as u64,
-        )
+        Deadline(sys::monotonic_ns() + ts.tv_sec.max(0) as u64 * 1_000_000_000 + ts.tv_nsec.max(0) as u64)
     }
     /// Moves the deadline past a checkpoint: what remained at the freeze, from now.
     fn continue_after_checkpoint(&mut self) {
-        let remaining = self
-            .0
-            .saturating_sub(FREEZE_MONOTONIC_NS.load(Ordering::Acquire));
+        let remaining = self.0.saturating_sub(FREEZE_MONOTONIC_NS.load(Ordering::Acquire));
         self.0 = sys::monotonic_ns() + remaining;
     }
     fn remaining_ns(&self) -> u64 {
         self.0.saturating_sub(sys::monotonic_ns())
     }
     fn remaining_ms(&self) -> c_int {
-        self.remaining_ns()
-            .div_ceil(1_000_000)
-            .min(c_int::MAX as u64) as c_int
+        self.remaining_ns().div_ceil(1_000_000).min(c_int::MAX as u64) as c_int
     }
     fn remaining_ts(&self) -> timespec {
         let ns = self.remaining_ns();
-        timespec {
-            tv_sec: (ns / 1_000_000_000) as i64,
-            tv_nsec: (ns % 1_000_000_000) as i64,
-        }
+        timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 }
     }
 }
 
@@ -110,10 +99,7 @@ pub unsafe extern "C" fn nanosleep(req: *const timespec, rem: *mut timespec) -> 
     }
     // SAFETY: `req` is the program's valid pointer.
     let mut want = unsafe { *req };
-    let mut left = timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut left = timespec { tv_sec: 0, tv_nsec: 0 };
     loop {
         let gen = generation();
         // SAFETY: both pointers are to locals.
@@ -147,10 +133,7 @@ pub unsafe extern "C" fn clock_nanosleep(
     }
     // SAFETY: the program's valid pointer.
     let mut want = unsafe { *req };
-    let mut left = timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut left = timespec { tv_sec: 0, tv_nsec: 0 };
     loop {
         let gen = generation();
         // SAFETY: pointers to locals.
@@ -170,14 +153,8 @@ pub unsafe extern "C" fn clock_nanosleep(
 }
 
 fn sleep_ns(ns: u64) -> (c_int, timespec) {
-    let req = timespec {
-        tv_sec: (ns / 1_000_000_000) as i64,
-        tv_nsec: (ns % 1_000_000_000) as i64,
-    };
-    let mut rem = timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let req = timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 };
+    let mut rem = timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: pointers to locals.
     let r = unsafe { nanosleep(&req, &mut rem) };
     (r, rem)
@@ -231,13 +208,10 @@ pub unsafe extern "C" fn ppoll(
     let mut deadline = if tmo.is_null() {
         None
     } else {
+        // SAFETY: the program's timeout pointer, checked non-null.
         Some(Deadline::after_ts(unsafe { &*tmo }))
     };
-    let mask_copy = if mask.is_null() {
-        None
-    } else {
-        Some(super::signal::mask_without_ours(mask))
-    };
+    let mask_copy = if mask.is_null() { None } else { Some(super::signal::mask_without_ours(mask)) };
     retry_ours(|resumed| {
         let ts;
         let mut tp = tmo;
@@ -246,9 +220,7 @@ pub unsafe extern "C" fn ppoll(
             ts = d.remaining_ts();
             tp = &ts;
         }
-        let mp = mask_copy
-            .as_ref()
-            .map_or(core::ptr::null(), |m| m as *const sigset_t);
+        let mp = mask_copy.as_ref().map_or(core::ptr::null(), |m| m as *const sigset_t);
         // SAFETY: pointers valid for the call.
         unsafe { real(fds, n, tp, mp) }
     })
@@ -286,13 +258,10 @@ pub unsafe extern "C" fn pselect(
     let mut deadline = if tmo.is_null() {
         None
     } else {
+        // SAFETY: the program's timeout pointer, checked non-null.
         Some(Deadline::after_ts(unsafe { &*tmo }))
     };
-    let mask_copy = if mask.is_null() {
-        None
-    } else {
-        Some(super::signal::mask_without_ours(mask))
-    };
+    let mask_copy = if mask.is_null() { None } else { Some(super::signal::mask_without_ours(mask)) };
     retry_ours(|resumed| {
         let ts;
         let mut tp = tmo;
@@ -301,9 +270,7 @@ pub unsafe extern "C" fn pselect(
             ts = d.remaining_ts();
             tp = &ts;
         }
-        let mp = mask_copy
-            .as_ref()
-            .map_or(core::ptr::null(), |m| m as *const sigset_t);
+        let mp = mask_copy.as_ref().map_or(core::ptr::null(), |m| m as *const sigset_t);
         // SAFETY: pointers valid for the call.
         unsafe { real(n, r, w, e, tp, mp) }
     })
@@ -312,12 +279,7 @@ pub unsafe extern "C" fn pselect(
 /// # Safety
 /// epoll_wait(2)'s contract.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn epoll_wait(
-    epfd: c_int,
-    events: *mut libc::epoll_event,
-    max: c_int,
-    timeout: c_int,
-) -> c_int {
+pub unsafe extern "C" fn epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
     let real = call_real!(EPOLL_WAIT: fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int);
     let mut deadline = Deadline::after_ms(timeout.max(0));
     retry_ours(|resumed| {
@@ -343,20 +305,14 @@ pub unsafe extern "C" fn epoll_pwait(
 ) -> c_int {
     let real = call_real!(EPOLL_PWAIT: fn(c_int, *mut libc::epoll_event, c_int, c_int, *const sigset_t) -> c_int);
     let mut deadline = Deadline::after_ms(timeout.max(0));
-    let mask_copy = if mask.is_null() {
-        None
-    } else {
-        Some(super::signal::mask_without_ours(mask))
-    };
+    let mask_copy = if mask.is_null() { None } else { Some(super::signal::mask_without_ours(mask)) };
     retry_ours(|resumed| {
         let mut t = timeout;
         if resumed && timeout >= 0 {
             deadline.continue_after_checkpoint();
             t = deadline.remaining_ms();
         }
-        let mp = mask_copy
-            .as_ref()
-            .map_or(core::ptr::null(), |m| m as *const sigset_t);
+        let mp = mask_copy.as_ref().map_or(core::ptr::null(), |m| m as *const sigset_t);
         // SAFETY: pass-through.
         unsafe { real(epfd, events, max, t, mp) }
     })
@@ -365,11 +321,7 @@ pub unsafe extern "C" fn epoll_pwait(
 /// # Safety
 /// sigtimedwait(2)'s contract.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sigtimedwait(
-    set: *const sigset_t,
-    info: *mut libc::siginfo_t,
-    tmo: *const timespec,
-) -> c_int {
+pub unsafe extern "C" fn sigtimedwait(set: *const sigset_t, info: *mut libc::siginfo_t, tmo: *const timespec) -> c_int {
     let real = call_real!(SIGTIMEDWAIT: fn(*const sigset_t, *mut libc::siginfo_t, *const timespec) -> c_int);
     if set.is_null() {
         // SAFETY: pass-through.
@@ -380,6 +332,7 @@ pub unsafe extern "C" fn sigtimedwait(
     let mut deadline = if tmo.is_null() {
         None
     } else {
+        // SAFETY: the program's timeout pointer, checked non-null.
         Some(Deadline::after_ts(unsafe { &*tmo }))
     };
     retry_ours(|resumed| {
@@ -417,6 +370,3 @@ pub unsafe extern "C" fn sem_timedwait(sem: *mut libc::sem_t, abstime: *const ti
     // SAFETY: pass-through.
     retry_ours(|_| unsafe { real(sem, abstime) })
 }
-
-#[allow(dead_code)]
-fn _unused(_: *mut c_void) {}

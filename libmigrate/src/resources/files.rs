@@ -29,19 +29,22 @@ fn is_tty_rdev(rdev: u64) -> bool {
 }
 
 pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
-    let names =
-        fs::list_dir(b"/proc/self/fd").map_err(|e| format!("cannot list /proc/self/fd: {e}"))?;
-    let mut fds: Vec<i32> = names
-        .iter()
-        .filter_map(|n| fs::parse_dec(n))
-        .map(|n| n as i32)
-        .collect();
+    let names = fs::list_dir(b"/proc/self/fd").map_err(|e| format!("cannot list /proc/self/fd: {e}"))?;
+    let mut fds: Vec<i32> = names.iter().filter_map(|n| fs::parse_dec(n)).map(|n| n as i32).collect();
     fds.sort_unstable();
+    fds.retain(|&fd| !state::is_own_fd(fd) && !crate::checkpoint::is_transient_fd(fd));
+    // (fd, inode, access mode) of every pipe end, to tell self-pipes from pipes to the outside.
+    let pipe_ends: Vec<(i32, u64, i32)> = fds
+        .iter()
+        .filter_map(|&fd| {
+            let st = sys::fstat(fd).ok()?;
+            let acc = sys::fcntl(fd, libc::F_GETFL, 0).ok()? as i32 & libc::O_ACCMODE;
+            (st.st_mode & libc::S_IFMT == libc::S_IFIFO).then_some((fd, st.st_ino, acc))
+        })
+        .collect();
+    let mut pipes_seen: Vec<u64> = Vec::new();
     let mut out: Vec<FdEntry> = Vec::with_capacity(fds.len());
     for fd in fds {
-        if state::is_own_fd(fd) || crate::checkpoint::is_transient_fd(fd) {
-            continue;
-        }
         let Ok(st) = sys::fstat(fd) else { continue }; // closed meanwhile (the listing's own fd)
         let link = fs::read_link(format!("/proc/self/fd/{fd}").as_bytes()).unwrap_or_default();
         let path = path_string(&link);
@@ -50,66 +53,84 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
         let pos = sys::lseek(fd, 0, libc::SEEK_CUR).unwrap_or(0);
         let fmt = st.st_mode & libc::S_IFMT;
         let kind = match fmt {
-            libc::S_IFREG if path.ends_with(" (deleted)") => FdKind::Unsupported {
-                what: format!("deleted file {path}"),
-            },
-            libc::S_IFREG if path.starts_with('/') => FdKind::Regular {
-                file: files.intern_path(&path, false),
-                flags: flags as u32,
-                pos,
-            },
-            libc::S_IFDIR => FdKind::Directory {
-                path,
-                flags: flags as u32,
-                pos,
-            },
-            libc::S_IFCHR if fd <= 2 && is_tty_rdev(st.st_rdev) => FdKind::Inherited {
-                what: format!("terminal {path}"),
-                flags: flags as u32,
-            },
-            libc::S_IFCHR if path.starts_with("/dev/") => FdKind::CharDevice {
-                path,
-                rdev: st.st_rdev,
-                flags: flags as u32,
-            },
-            libc::S_IFIFO | libc::S_IFSOCK if fd <= 2 => FdKind::Inherited {
-                what: path,
-                flags: flags as u32,
-            },
-            libc::S_IFIFO if path.starts_with('/') => FdKind::CharDevice {
-                path,
-                rdev: 0,
-                flags: flags as u32,
-            },
-            _ => FdKind::Unsupported {
-                what: if path.is_empty() {
-                    format!("descriptor of mode {fmt:o}")
+            libc::S_IFREG if path.ends_with(" (deleted)") => {
+                FdKind::Unsupported { what: format!("deleted file {path}") }
+            }
+            libc::S_IFREG if path.starts_with('/') => {
+                FdKind::Regular { file: files.intern_path(&path, false), flags: flags as u32, pos }
+            }
+            libc::S_IFDIR => FdKind::Directory { path, flags: flags as u32, pos },
+            libc::S_IFCHR if fd <= 2 && is_tty_rdev(st.st_rdev) => {
+                FdKind::Inherited { what: format!("terminal {path}"), flags: flags as u32 }
+            }
+            libc::S_IFCHR if path.starts_with("/dev/") => {
+                FdKind::CharDevice { path, rdev: st.st_rdev, flags: flags as u32 }
+            }
+            libc::S_IFIFO | libc::S_IFSOCK if fd <= 2 => FdKind::Inherited { what: path, flags: flags as u32 },
+            libc::S_IFIFO if path.starts_with('/') => FdKind::Fifo { path, flags: flags as u32 },
+            libc::S_IFIFO => {
+                let write_end = flags & libc::O_ACCMODE == libc::O_WRONLY;
+                let has_peer = pipe_ends
+                    .iter()
+                    .any(|&(other, ino, acc)| other != fd && ino == st.st_ino && (acc == libc::O_WRONLY) != write_end);
+                if !has_peer {
+                    FdKind::Detached { what: path, write_end, flags: flags as u32 }
                 } else {
-                    path
-                },
-            },
+                    let capacity = sys::fcntl(fd, libc::F_GETPIPE_SZ, 0).unwrap_or(65536) as u32;
+                    let data = if pipes_seen.contains(&st.st_ino) {
+                        Vec::new()
+                    } else {
+                        pipes_seen.push(st.st_ino);
+                        let reader = pipe_ends
+                            .iter()
+                            .find(|&&(_, ino, acc)| ino == st.st_ino && acc != libc::O_WRONLY)
+                            .map(|e| e.0);
+                        reader.map(|r| peek_pipe(r, capacity)).transpose()?.unwrap_or_default()
+                    };
+                    FdKind::Pipe { pipe: st.st_ino, write_end, flags: flags as u32, capacity, data }
+                }
+            }
+            libc::S_IFSOCK => FdKind::Detached { what: path, write_end: false, flags: flags as u32 },
+            _ => {
+                FdKind::Unsupported { what: if path.is_empty() { format!("descriptor of mode {fmt:o}") } else { path } }
+            }
         };
         let shares_with = out
             .iter()
-            .position(|prev| {
-                prev.shares_with.is_none() && sys::kcmp_file(sys::getpid(), prev.fd, fd) == Ok(0)
-            })
+            .position(|prev| prev.shares_with.is_none() && sys::kcmp_file(sys::getpid(), prev.fd, fd) == Ok(0))
             .map(|i| i as u32);
-        out.push(FdEntry {
-            fd,
-            cloexec,
-            shares_with,
-            kind,
-        });
+        out.push(FdEntry { fd, cloexec, shares_with, kind });
     }
     Ok(out)
 }
 
+/// The bytes in a pipe, copied without consuming them: tee() into a scratch pipe, read that.
+fn peek_pipe(read_end: i32, capacity: u32) -> Result<Vec<u8>, String> {
+    let mut scratch = [0i32; 2];
+    sys::pipe2(&mut scratch, libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .map_err(|e| format!("cannot create a scratch pipe: {e}"))?;
+    let _ = sys::fcntl(scratch[1], libc::F_SETPIPE_SZ, capacity as usize);
+    let mut data = Vec::new();
+    let copied = sys::tee(read_end, scratch[1], capacity as usize, libc::SPLICE_F_NONBLOCK);
+    if let Ok(n) = copied {
+        data.resize(n, 0);
+        let mut got = 0;
+        while got < n {
+            match sys::read(scratch[0], &mut data[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+        data.truncate(got);
+    }
+    let _ = sys::close(scratch[0]);
+    let _ = sys::close(scratch[1]);
+    Ok(data)
+}
+
 fn reopen(path: &str, flags: i32) -> Result<i32, String> {
-    let open_flags =
-        (flags & KEPT_STATUS_FLAGS & !libc::O_NOATIME) | libc::O_CLOEXEC | libc::O_NOCTTY;
-    sys::open(&fs::cpath(path.as_bytes()), open_flags, 0)
-        .map_err(|e| format!("cannot reopen {path}: {e}"))
+    let open_flags = (flags & KEPT_STATUS_FLAGS & !libc::O_NOATIME) | libc::O_CLOEXEC | libc::O_NOCTTY;
+    sys::open(&fs::cpath(path.as_bytes()), open_flags, 0).map_err(|e| format!("cannot reopen {path}: {e}"))
 }
 
 /// Opens a named FIFO without waiting for the other side, then restores blocking mode.
@@ -129,15 +150,38 @@ pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), Strin
     if let Ok(names) = fs::list_dir(b"/proc/self/fd") {
         for n in names {
             if let Some(fd) = fs::parse_dec(&n).map(|v| v as i32) {
-                let inherited_std = fd <= 2
-                    && p.fds
-                        .iter()
-                        .any(|f| f.fd == fd && matches!(f.kind, FdKind::Inherited { .. }));
+                let inherited_std =
+                    fd <= 2 && p.fds.iter().any(|f| f.fd == fd && matches!(f.kind, FdKind::Inherited { .. }));
                 if !inherited_std {
                     let _ = sys::close(fd);
                 }
             }
         }
+    }
+    // Pipes between descriptors of this process: created up front above every saved number,
+    // refilled with their in-flight bytes, then placed like any other descriptor.
+    let above = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) + 1;
+    let mut pipes: Vec<(u64, i32, i32)> = Vec::new();
+    for f in &p.fds {
+        let FdKind::Pipe { pipe, capacity, data, .. } = &f.kind else { continue };
+        if pipes.iter().any(|&(id, _, _)| id == *pipe) {
+            if !data.is_empty() {
+                let &(_, _, w) = pipes.iter().find(|&&(id, _, _)| id == *pipe).unwrap_or(&(0, -1, -1));
+                sys::write_all(w, data).map_err(|e| format!("cannot refill pipe:[{pipe}]: {e}"))?;
+            }
+            continue;
+        }
+        let mut ends = [0i32; 2];
+        sys::pipe2(&mut ends, libc::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
+        let r = sys::fcntl(ends[0], libc::F_DUPFD_CLOEXEC, above as usize)
+            .map_err(|e| format!("cannot place a pipe: {e}"))? as i32;
+        let w = sys::fcntl(ends[1], libc::F_DUPFD_CLOEXEC, above as usize)
+            .map_err(|e| format!("cannot place a pipe: {e}"))? as i32;
+        let _ = sys::close(ends[0]);
+        let _ = sys::close(ends[1]);
+        let _ = sys::fcntl(w, libc::F_SETPIPE_SZ, *capacity as usize);
+        sys::write_all(w, data).map_err(|e| format!("cannot refill pipe:[{pipe}]: {e}"))?;
+        pipes.push((*pipe, r, w));
     }
     for f in &p.fds {
         let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
@@ -162,18 +206,27 @@ pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), Strin
                 let _ = sys::lseek(fd, *pos as i64, libc::SEEK_SET);
                 Some(fd)
             }
-            FdKind::CharDevice {
-                path,
-                rdev: 0,
-                flags,
-            } => Some(reopen_fifo(path, *flags as i32)?),
+            FdKind::Fifo { path, flags } => Some(reopen_fifo(path, *flags as i32)?),
             FdKind::CharDevice { path, flags, .. } => Some(reopen(path, *flags as i32)?),
+            FdKind::Pipe { pipe, write_end, flags, .. } => {
+                let &(_, r, w) = pipes.iter().find(|&&(id, _, _)| id == *pipe).ok_or("pipe table inconsistent")?;
+                let end = sys::fcntl(if *write_end { w } else { r }, libc::F_DUPFD_CLOEXEC, 0)
+                    .map_err(|e| format!("cannot place a pipe: {e}"))? as i32;
+                set_status_flags(end, *flags as i32);
+                Some(end)
+            }
+            FdKind::Detached { write_end, flags, .. } => {
+                // A pipe whose other end is closed: reads see EOF, writes fail with EPIPE.
+                let mut ends = [0i32; 2];
+                sys::pipe2(&mut ends, libc::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
+                let (keep, drop) = if *write_end { (ends[1], ends[0]) } else { (ends[0], ends[1]) };
+                let _ = sys::close(drop);
+                set_status_flags(keep, *flags as i32);
+                Some(keep)
+            }
             FdKind::Inherited { what, flags } => {
                 if sys::fcntl(f.fd, libc::F_GETFD, 0).is_err() {
-                    crate::debug!(
-                        "descriptor {} ({what}) is not open in migrate-resume; using /dev/null",
-                        f.fd
-                    );
+                    crate::debug!("descriptor {} ({what}) is not open in migrate-resume; using /dev/null", f.fd);
                     Some(reopen("/dev/null", *flags as i32)?)
                 } else {
                     None
@@ -191,33 +244,24 @@ pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), Strin
         };
         match opened {
             Some(fd) if fd != f.fd => {
-                sys::dup3(fd, f.fd, cloexec)
-                    .map_err(|e| format!("cannot place descriptor {}: {e}", f.fd))?;
+                sys::dup3(fd, f.fd, cloexec).map_err(|e| format!("cannot place descriptor {}: {e}", f.fd))?;
                 let _ = sys::close(fd);
             }
             Some(fd) => {
-                let _ = sys::fcntl(
-                    fd,
-                    libc::F_SETFD,
-                    if f.cloexec {
-                        libc::FD_CLOEXEC as usize
-                    } else {
-                        0
-                    },
-                );
+                let _ = sys::fcntl(fd, libc::F_SETFD, if f.cloexec { libc::FD_CLOEXEC as usize } else { 0 });
             }
             None => {
-                let _ = sys::fcntl(
-                    f.fd,
-                    libc::F_SETFD,
-                    if f.cloexec {
-                        libc::FD_CLOEXEC as usize
-                    } else {
-                        0
-                    },
-                );
+                let _ = sys::fcntl(f.fd, libc::F_SETFD, if f.cloexec { libc::FD_CLOEXEC as usize } else { 0 });
             }
         }
     }
+    for (_, r, w) in pipes {
+        let _ = sys::close(r);
+        let _ = sys::close(w);
+    }
     Ok(())
+}
+
+fn set_status_flags(fd: i32, flags: i32) {
+    let _ = sys::fcntl(fd, libc::F_SETFL, (flags & (libc::O_NONBLOCK | libc::O_APPEND)) as usize);
 }

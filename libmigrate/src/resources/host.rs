@@ -7,11 +7,7 @@ use alloc::string::String;
 use migrate_image::{ClockEntry, CpuEntry, HostEntry};
 
 fn cstr_field(f: &[libc::c_char]) -> String {
-    let bytes: alloc::vec::Vec<u8> = f
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: alloc::vec::Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -29,9 +25,7 @@ pub fn vdso_hash(maps: &[MapLine]) -> (u64, u64) {
     match maps.iter().find(|m| m.name == "[vdso]") {
         Some(m) => {
             // SAFETY: the vdso is mapped readable in every process for its whole length.
-            let bytes = unsafe {
-                core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
-            };
+            let bytes = unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) };
             (xxhash_rust::xxh3::xxh3_64(bytes), m.end - m.start)
         }
         None => (0, 0),
@@ -60,11 +54,7 @@ pub fn dump(maps: &[MapLine]) -> HostEntry {
         kernel_release: cstr_field(&u.release),
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ns: clocks.realtime_ns,
-        cpu: CpuEntry {
-            vendor: cpu_vendor(),
-            xfeatures,
-            xsave_size,
-        },
+        cpu: CpuEntry { vendor: cpu_vendor(), xfeatures, xsave_size },
         vdso_hash,
         vdso_len,
         clocks,

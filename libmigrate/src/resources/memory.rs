@@ -24,10 +24,7 @@ pub struct MapLine {
 
 impl MapLine {
     pub fn is_special(&self) -> bool {
-        matches!(
-            self.name.as_str(),
-            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
-        )
+        matches!(self.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]")
     }
 }
 
@@ -47,10 +44,7 @@ pub fn parse_maps(text: &[u8]) -> Vec<MapLine> {
         let Some(dash) = range.iter().position(|&c| c == b'-') else {
             continue;
         };
-        let (Some(start), Some(end)) = (
-            fs::parse_hex(&range[..dash]),
-            fs::parse_hex(&range[dash + 1..]),
-        ) else {
+        let (Some(start), Some(end)) = (fs::parse_hex(&range[..dash]), fs::parse_hex(&range[dash + 1..])) else {
             continue;
         };
         let mut prot = 0;
@@ -64,17 +58,10 @@ pub fn parse_maps(text: &[u8]) -> Vec<MapLine> {
             prot |= PROT_EXEC;
         }
         let (major, minor) = match dev.iter().position(|&c| c == b':') {
-            Some(c) => (
-                fs::parse_hex(&dev[..c]).unwrap_or(0),
-                fs::parse_hex(&dev[c + 1..]).unwrap_or(0),
-            ),
+            Some(c) => (fs::parse_hex(&dev[..c]).unwrap_or(0), fs::parse_hex(&dev[c + 1..]).unwrap_or(0)),
             None => (0, 0),
         };
-        let name = name
-            .iter()
-            .skip_while(|&&c| c == b' ')
-            .copied()
-            .collect::<Vec<u8>>();
+        let name = name.iter().skip_while(|&&c| c == b' ').copied().collect::<Vec<u8>>();
         out.push(MapLine {
             start,
             end,
@@ -98,12 +85,7 @@ const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
 /// Which pages of a VMA carry data of their own, as runs of (first page, count).
-fn stored_runs(
-    pagemap_fd: i32,
-    v: &MapLine,
-    kind: VmaKind,
-    buf: &mut [u64],
-) -> sys::SysResult<Vec<(u64, u64)>> {
+fn stored_runs(pagemap_fd: i32, v: &MapLine, kind: VmaKind, buf: &mut [u64]) -> sys::SysResult<Vec<(u64, u64)>> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     if matches!(kind, VmaKind::Special | VmaKind::FileShared) {
         return Ok(runs);
@@ -122,9 +104,7 @@ fn stored_runs(
         }
         for (i, &e) in buf[..got].iter().enumerate() {
             let stored = match kind {
-                VmaKind::FilePrivate => {
-                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
-                }
+                VmaKind::FilePrivate => (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0,
                 _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
             };
             if stored {
@@ -146,10 +126,7 @@ fn kind_of(m: &MapLine, mm_start_brk: u64, mm_brk: u64) -> VmaKind {
     } else if m.name == "[stack]" {
         VmaKind::Stack
     } else if m.name == "[heap]"
-        || (m.inode == 0
-            && m.start >= mm_start_brk
-            && m.end <= mm_brk.next_multiple_of(4096)
-            && mm_brk > mm_start_brk)
+        || (m.inode == 0 && m.start >= mm_start_brk && m.end <= mm_brk.next_multiple_of(4096) && mm_brk > mm_start_brk)
     {
         VmaKind::Heap
     } else if m.inode == 0 {
@@ -166,12 +143,7 @@ fn kind_of(m: &MapLine, mm_start_brk: u64, mm_brk: u64) -> VmaKind {
 }
 
 /// Describes every VMA of the process, with the page runs to store.
-pub fn dump(
-    maps: &[MapLine],
-    files: &mut Files,
-    start_brk: u64,
-    brk: u64,
-) -> Result<Vec<VmaEntry>, String> {
+pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Result<Vec<VmaEntry>, String> {
     let pagemap = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: {e}"))?;
     let mut buf = alloc::vec![0u64; 65536];
@@ -183,11 +155,7 @@ pub fn dump(
         if m.inode != 0 && !m.is_special() {
             if m.name.ends_with(" (deleted)") || !m.name.starts_with('/') {
                 // The file is gone (or has no path, like SysV shm): keep the contents instead.
-                kind = if m.shared {
-                    VmaKind::SharedAnon
-                } else {
-                    VmaKind::Anon
-                };
+                kind = if m.shared { VmaKind::SharedAnon } else { VmaKind::Anon };
             } else {
                 file = Some(files.intern_path(&m.name, m.prot & PROT_EXEC != 0));
             }
@@ -195,11 +163,7 @@ pub fn dump(
         let runs = match stored_runs(pagemap, m, kind, &mut buf) {
             Ok(r) => r,
             Err(e) => {
-                result = Err(alloc::format!(
-                    "cannot read /proc/self/pagemap for {:#x}-{:#x}: {e}",
-                    m.start,
-                    m.end
-                ));
+                result = Err(alloc::format!("cannot read /proc/self/pagemap for {:#x}-{:#x}: {e}", m.start, m.end));
                 break;
             }
         };
@@ -211,11 +175,7 @@ pub fn dump(
             file,
             file_offset: m.offset,
             name: m.name.clone(),
-            vm_flags: if kind == VmaKind::Stack {
-                "gd".into()
-            } else {
-                String::new()
-            },
+            vm_flags: if kind == VmaKind::Stack { "gd".into() } else { String::new() },
             runs,
             data_section: None,
         });
@@ -252,13 +212,10 @@ pub fn write_pages<S: migrate_image::Sink>(
                 // /proc/self/mem into a stable copy.
                 let take = n.min(bounce.len());
                 let b = &mut bounce[..take];
-                let got = sys::pread(mem_fd, b, addr).map_err(|e| {
-                    migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0))
-                })?;
+                let got = sys::pread(mem_fd, b, addr)
+                    .map_err(|e| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0)))?;
                 if got == 0 {
-                    return Err(migrate_image::ImageError::Write(
-                        std::io::Error::from_raw_os_error(libc::EIO),
-                    ));
+                    return Err(migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(libc::EIO)));
                 }
                 w.write(&b[..got])?;
                 addr += got as u64;

@@ -24,8 +24,9 @@ pub struct Files {
 }
 
 /// Content hashes of files already hashed in this process, by (dev, ino, size, mtime).
-static HASH_CACHE: std::sync::Mutex<Vec<((u64, u64, u64, i64), u64)>> =
-    std::sync::Mutex::new(Vec::new());
+/// (dev, ino, size, mtime_ns) of a file.
+type FileKey = (u64, u64, u64, i64);
+static HASH_CACHE: std::sync::Mutex<Vec<(FileKey, u64)>> = std::sync::Mutex::new(Vec::new());
 
 impl Files {
     /// The index of `path`'s identity, adding it if new. `hash` asks for a content hash (mapped
@@ -37,14 +38,7 @@ impl Files {
             }
             return i as u32;
         }
-        let mut id = FileIdentity {
-            path: path.into(),
-            dev: 0,
-            ino: 0,
-            size: 0,
-            mtime_ns: 0,
-            hash: None,
-        };
+        let mut id = FileIdentity { path: path.into(), dev: 0, ino: 0, size: 0, mtime_ns: 0, hash: None };
         if let Ok(st) = sys::stat(&fs::cpath(path.as_bytes())) {
             id.dev = st.st_dev;
             id.ino = st.st_ino;
@@ -66,12 +60,7 @@ fn content_hash(id: &FileIdentity) -> Option<u64> {
             return Some(*h);
         }
     }
-    let fd = sys::open(
-        &fs::cpath(id.path.as_bytes()),
-        libc::O_RDONLY | libc::O_CLOEXEC,
-        0,
-    )
-    .ok()?;
+    let fd = sys::open(&fs::cpath(id.path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0).ok()?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = alloc::vec![0u8; 1 << 20];
     let mut off = 0u64;

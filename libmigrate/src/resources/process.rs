@@ -21,22 +21,11 @@ pub struct ProcessBasics {
 
 /// The mm fields from /proc/self/stat (fields after the command name) and the current brk.
 pub fn read_mm() -> Result<MmEntry, String> {
-    let stat = fs::read_file(b"/proc/self/stat")
-        .map_err(|e| alloc::format!("cannot read /proc/self/stat: {e}"))?;
-    let close = stat
-        .iter()
-        .rposition(|&c| c == b')')
-        .ok_or("malformed /proc/self/stat")?;
+    let stat = fs::read_file(b"/proc/self/stat").map_err(|e| alloc::format!("cannot read /proc/self/stat: {e}"))?;
+    let close = stat.iter().rposition(|&c| c == b')').ok_or("malformed /proc/self/stat")?;
     // Field 3 (state) is the first after ") ".
-    let fields: Vec<&[u8]> = stat[close + 2..]
-        .split(|&c| c == b' ' || c == b'\n')
-        .collect();
-    let f = |n: usize| -> u64 {
-        fields
-            .get(n - 3)
-            .and_then(|s| fs::parse_dec(s))
-            .unwrap_or(0) as u64
-    };
+    let fields: Vec<&[u8]> = stat[close + 2..].split(|&c| c == b' ' || c == b'\n').collect();
+    let f = |n: usize| -> u64 { fields.get(n - 3).and_then(|s| fs::parse_dec(s)).unwrap_or(0) as u64 };
     Ok(MmEntry {
         start_code: f(26),
         end_code: f(27),
@@ -72,8 +61,7 @@ fn read_umask() -> u32 {
 }
 
 pub fn dump(files: &mut Files) -> Result<ProcessBasics, String> {
-    let exe = fs::read_link(b"/proc/self/exe")
-        .map_err(|e| alloc::format!("cannot read /proc/self/exe: {e}"))?;
+    let exe = fs::read_link(b"/proc/self/exe").map_err(|e| alloc::format!("cannot read /proc/self/exe: {e}"))?;
     let exe = files.intern_path(&path_string(&exe), true);
     let argv = fs::read_file(b"/proc/self/cmdline")
         .unwrap_or_default()
@@ -81,25 +69,16 @@ pub fn dump(files: &mut Files) -> Result<ProcessBasics, String> {
         .filter(|s| !s.is_empty())
         .map(path_string)
         .collect();
-    let cwd = path_string(
-        &fs::read_link(b"/proc/self/cwd")
-            .map_err(|e| alloc::format!("cannot read /proc/self/cwd: {e}"))?,
-    );
+    let cwd =
+        path_string(&fs::read_link(b"/proc/self/cwd").map_err(|e| alloc::format!("cannot read /proc/self/cwd: {e}"))?);
     let mut rlimits = Vec::new();
     for resource in 0..16u32 {
         if let Ok(r) = sys::prlimit(resource, None) {
-            rlimits.push(RlimitEntry {
-                resource,
-                cur: r.rlim_cur,
-                max: r.rlim_max,
-            });
+            rlimits.push(RlimitEntry { resource, cur: r.rlim_cur, max: r.rlim_max });
         }
     }
     let auxv_bytes = fs::read_file(b"/proc/self/auxv").unwrap_or_default();
-    let auxv = auxv_bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
+    let auxv = auxv_bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     Ok(ProcessBasics {
         exe,
         argv,
@@ -125,17 +104,11 @@ pub fn ids() -> (i32, i32, i32, i32) {
 /// Restores cwd, umask and rlimits (before the address space switch, with libc working).
 pub fn restore(p: &migrate_image::ProcessEntry) -> Result<(), String> {
     sys::chdir(&fs::cpath(p.cwd.as_bytes())).map_err(|e| {
-        alloc::format!(
-            "cannot enter the saved working directory {}: {e}; create it or resume elsewhere",
-            p.cwd
-        )
+        alloc::format!("cannot enter the saved working directory {}: {e}; create it or resume elsewhere", p.cwd)
     })?;
     sys::umask(p.umask);
     for r in &p.rlimits {
-        let lim = libc::rlimit64 {
-            rlim_cur: r.cur,
-            rlim_max: r.max,
-        };
+        let lim = libc::rlimit64 { rlim_cur: r.cur, rlim_max: r.max };
         if let Err(e) = sys::prlimit(r.resource, Some(&lim)) {
             crate::debug!("cannot restore rlimit {}: {e}", r.resource);
         }

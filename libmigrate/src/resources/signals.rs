@@ -32,16 +32,12 @@ pub fn dump_actions() -> Vec<SigActionEntry> {
 /// Dequeues the process-wide pending signals (called on the checkpoint thread, which blocks
 /// every signal, while all program threads are parked).
 pub fn take_shared_pending() -> Vec<SigInfoEntry> {
-    let set =
-        !state::own_signal_bits() & !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
+    let set = !state::own_signal_bits() & !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
     let mut out = Vec::new();
     let mut info = [0u8; 128];
     while out.len() < 1024 {
         match sys::rt_sigtimedwait_now(set, &mut info) {
-            Ok(Some(signo)) => out.push(SigInfoEntry {
-                signo,
-                info: info.to_vec(),
-            }),
+            Ok(Some(signo)) => out.push(SigInfoEntry { signo, info: info.to_vec() }),
             _ => break,
         }
     }
@@ -74,10 +70,7 @@ pub fn requeue(shared: &[SigInfoEntry], private: &[(i32, Vec<SigInfoEntry>)]) {
     for (tid, list) in private {
         for e in list {
             if let Err(err) = sys::rt_tgsigqueueinfo(pid, *tid, e.signo, &info_array(e)) {
-                crate::info!(
-                    "cannot re-queue pending signal {} for thread {tid}: {err}",
-                    e.signo
-                );
+                crate::info!("cannot re-queue pending signal {} for thread {tid}: {err}", e.signo);
             }
         }
     }

@@ -25,18 +25,11 @@ pub fn from_slot(slot: &ThreadSlot) -> ThreadEntry {
         robust_list_len: slot.robust_len.load(Ordering::Relaxed),
         resume_sp: slot.resume_sp(),
         name: name_string(slot.name_bytes()),
-        affinity: slot
-            .affinity
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect(),
+        affinity: slot.affinity.iter().map(|a| a.load(Ordering::Relaxed)).collect(),
         pending: slot
             .pending()
             .iter()
-            .map(|i| SigInfoEntry {
-                signo: i32::from_ne_bytes([i[0], i[1], i[2], i[3]]),
-                info: i.to_vec(),
-            })
+            .map(|i| SigInfoEntry { signo: i32::from_ne_bytes([i[0], i[1], i[2], i[3]]), info: i.to_vec() })
             .collect(),
     }
 }

@@ -38,8 +38,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), None);
     let path_str = String::from_utf8_lossy(path).into_owned();
     let (meta, sections) = {
-        let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str))
-            .map_err(|e| e.to_string())?;
+        let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
         let meta = reader.meta().map_err(|e| e.to_string())?;
         (meta, reader.sections().to_vec())
     };
@@ -82,9 +81,7 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     // SAFETY: nothing uses the plan region any more.
     let _ = unsafe { sys::munmap(plan.region_start as usize, plan.region_len as usize) };
     if let Err(e) = control::open_channel() {
-        crate::info!(
-            "cannot open the control socket after resume: {e}; checkpoints by signal only"
-        );
+        crate::info!("cannot open the control socket after resume: {e}; checkpoints by signal only");
     }
     checkpoint::requeue_after_restore(meta);
     crate::debug!("resumed from {image} as real pid {}", sys::getpid());
@@ -96,13 +93,5 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
 pub fn requested() -> Option<(alloc::vec::Vec<u8>, bool)> {
     let path = std::env::var_os("MIGRATE_RESTORE")?;
     let force = std::env::var_os("MIGRATE_FORCE").is_some_and(|v| v == "1");
-    Some((
-        std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec(),
-        force,
-    ))
-}
-
-#[allow(dead_code)]
-fn unused(_: &str) -> String {
-    "".to_string()
+    Some((std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec(), force))
 }

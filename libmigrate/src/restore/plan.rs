@@ -76,10 +76,7 @@ impl PlanHeader {
     pub unsafe fn array<T>(&self, off: u64, n: u32) -> &[T] {
         // SAFETY: build() placed `n` initialised T's at `off` inside the region.
         unsafe {
-            core::slice::from_raw_parts(
-                (self as *const Self as *const u8).add(off as usize) as *const T,
-                n as usize,
-            )
+            core::slice::from_raw_parts((self as *const Self as *const u8).add(off as usize) as *const T, n as usize)
         }
     }
     pub fn keeps(&self) -> &[Range] {
@@ -157,20 +154,9 @@ pub fn build(
     current: &[MapLine],
 ) -> Result<Built, String> {
     let p = &meta.process;
-    let min_fd = p
-        .fds
-        .iter()
-        .map(|f| f.fd)
-        .max()
-        .unwrap_or(2)
-        .max(crate::state::OWN_FD_BASE + 16)
-        + 1;
-    let image_fd = open_high(&fs::cpath(image_path), libc::O_RDONLY, min_fd).map_err(|e| {
-        format!(
-            "cannot reopen the image {}: {e}",
-            String::from_utf8_lossy(image_path)
-        )
-    })?;
+    let min_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(crate::state::OWN_FD_BASE + 16) + 1;
+    let image_fd = open_high(&fs::cpath(image_path), libc::O_RDONLY, min_fd)
+        .map_err(|e| format!("cannot reopen the image {}: {e}", String::from_utf8_lossy(image_path)))?;
 
     // Which saved mappings are already in place, byte for byte (the binary's and libraries' code).
     let mut keep = alloc::vec![false; p.vmas.len()];
@@ -181,26 +167,15 @@ pub fn build(
     }
     // The switch runs from libmigrate's code: that mapping must be one of the kept ones.
     let here = crate::restore::switch::restorer_main as *const () as u64;
-    let code_kept = p
-        .vmas
-        .iter()
-        .zip(&keep)
-        .any(|(v, &k)| k && v.start <= here && here < v.end);
+    let code_kept = p.vmas.iter().zip(&keep).any(|(v, &k)| k && v.start <= here && here < v.end);
     if !code_kept {
         return Err("libmigrate.so is not at the address it had in the checkpointed process (the LD_PRELOAD list, \
                     the library build or RLIMIT_STACK differ); resume with the same migrate build and preload list"
             .into());
     }
     // The kernel's special mappings stay where they are; they must be where they were.
-    for v in p
-        .vmas
-        .iter()
-        .filter(|v| v.kind == VmaKind::Special && v.name != "[vsyscall]")
-    {
-        if !current
-            .iter()
-            .any(|m| m.name == v.name && m.start == v.start && m.end == v.end)
-        {
+    for v in p.vmas.iter().filter(|v| v.kind == VmaKind::Special && v.name != "[vsyscall]") {
+        if !current.iter().any(|m| m.name == v.name && m.start == v.start && m.end == v.end) {
             return Err(format!("the kernel placed {} elsewhere than in the checkpointed process; resume on a host with the same kernel", v.name));
         }
     }
@@ -212,15 +187,10 @@ pub fn build(
         if keep[i] || file_fds.iter().any(|&(g, _)| g == f) {
             continue;
         }
-        let writable_shared = p.vmas.iter().any(|w| {
-            w.file == Some(f) && w.kind == VmaKind::FileShared && w.prot & PROT_WRITE != 0
-        });
+        let writable_shared =
+            p.vmas.iter().any(|w| w.file == Some(f) && w.kind == VmaKind::FileShared && w.prot & PROT_WRITE != 0);
         let path = &p.files[f as usize].path;
-        let flags = if writable_shared {
-            libc::O_RDWR
-        } else {
-            libc::O_RDONLY
-        };
+        let flags = if writable_shared { libc::O_RDWR } else { libc::O_RDONLY };
         let fd = open_high(&fs::cpath(path.as_bytes()), flags, min_fd)
             .map_err(|e| format!("cannot open mapped file {path}: {e}"))?;
         file_fds.push((f, fd));
@@ -235,41 +205,18 @@ pub fn build(
         }
         let (map_flags, fd) = match v.kind {
             VmaKind::Anon | VmaKind::Heap => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
-            VmaKind::Stack => (
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
-                -1,
-            ),
+            VmaKind::Stack => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN, -1),
             VmaKind::SharedAnon => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
             VmaKind::FilePrivate | VmaKind::FileShared => {
                 let f = v.file.unwrap_or(0);
-                let fd = file_fds
-                    .iter()
-                    .find(|&&(g, _)| g == f)
-                    .map_or(-1, |&(_, fd)| fd);
-                (
-                    if v.kind == VmaKind::FileShared {
-                        libc::MAP_SHARED
-                    } else {
-                        libc::MAP_PRIVATE
-                    },
-                    fd,
-                )
+                let fd = file_fds.iter().find(|&&(g, _)| g == f).map_or(-1, |&(_, fd)| fd);
+                (if v.kind == VmaKind::FileShared { libc::MAP_SHARED } else { libc::MAP_PRIVATE }, fd)
             }
             VmaKind::Special => unreachable!(),
         };
         let data_offset = match v.data_section {
-            Some(s) => {
-                sections
-                    .get(s as usize)
-                    .ok_or("page section missing from the image")?
-                    .offset
-            }
-            None if !v.runs.is_empty() => {
-                return Err(format!(
-                    "no page data for mapping {:#x}-{:#x}",
-                    v.start, v.end
-                ))
-            }
+            Some(s) => sections.get(s as usize).ok_or("page section missing from the image")?.offset,
+            None if !v.runs.is_empty() => return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end)),
             None => 0,
         };
         vmas.push(PlanVma {
@@ -284,10 +231,7 @@ pub fn build(
             nruns: v.runs.len() as u32,
             data_offset,
         });
-        runs.extend(v.runs.iter().map(|&(first, count)| Range {
-            start: first,
-            end: first + count,
-        }));
+        runs.extend(v.runs.iter().map(|&(first, count)| Range { start: first, end: first + count }));
     }
     let main_vtid = p.vpid;
     let threads: Vec<PlanThread> = p
@@ -306,17 +250,12 @@ pub fn build(
     if threads.iter().filter(|t| t.is_main != 0).count() != 1 {
         return Err("the image has no main thread (the process's first thread had exited)".into());
     }
-    let fds: Vec<i32> = file_fds
-        .iter()
-        .map(|&(_, fd)| fd)
-        .chain([image_fd])
-        .collect();
+    let fds: Vec<i32> = file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).collect();
 
     // Lay the region out.
     let hdr = core::mem::size_of::<PlanHeader>() as u64;
     let align = |x: u64| x.next_multiple_of(64);
-    let keeps_count =
-        keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1;
+    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1;
     let keeps_off = align(hdr);
     let vmas_off = align(keeps_off + (keeps_count * core::mem::size_of::<Range>()) as u64);
     let runs_off = align(vmas_off + (vmas.len() * core::mem::size_of::<PlanVma>()) as u64);
@@ -343,24 +282,10 @@ pub fn build(
         return Err("the restore plan landed at the wrong address".into());
     }
 
-    let mut keeps: Vec<Range> = p
-        .vmas
-        .iter()
-        .zip(&keep)
-        .filter(|(_, &k)| k)
-        .map(|(v, _)| Range {
-            start: v.start,
-            end: v.end,
-        })
-        .collect();
-    keeps.extend(current.iter().filter(|m| m.is_special()).map(|m| Range {
-        start: m.start,
-        end: m.end,
-    }));
-    keeps.push(Range {
-        start: addr,
-        end: addr + region_len,
-    });
+    let mut keeps: Vec<Range> =
+        p.vmas.iter().zip(&keep).filter(|(_, &k)| k).map(|(v, _)| Range { start: v.start, end: v.end }).collect();
+    keeps.extend(current.iter().filter(|m| m.is_special()).map(|m| Range { start: m.start, end: m.end }));
+    keeps.push(Range { start: addr, end: addr + region_len });
     keeps.sort_unstable_by_key(|r| r.start);
 
     let mm = &p.mm;
@@ -406,44 +331,17 @@ pub fn build(
     unsafe {
         let base = addr as *mut u8;
         core::ptr::write(base as *mut PlanHeader, header);
-        core::ptr::copy_nonoverlapping(
-            keeps.as_ptr(),
-            base.add(keeps_off as usize) as *mut Range,
-            keeps.len(),
-        );
-        core::ptr::copy_nonoverlapping(
-            vmas.as_ptr(),
-            base.add(vmas_off as usize) as *mut PlanVma,
-            vmas.len(),
-        );
-        core::ptr::copy_nonoverlapping(
-            runs.as_ptr(),
-            base.add(runs_off as usize) as *mut Range,
-            runs.len(),
-        );
+        core::ptr::copy_nonoverlapping(keeps.as_ptr(), base.add(keeps_off as usize) as *mut Range, keeps.len());
+        core::ptr::copy_nonoverlapping(vmas.as_ptr(), base.add(vmas_off as usize) as *mut PlanVma, vmas.len());
+        core::ptr::copy_nonoverlapping(runs.as_ptr(), base.add(runs_off as usize) as *mut Range, runs.len());
         core::ptr::copy_nonoverlapping(
             threads.as_ptr(),
             base.add(threads_off as usize) as *mut PlanThread,
             threads.len(),
         );
-        core::ptr::copy_nonoverlapping(
-            fds.as_ptr(),
-            base.add(fds_off as usize) as *mut i32,
-            fds.len(),
-        );
-        core::ptr::copy_nonoverlapping(
-            p.auxv.as_ptr(),
-            base.add(auxv_off as usize) as *mut u64,
-            p.auxv.len(),
-        );
-        core::ptr::copy_nonoverlapping(
-            image_path.as_ptr(),
-            base.add(path_off as usize),
-            image_path.len(),
-        );
+        core::ptr::copy_nonoverlapping(fds.as_ptr(), base.add(fds_off as usize) as *mut i32, fds.len());
+        core::ptr::copy_nonoverlapping(p.auxv.as_ptr(), base.add(auxv_off as usize) as *mut u64, p.auxv.len());
+        core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
     }
-    Ok(Built {
-        addr: addr as usize,
-        stack_top: (addr + region_len) as usize,
-    })
+    Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize })
 }

@@ -11,10 +11,7 @@ const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 
 /// Reports a failure after the point of no return and exits.
 fn fail(what: &[u8], err: isize) -> ! {
-    let _ = sys::write(
-        2,
-        b"migrate-resume: error: restore failed while replacing the address space: ",
-    );
+    let _ = sys::write(2, b"migrate-resume: error: restore failed while replacing the address space: ");
     let _ = sys::write(2, what);
     let mut num = [0u8; 24];
     let mut n = (-err) as u64;
@@ -36,11 +33,7 @@ fn fail(what: &[u8], err: isize) -> ! {
 fn raw(nr: libc::c_long, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> isize {
     // SAFETY: the restorer passes arguments that are valid for each call (addresses inside the
     // plan region or the ranges being mapped).
-    unsafe {
-        sys::syscall6(
-            nr, a as usize, b as usize, c as usize, d as usize, e as usize, f as usize,
-        )
-    }
+    unsafe { sys::syscall6(nr, a as usize, b as usize, c as usize, d as usize, e as usize, f as usize) }
 }
 
 fn check(r: isize, what: &[u8]) -> u64 {
@@ -74,20 +67,14 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             break; // [vsyscall] lies above user space
         }
         if k.start > cursor {
-            check(
-                raw(libc::SYS_munmap, cursor, k.start - cursor, 0, 0, 0, 0),
-                b"munmap",
-            );
+            check(raw(libc::SYS_munmap, cursor, k.start - cursor, 0, 0, 0, 0), b"munmap");
         }
         if k.end > cursor {
             cursor = k.end;
         }
     }
     if cursor < TASK_SIZE {
-        check(
-            raw(libc::SYS_munmap, cursor, TASK_SIZE - cursor, 0, 0, 0, 0),
-            b"munmap",
-        );
+        check(raw(libc::SYS_munmap, cursor, TASK_SIZE - cursor, 0, 0, 0, 0), b"munmap");
     }
 
     // 2. Map and fill every saved region.
@@ -96,34 +83,16 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     for v in plan.vmas() {
         let len = v.end - v.start;
         let runs = &all_runs[v.first_run as usize..(v.first_run + v.nruns) as usize];
-        let fill_prot = if runs.is_empty() {
-            v.prot
-        } else {
-            v.prot | libc::PROT_READ | libc::PROT_WRITE
-        };
+        let fill_prot = if runs.is_empty() { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
         if v.keep == 0 {
             let flags = (v.map_flags | libc::MAP_FIXED) as u64;
             let fd = if v.fd < 0 { u64::MAX } else { v.fd as u64 };
-            let got = check(
-                raw(
-                    libc::SYS_mmap,
-                    v.start,
-                    len,
-                    fill_prot as u64,
-                    flags,
-                    fd,
-                    v.file_offset,
-                ),
-                b"mmap",
-            );
+            let got = check(raw(libc::SYS_mmap, v.start, len, fill_prot as u64, flags, fd, v.file_offset), b"mmap");
             if got != v.start {
                 fail(b"mmap placed a region elsewhere", -(libc::EINVAL as isize));
             }
         } else if fill_prot != v.prot {
-            check(
-                raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0),
-                b"mprotect",
-            );
+            check(raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0), b"mprotect");
         }
         let mut off = v.data_offset;
         for r in runs {
@@ -142,10 +111,7 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             }
         }
         if fill_prot != v.prot {
-            check(
-                raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0),
-                b"mprotect",
-            );
+            check(raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
         }
     }
     for &fd in plan.fds() {
@@ -156,21 +122,10 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     const PR_SET_MM: u64 = 35;
     const PR_SET_MM_MAP: u64 = 14;
     let mm = &plan.mm as *const sys::PrctlMmMap as u64;
-    let r = raw(
-        libc::SYS_prctl,
-        PR_SET_MM,
-        PR_SET_MM_MAP,
-        mm,
-        core::mem::size_of::<sys::PrctlMmMap>() as u64,
-        0,
-        0,
-    );
+    let r = raw(libc::SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, mm, core::mem::size_of::<sys::PrctlMmMap>() as u64, 0, 0);
     if r < 0 {
         // Not fatal: only /proc/<pid>/cmdline and later brk growth are affected.
-        let _ = sys::write(
-            2,
-            b"migrate-resume: warning: cannot restore the process's mm fields (PR_SET_MM_MAP)\n",
-        );
+        let _ = sys::write(2, b"migrate-resume: warning: cannot restore the process's mm fields (PR_SET_MM_MAP)\n");
     }
 
     // 4. The other threads, each straight onto its saved context.
@@ -184,60 +139,27 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             main = Some(i);
             continue;
         }
-        let flags = CLONE_THREAD_FLAGS
-            | if t.tid_address != 0 {
-                CLONE_TID_FLAGS
-            } else {
-                0
-            };
+        let flags = CLONE_THREAD_FLAGS | if t.tid_address != 0 { CLONE_TID_FLAGS } else { 0 };
         // SAFETY: the saved context lies in memory restored above and shared with the child.
         let tid = unsafe {
-            context::clone_onto(
-                flags,
-                t.resume_sp,
-                t.tid_address,
-                t.tid_address,
-                t.fs_base,
-                plan_addr as u64,
-            )
+            context::clone_onto(flags, t.resume_sp, t.tid_address, t.tid_address, t.fs_base, plan_addr as u64)
         };
         check(tid as isize, b"clone");
         t.new_tid = tid as i32;
     }
-    let Some(main) = main else {
-        fail(b"no main thread", -(libc::EINVAL as isize))
-    };
+    let Some(main) = main else { fail(b"no main thread", -(libc::EINVAL as isize)) };
     // SAFETY: as above.
     let t = unsafe { &*threads_ptr.add(main) };
 
     // 5. This thread becomes the saved main thread.
-    check(
-        raw(
-            libc::SYS_arch_prctl,
-            sys::ARCH_SET_FS as u64,
-            t.fs_base,
-            0,
-            0,
-            0,
-            0,
-        ),
-        b"arch_prctl",
-    );
+    check(raw(libc::SYS_arch_prctl, sys::ARCH_SET_FS as u64, t.fs_base, 0, 0, 0, 0), b"arch_prctl");
     if t.tid_address != 0 {
         let tid = raw(libc::SYS_set_tid_address, t.tid_address, 0, 0, 0, 0, 0);
         // SAFETY: glibc's tid field in the restored thread descriptor.
         unsafe { core::ptr::write_volatile(t.tid_address as *mut i32, tid as i32) };
     }
     if t.robust_list != 0 {
-        raw(
-            libc::SYS_set_robust_list,
-            t.robust_list,
-            t.robust_len,
-            0,
-            0,
-            0,
-            0,
-        );
+        raw(libc::SYS_set_robust_list, t.robust_list, t.robust_len, 0, 0, 0, 0);
     }
     // SAFETY: the saved context is in restored memory.
     unsafe { context::resume_context(t.resume_sp, plan_addr as u64) }

@@ -83,11 +83,7 @@ global_asm!(
 );
 
 unsafe extern "C" {
-    fn migrate_park_and_save(
-        slot: *mut u64,
-        f: extern "C" fn(*mut libc::c_void),
-        arg: *mut libc::c_void,
-    ) -> u64;
+    fn migrate_park_and_save(slot: *mut u64, f: extern "C" fn(*mut libc::c_void), arg: *mut libc::c_void) -> u64;
     fn migrate_resume_context(sp: u64, value: u64) -> !;
     fn migrate_clone_onto(flags: u64, sp: u64, ptid: u64, ctid: u64, tls: u64, value: u64) -> i64;
     fn migrate_call_on_stack(arg: usize, f: extern "C" fn(usize) -> !, stack_top: usize) -> !;
@@ -102,11 +98,7 @@ unsafe extern "C" {
 /// caller must treat a non-zero return like a fresh start of a new process (descriptors and
 /// other kernel objects held in locals may not exist any more).
 #[inline(never)]
-pub unsafe fn park_and_save(
-    slot: *mut u64,
-    f: extern "C" fn(*mut libc::c_void),
-    arg: *mut libc::c_void,
-) -> u64 {
+pub unsafe fn park_and_save(slot: *mut u64, f: extern "C" fn(*mut libc::c_void), arg: *mut libc::c_void) -> u64 {
     // SAFETY: the assembly follows the SysV ABI; `slot` is the caller's valid pointer.
     unsafe { migrate_park_and_save(slot, f, arg) }
 }

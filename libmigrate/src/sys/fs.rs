@@ -42,11 +42,7 @@ pub fn read_file(path: &[u8]) -> SysResult<Vec<u8>> {
 
 /// Names in a directory (without "." and "..").
 pub fn list_dir(path: &[u8]) -> SysResult<Vec<Vec<u8>>> {
-    let fd = open(
-        &cpath(path),
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        0,
-    )?;
+    let fd = open(&cpath(path), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
     let mut names = Vec::new();
     let mut buf = alloc::vec![0u8; 16384];
     let res = loop {

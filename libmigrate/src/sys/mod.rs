@@ -60,15 +60,7 @@ fn check(ret: isize) -> SysResult<usize> {
 /// The caller guarantees the arguments are valid for system call `nr` (pointers point to
 /// memory of the right size and lifetime).
 #[inline(always)]
-pub unsafe fn syscall6(
-    nr: c_long,
-    a1: usize,
-    a2: usize,
-    a3: usize,
-    a4: usize,
-    a5: usize,
-    a6: usize,
-) -> isize {
+pub unsafe fn syscall6(nr: c_long, a1: usize, a2: usize, a3: usize, a4: usize, a5: usize, a6: usize) -> isize {
     let ret: isize;
     // SAFETY: the x86_64 syscall ABI: number in rax, args in rdi rsi rdx r10 r8 r9, rcx and r11
     // clobbered. Validity of the arguments is the caller's contract.
@@ -173,14 +165,7 @@ pub fn dup3(old: i32, new: i32, flags: i32) -> SysResult<i32> {
 }
 pub fn renameat(olddir: i32, old: &[u8], newdir: i32, new: &[u8]) -> SysResult<()> {
     assert!(old.last() == Some(&0) && new.last() == Some(&0));
-    sc!(
-        libc::SYS_renameat,
-        olddir,
-        old.as_ptr(),
-        newdir,
-        new.as_ptr()
-    )
-    .map(|_| ())
+    sc!(libc::SYS_renameat, olddir, old.as_ptr(), newdir, new.as_ptr()).map(|_| ())
 }
 pub fn unlinkat(dir: i32, path: &[u8]) -> SysResult<()> {
     assert!(path.last() == Some(&0));
@@ -195,24 +180,11 @@ pub fn stat(path: &[u8]) -> SysResult<libc::stat> {
     assert!(path.last() == Some(&0));
     // SAFETY: as above.
     let mut st: libc::stat = unsafe { core::mem::zeroed() };
-    sc!(
-        libc::SYS_newfstatat,
-        libc::AT_FDCWD,
-        path.as_ptr(),
-        &mut st as *mut libc::stat,
-        0
-    )
-    .map(|_| st)
+    sc!(libc::SYS_newfstatat, libc::AT_FDCWD, path.as_ptr(), &mut st as *mut libc::stat, 0).map(|_| st)
 }
 pub fn readlink(path: &[u8], buf: &mut [u8]) -> SysResult<usize> {
     assert!(path.last() == Some(&0));
-    sc!(
-        libc::SYS_readlinkat,
-        libc::AT_FDCWD,
-        path.as_ptr(),
-        buf.as_mut_ptr(),
-        buf.len()
-    )
+    sc!(libc::SYS_readlinkat, libc::AT_FDCWD, path.as_ptr(), buf.as_mut_ptr(), buf.len())
 }
 pub fn getdents64(fd: i32, buf: &mut [u8]) -> SysResult<usize> {
     sc!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len())
@@ -225,19 +197,9 @@ pub fn umask(mask: u32) -> u32 {
     sc!(libc::SYS_umask, mask).unwrap_or(0) as u32
 }
 pub fn prlimit(resource: u32, new: Option<&libc::rlimit64>) -> SysResult<libc::rlimit64> {
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
     let newp = new.map_or(core::ptr::null(), |r| r as *const libc::rlimit64);
-    sc!(
-        libc::SYS_prlimit64,
-        0,
-        resource,
-        newp,
-        &mut old as *mut libc::rlimit64
-    )
-    .map(|_| old)
+    sc!(libc::SYS_prlimit64, 0, resource, newp, &mut old as *mut libc::rlimit64).map(|_| old)
 }
 pub fn personality(p: u32) -> SysResult<u32> {
     sc!(libc::SYS_personality, p).map(|v| v as u32)
@@ -283,11 +245,7 @@ pub struct KernelSigaction {
 }
 pub const SA_RESTORER: u64 = 0x0400_0000;
 
-pub fn rt_sigaction(
-    sig: i32,
-    new: Option<&KernelSigaction>,
-    old: Option<&mut KernelSigaction>,
-) -> SysResult<()> {
+pub fn rt_sigaction(sig: i32, new: Option<&KernelSigaction>, old: Option<&mut KernelSigaction>) -> SysResult<()> {
     let newp = new.map_or(core::ptr::null(), |r| r as *const KernelSigaction);
     let oldp = old.map_or(core::ptr::null_mut(), |r| r as *mut KernelSigaction);
     sc!(libc::SYS_rt_sigaction, sig, newp, oldp, 8).map(|_| ())
@@ -299,17 +257,8 @@ pub fn rt_sigprocmask(how: i32, set: Option<&u64>, old: Option<&mut u64>) -> Sys
 }
 /// Dequeues one pending signal from `set` without waiting; `Ok(None)` if none.
 pub fn rt_sigtimedwait_now(set: u64, info: &mut [u8; 128]) -> SysResult<Option<i32>> {
-    let ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    match sc!(
-        libc::SYS_rt_sigtimedwait,
-        &set as *const u64,
-        info.as_mut_ptr(),
-        &ts as *const libc::timespec,
-        8
-    ) {
+    let ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    match sc!(libc::SYS_rt_sigtimedwait, &set as *const u64, info.as_mut_ptr(), &ts as *const libc::timespec, 8) {
         Ok(sig) => Ok(Some(sig as i32)),
         Err(Errno(libc::EAGAIN)) => Ok(None),
         Err(e) => Err(e),
@@ -323,15 +272,8 @@ pub fn rt_tgsigqueueinfo(pid: i32, tid: i32, sig: i32, info: &[u8; 128]) -> SysR
 }
 
 pub fn clock_gettime(clock: i32) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    let _ = sc!(
-        libc::SYS_clock_gettime,
-        clock,
-        &mut ts as *mut libc::timespec
-    );
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let _ = sc!(libc::SYS_clock_gettime, clock, &mut ts as *mut libc::timespec);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 pub fn monotonic_ns() -> u64 {
@@ -342,28 +284,11 @@ pub const FUTEX_WAIT_PRIVATE: i32 = 128;
 pub const FUTEX_WAKE_PRIVATE: i32 = 129;
 
 /// Waits while `*word == expected`, at most `timeout_ns` (0: forever).
-pub fn futex_wait(
-    word: &core::sync::atomic::AtomicU32,
-    expected: u32,
-    timeout_ns: u64,
-) -> SysResult<()> {
-    let ts = libc::timespec {
-        tv_sec: (timeout_ns / 1_000_000_000) as i64,
-        tv_nsec: (timeout_ns % 1_000_000_000) as i64,
-    };
-    let tsp = if timeout_ns == 0 {
-        core::ptr::null()
-    } else {
-        &ts as *const libc::timespec
-    };
-    sc!(
-        libc::SYS_futex,
-        word.as_ptr(),
-        FUTEX_WAIT_PRIVATE,
-        expected,
-        tsp
-    )
-    .map(|_| ())
+pub fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) -> SysResult<()> {
+    let ts =
+        libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as i64, tv_nsec: (timeout_ns % 1_000_000_000) as i64 };
+    let tsp = if timeout_ns == 0 { core::ptr::null() } else { &ts as *const libc::timespec };
+    sc!(libc::SYS_futex, word.as_ptr(), FUTEX_WAIT_PRIVATE, expected, tsp).map(|_| ())
 }
 pub fn futex_wake(word: &core::sync::atomic::AtomicU32) {
     let _ = sc!(libc::SYS_futex, word.as_ptr(), FUTEX_WAKE_PRIVATE, i32::MAX);
@@ -378,21 +303,12 @@ pub fn arch_get_fs() -> u64 {
 }
 pub fn get_tid_address() -> u64 {
     let mut v = 0u64;
-    let _ = sc!(
-        libc::SYS_prctl,
-        libc::PR_GET_TID_ADDRESS,
-        &mut v as *mut u64
-    );
+    let _ = sc!(libc::SYS_prctl, libc::PR_GET_TID_ADDRESS, &mut v as *mut u64);
     v
 }
 pub fn get_robust_list() -> (u64, u64) {
     let (mut head, mut len) = (0u64, 0u64);
-    let _ = sc!(
-        libc::SYS_get_robust_list,
-        0,
-        &mut head as *mut u64,
-        &mut len as *mut u64
-    );
+    let _ = sc!(libc::SYS_get_robust_list, 0, &mut head as *mut u64, &mut len as *mut u64);
     (head, len)
 }
 pub fn get_thread_name(buf: &mut [u8; 16]) {
@@ -402,21 +318,10 @@ pub fn set_thread_name(name: &[u8; 16]) {
     let _ = sc!(libc::SYS_prctl, libc::PR_SET_NAME, name.as_ptr());
 }
 pub fn sched_getaffinity(mask: &mut [u64; 16]) -> usize {
-    sc!(
-        libc::SYS_sched_getaffinity,
-        0,
-        core::mem::size_of_val(mask),
-        mask.as_mut_ptr()
-    )
-    .unwrap_or(0)
+    sc!(libc::SYS_sched_getaffinity, 0, core::mem::size_of_val(mask), mask.as_mut_ptr()).unwrap_or(0)
 }
 pub fn sched_setaffinity(mask: &[u64]) {
-    let _ = sc!(
-        libc::SYS_sched_setaffinity,
-        0,
-        core::mem::size_of_val(mask),
-        mask.as_ptr()
-    );
+    let _ = sc!(libc::SYS_sched_setaffinity, 0, core::mem::size_of_val(mask), mask.as_ptr());
 }
 
 pub fn socket(domain: i32, ty: i32, proto: i32) -> SysResult<i32> {
@@ -432,11 +337,7 @@ pub fn accept4(fd: i32, flags: i32) -> SysResult<i32> {
     sc!(libc::SYS_accept4, fd, 0, 0, flags).map(|v| v as i32)
 }
 pub fn peer_uid(fd: i32) -> SysResult<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = core::mem::size_of::<libc::ucred>() as u32;
     sc!(
         libc::SYS_getsockopt,
@@ -449,10 +350,7 @@ pub fn peer_uid(fd: i32) -> SysResult<u32> {
     .map(|_| cred.uid)
 }
 pub fn set_rcv_timeout(fd: i32, secs: i64) {
-    let tv = libc::timeval {
-        tv_sec: secs,
-        tv_usec: 0,
-    };
+    let tv = libc::timeval { tv_sec: secs, tv_usec: 0 };
     let _ = sc!(
         libc::SYS_setsockopt,
         fd,
@@ -461,6 +359,12 @@ pub fn set_rcv_timeout(fd: i32, secs: i64) {
         &tv as *const libc::timeval,
         core::mem::size_of::<libc::timeval>()
     );
+}
+pub fn pipe2(fds: &mut [i32; 2], flags: i32) -> SysResult<()> {
+    sc!(libc::SYS_pipe2, fds.as_mut_ptr(), flags).map(|_| ())
+}
+pub fn tee(fd_in: i32, fd_out: i32, len: usize, flags: u32) -> SysResult<usize> {
+    sc!(libc::SYS_tee, fd_in, fd_out, len, flags)
 }
 pub fn eventfd(flags: i32) -> SysResult<i32> {
     sc!(libc::SYS_eventfd2, 0, flags).map(|v| v as i32)
@@ -507,15 +411,8 @@ pub struct PrctlMmMap {
 pub fn prctl_set_mm_map(map: &PrctlMmMap) -> SysResult<()> {
     const PR_SET_MM: i32 = 35;
     const PR_SET_MM_MAP: i32 = 14;
-    sc!(
-        libc::SYS_prctl,
-        PR_SET_MM,
-        PR_SET_MM_MAP,
-        map as *const PrctlMmMap,
-        core::mem::size_of::<PrctlMmMap>(),
-        0
-    )
-    .map(|_| ())
+    sc!(libc::SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, map as *const PrctlMmMap, core::mem::size_of::<PrctlMmMap>(), 0)
+        .map(|_| ())
 }
 
 /// XCR0 (enabled xsave features) and the xsave area size for them.

@@ -1,0 +1,138 @@
+//! Command-line arguments of the four commands (clap derive).
+
+use crate::exit::HELP;
+use clap::Parser;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Start a program under migrate so that it can be checkpointed.
+///
+/// The program runs with libmigrate preloaded and address-space randomization off; migrate-run
+/// execs it, so its PID, standard streams, signals and exit status are the program's own.
+/// Checkpoint it later with `migrate-checkpoint PID` or by sending it the checkpoint signal.
+#[derive(Debug, Parser)]
+#[command(name = "migrate-run", version, after_long_help = HELP)]
+pub struct RunArgs {
+    /// Directory where checkpoints are written by default [default: $MIGRATE_CKPT_DIR, else
+    /// the current directory]
+    #[arg(long, value_name = "DIR")]
+    pub ckpt_dir: Option<PathBuf>,
+
+    /// Signal that triggers a checkpoint (name like USR2, HUP, RTMIN+3, or a number)
+    #[arg(long, value_name = "SIG", default_value = "USR2", value_parser = crate::signals::parse_checkpoint_signal)]
+    pub signal: i32,
+
+    /// The program to run and its arguments
+    #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true)]
+    pub command: Vec<OsString>,
+}
+
+/// Checkpoint a process started with migrate-run.
+///
+/// Asks the process over its control socket to write an image and prints the image's path as
+/// the last line on stdout.
+#[derive(Debug, Parser)]
+#[command(name = "migrate-checkpoint", version, after_long_help = HELP)]
+pub struct CheckpointArgs {
+    /// Let the process exit after the image is written (and wait until it is gone)
+    #[arg(long)]
+    pub kill: bool,
+
+    /// Directory to write the image to [default: the process's checkpoint directory]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Print the result (or the error) as one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// Give up after this many seconds
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_timeout)]
+    pub timeout: f64,
+
+    /// The process to checkpoint
+    #[arg(value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+    pub pid: i32,
+}
+
+/// Resume a program from a checkpoint image.
+///
+/// Verifies the image and this machine (CPU features, kernel vdso, binaries, libraries and open
+/// files), then execs the saved program, which restores itself and continues where it was
+/// checkpointed. The program's exit status becomes migrate-resume's.
+#[derive(Debug, Parser)]
+#[command(name = "migrate-resume", version, after_long_help = HELP)]
+pub struct ResumeArgs {
+    /// Resume even if files the program had open changed since the checkpoint (warns instead);
+    /// changed binaries and libraries are still refused
+    #[arg(long)]
+    pub force: bool,
+
+    /// Report errors as one JSON object {"error", "code"} on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// The image written by migrate-checkpoint
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+}
+
+/// Show what a checkpoint image contains.
+#[derive(Debug, Parser)]
+#[command(name = "migrate-inspect", version, after_long_help = HELP)]
+pub struct InspectArgs {
+    /// Print the whole image metadata as JSON
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also verify the checksum of every section
+    #[arg(long)]
+    pub verify: bool,
+
+    /// The image to inspect
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 && t <= 1e9 => Ok(t),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        RunArgs::command().debug_assert();
+        CheckpointArgs::command().debug_assert();
+        ResumeArgs::command().debug_assert();
+        InspectArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_rest_verbatim() {
+        let a = RunArgs::try_parse_from(["migrate-run", "--signal", "USR1", "ls", "-l", "--signal", "x"]).unwrap();
+        assert_eq!(a.signal, 10);
+        assert_eq!(a.command, ["ls", "-l", "--signal", "x"]);
+        let a = RunArgs::try_parse_from(["migrate-run", "--", "--weird", "-x"]).unwrap();
+        assert_eq!(a.command, ["--weird", "-x"]);
+        assert!(RunArgs::try_parse_from(["migrate-run"]).is_err());
+        assert!(RunArgs::try_parse_from(["migrate-run", "--signal", "KILL", "ls"]).is_err());
+    }
+
+    #[test]
+    fn checkpoint_args() {
+        let a = CheckpointArgs::try_parse_from(["c", "--kill", "--timeout", "0.5", "42"]).unwrap();
+        assert!(a.kill);
+        assert_eq!(a.pid, 42);
+        assert_eq!(a.timeout, 0.5);
+        assert!(CheckpointArgs::try_parse_from(["c", "0"]).is_err());
+        assert!(CheckpointArgs::try_parse_from(["c", "--timeout", "-1", "5"]).is_err());
+        assert!(CheckpointArgs::try_parse_from(["c", "abc"]).is_err());
+    }
+}

@@ -1,0 +1,6 @@
+//! One module per command: `run`, `checkpoint`, `resume`, `inspect`.
+
+pub mod checkpoint;
+pub mod inspect;
+pub mod resume;
+pub mod run;

@@ -1,0 +1,361 @@
+//! `migrate-resume`: verify an image and this machine, then exec the saved program with
+//! `MIGRATE_RESTORE` set; libmigrate's constructor in the new process does the restore.
+//!
+//! Everything that can be checked from outside is checked here, before the exec, so that a
+//! mismatch is reported clearly instead of crashing the restored program: the image's
+//! checksums, the CPU's register-state features, the kernel's vdso, every mapped binary and
+//! library, every open regular file, and libmigrate itself. Then the saved rlimits and
+//! personality are applied, because the address-space layout of the exec depends on them.
+
+use crate::cli::ResumeArgs;
+use crate::exit::{fail, warn, WithCode, IMAGE, TARGET};
+use crate::host;
+use crate::preload::with_rseq_off;
+use crate::text::{limit, rlimit_name, utc_time};
+use anyhow::Context;
+use migrate_image::{FdKind, FileIdentity, ImageMeta, ImageReader, SectionKind, PROT_EXEC};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
+    let reader = ImageReader::open(&args.image)?;
+    let meta = reader.meta()?;
+    reader.verify_all()?;
+    let image = fs::canonicalize(&args.image)
+        .with_context(|| format!("cannot resolve the image path {}", args.image.display()))
+        .code(IMAGE)?;
+
+    check_cpu(&meta)?;
+    check_vdso(&meta)?;
+    let carried: Vec<u32> = reader
+        .sections()
+        .iter()
+        .filter_map(|s| match s.kind {
+            SectionKind::FileContents { file } => Some(file),
+            _ => None,
+        })
+        .collect();
+    for w in check_files(&meta, &carried, args.force)? {
+        warn("resume", &w);
+    }
+
+    let p = &meta.process;
+    let exe = &p.files[p.exe as usize].path;
+    let mut cmd = Command::new(exe);
+    match p.argv.split_first() {
+        Some((argv0, rest)) => cmd.arg0(argv0).args(rest),
+        None => cmd.arg0(exe),
+    };
+    cmd.env("LD_PRELOAD", &p.ld_preload);
+    cmd.env("GLIBC_TUNABLES", with_rseq_off(std::env::var_os("GLIBC_TUNABLES").as_deref()));
+    cmd.env("MIGRATE_RESTORE", &image);
+    if args.force {
+        cmd.env("MIGRATE_FORCE", "1");
+    } else {
+        cmd.env_remove("MIGRATE_FORCE");
+    }
+
+    apply_rlimits(&meta)?;
+    crate::preload::set_personality(Some(p.personality as u64))?;
+    let err = cmd.exec();
+    Err(fail(TARGET, format!("cannot execute {exe}: {err}")))
+}
+
+/// The saved register state must fit this CPU: XCR0 must contain every feature the image's
+/// signal frames hold, and the xsave area must be at least as large.
+pub fn check_cpu(meta: &ImageMeta) -> anyhow::Result<()> {
+    let want = meta.host.cpu.xfeatures;
+    let have = host::xcr0().unwrap_or(0);
+    let missing = want & !have;
+    if missing != 0 {
+        let names = host::xfeature_names(missing).join("/");
+        return Err(fail(
+            TARGET,
+            format!(
+                "this CPU lacks register-state features the image needs (xfeatures {want:#x} vs {have:#x}, missing {names}); resume on a CPU with {names}"
+            ),
+        ));
+    }
+    let (want_size, have_size) = (meta.host.cpu.xsave_size, host::xsave_size().unwrap_or(0));
+    if want != 0 && want_size > have_size {
+        return Err(fail(
+            TARGET,
+            format!(
+                "the image's xsave area ({want_size} bytes) is larger than this CPU's ({have_size} bytes); resume on a CPU of the kind the checkpoint was taken on ({})",
+                meta.host.cpu.vendor
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The vdso is not saved: the kernel provides it, so it must be the same build.
+pub fn check_vdso(meta: &ImageMeta) -> anyhow::Result<()> {
+    let (want_hash, want_len) = (meta.host.vdso_hash, meta.host.vdso_len);
+    if want_hash == 0 && want_len == 0 {
+        return Ok(()); // not recorded
+    }
+    let (have_hash, have_len) = host::vdso_hash().unwrap_or((0, 0));
+    if (have_hash, have_len) != (want_hash, want_len) {
+        return Err(fail(
+            TARGET,
+            format!(
+                "the kernel's vdso differs from the checkpointed one (kernel {} vs {}); resume on a host running the same kernel build",
+                meta.host.kernel_release,
+                host::kernel_release()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How the program used a file, strictest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Use {
+    /// Mapped code (executable, libraries, libmigrate): the layout depends on it.
+    Code(&'static str),
+    /// Mapped data (not executable): restored by mapping it again.
+    Data,
+    /// An open regular file descriptor: reopened by path.
+    Open,
+}
+
+impl Use {
+    fn noun(self) -> &'static str {
+        match self {
+            Use::Code(n) => n,
+            Use::Data => "mapped file",
+            Use::Open => "file",
+        }
+    }
+}
+
+/// Checks every file the program mapped or held open against its recorded identity. Returns
+/// the warnings (mismatches that `--force` lets through); fails with the first error.
+pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Result<Vec<String>> {
+    let p = &meta.process;
+    let mut uses: BTreeMap<u32, Use> = BTreeMap::new();
+    let mut note = |i: u32, u: Use| {
+        let e = uses.entry(i).or_insert(u);
+        *e = (*e).min(u);
+    };
+    note(p.exe, Use::Code("binary"));
+    note(p.libmigrate, Use::Code("libmigrate"));
+    for v in &p.vmas {
+        if let Some(f) = v.file {
+            note(f, if v.prot & PROT_EXEC != 0 { Use::Code("library") } else { Use::Data });
+        }
+    }
+    for fd in &p.fds {
+        if let FdKind::Regular { file, .. } = fd.kind {
+            note(file, Use::Open);
+        }
+    }
+    let same_boot = host::boot_id().is_some_and(|b| b == meta.host.boot_id);
+
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    for (&index, &u) in &uses {
+        if carried.contains(&index) {
+            continue; // the image holds the contents
+        }
+        let Some(id) = p.files.get(index as usize) else {
+            continue;
+        };
+        let forceable = u >= Use::Data;
+        match compare(id, u == Use::Open && same_boot) {
+            Ok(None) => {}
+            Ok(Some(change)) if forceable && force => warnings.push(format!(
+                "{} {} changed since the checkpoint ({change}); resuming anyway (--force)",
+                u.noun(),
+                id.path
+            )),
+            Ok(Some(change)) => {
+                let fix = if forceable {
+                    "restore the original file or pass --force"
+                } else {
+                    "restore the original file (--force cannot help: the program's memory layout depends on it)"
+                };
+                errors.push(format!("{} {} changed since the checkpoint ({change}); {fix}", u.noun(), id.path));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => errors.push(format!(
+                "{} {} is missing on this host; copy it here (or checkpoint with --with-binaries)",
+                u.noun(),
+                id.path
+            )),
+            Err(e) => errors.push(format!("cannot check {} {}: {e}", u.noun(), id.path)),
+        }
+    }
+
+    // The preloaded libmigrate is loaded by path from LD_PRELOAD: check that path too.
+    let first = p.ld_preload.split([':', ' ']).find(|s| !s.is_empty());
+    let lib = &p.files[p.libmigrate as usize];
+    match first {
+        None => return Err(fail(IMAGE, "the image records no LD_PRELOAD; it was not written by libmigrate")),
+        Some(path) if path != lib.path => {
+            let id = FileIdentity { path: path.to_string(), ..lib.clone() };
+            match compare(&id, false) {
+                Ok(None) => {}
+                Ok(Some(change)) => errors.push(format!(
+                    "libmigrate {path} differs from the one the program ran with ({change}); install the same migrate build at that path"
+                )),
+                Err(e) => errors.push(format!(
+                    "libmigrate {path} cannot be used ({e}); install the same migrate build at that path"
+                )),
+            }
+        }
+        Some(_) => {}
+    }
+
+    for fd in &p.fds {
+        if let FdKind::Detached { what, .. } = &fd.kind {
+            warnings.push(format!(
+                "fd {} ({what}) led outside the checkpoint; it is restored disconnected (end-of-file / EPIPE)",
+                fd.fd
+            ));
+        }
+        if let FdKind::Unsupported { what } = &fd.kind {
+            if force {
+                warnings.push(format!("fd {} ({what}) cannot be restored; it becomes /dev/null (--force)", fd.fd));
+            } else {
+                errors.push(format!(
+                    "fd {} ({what}) cannot be restored by this version of migrate; pass --force to resume with /dev/null in its place",
+                    fd.fd
+                ));
+            }
+        }
+    }
+
+    match errors.len() {
+        0 => Ok(warnings),
+        1 => Err(fail(TARGET, errors.remove(0))),
+        n => Err(fail(TARGET, format!("{} (and {} more problems)", errors[0], n - 1))),
+    }
+}
+
+/// Compares a file on disk with its recorded identity: `Ok(None)` if it is the same,
+/// `Ok(Some(what changed))` if not, `Err` if it cannot be read.
+fn compare(id: &FileIdentity, check_inode: bool) -> io::Result<Option<String>> {
+    let md = fs::metadata(&id.path)?;
+    let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+    if md.size() != id.size || mtime != id.mtime_ns as i128 {
+        return Ok(Some(format!(
+            "size {}→{}, modified {}→{}",
+            id.size,
+            md.size(),
+            utc_time(id.mtime_ns as i128),
+            utc_time(mtime)
+        )));
+    }
+    if check_inode && (md.dev() != id.dev || md.ino() != id.ino) {
+        return Ok(Some(format!("replaced: inode {}:{}→{}:{}", id.dev, id.ino, md.dev(), md.ino())));
+    }
+    if let Some(want) = id.hash {
+        let have = hash_file(Path::new(&id.path))?;
+        if have != want {
+            return Ok(Some(format!("contents differ: xxh3 {want:#018x}→{have:#018x}")));
+        }
+    }
+    Ok(None)
+}
+
+/// xxh3-64 of a whole file (the same value as `xxh3_64` over its bytes).
+pub fn hash_file(path: &Path) -> io::Result<u64> {
+    let mut f = fs::File::open(path)?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hasher.digest())
+}
+
+fn getrlimit(resource: u32) -> io::Result<(u64, u64)> {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `rl` is a valid, writable rlimit for the duration of the call.
+    let r = unsafe { libc::getrlimit(resource as _, &mut rl) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((rl.rlim_cur, rl.rlim_max))
+}
+
+fn setrlimit(resource: u32, cur: u64, max: u64) -> io::Result<()> {
+    let rl = libc::rlimit { rlim_cur: cur, rlim_max: max };
+    // SAFETY: `rl` is a valid rlimit that setrlimit only reads.
+    let r = unsafe { libc::setrlimit(resource as _, &rl) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets every saved rlimit (RLIMIT_STACK moves the libraries). Hard limits that must be
+/// raised go first; if one cannot be raised, the ones already changed are put back and
+/// nothing is lowered.
+pub fn apply_rlimits(meta: &ImageMeta) -> anyhow::Result<()> {
+    let limits = &meta.process.rlimits;
+    let mut old = Vec::with_capacity(limits.len());
+    for l in limits {
+        match getrlimit(l.resource) {
+            Ok(v) => old.push(Some(v)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                warn("resume", &format!("this kernel does not know {}; not restored", rlimit_name(l.resource)));
+                old.push(None);
+            }
+            Err(e) => return Err(fail(TARGET, format!("cannot read {}: {e}", rlimit_name(l.resource)))),
+        }
+    }
+    let mut raised: Vec<usize> = Vec::new();
+    for (i, l) in limits.iter().enumerate() {
+        let Some((_, old_max)) = old[i] else { continue };
+        if l.max <= old_max {
+            continue;
+        }
+        if let Err(e) = setrlimit(l.resource, l.cur.min(l.max), l.max) {
+            for &j in &raised {
+                if let Some((c, m)) = old[j] {
+                    let _ = setrlimit(limits[j].resource, c, m);
+                }
+            }
+            let why = if e.raw_os_error() == Some(libc::EPERM) {
+                let mut why = "raising a hard limit needs CAP_SYS_RESOURCE".to_string();
+                if l.resource == libc::RLIMIT_NOFILE {
+                    why.push_str(", and RLIMIT_NOFILE cannot exceed fs.nr_open");
+                }
+                why
+            } else {
+                e.to_string()
+            };
+            return Err(fail(
+                TARGET,
+                format!(
+                    "cannot raise {} to {} (hard limit here {}; {why}); resume from a shell whose hard limit allows it (ulimit -H)",
+                    rlimit_name(l.resource),
+                    limit(l.max),
+                    limit(old_max)
+                ),
+            ));
+        }
+        raised.push(i);
+    }
+    for (i, l) in limits.iter().enumerate() {
+        if old[i].is_none() || raised.contains(&i) {
+            continue;
+        }
+        setrlimit(l.resource, l.cur.min(l.max), l.max).map_err(|e| {
+            fail(TARGET, format!("cannot set {} to {}/{}: {e}", rlimit_name(l.resource), limit(l.cur), limit(l.max)))
+        })?;
+    }
+    Ok(())
+}
