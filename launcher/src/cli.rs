@@ -85,9 +85,9 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Also verify the checksum of every section
+    /// Skip verifying the checksum of every section (faster on large images)
     #[arg(long)]
-    pub verify: bool,
+    pub no_verify: bool,
 
     /// The image to inspect
     #[arg(value_name = "IMAGE")]

@@ -70,8 +70,14 @@ fn start_managed() {
 }
 
 fn spawn_checkpoint_thread() {
+    // The thread must never accept a signal meant for the program, not even before its first
+    // instruction: it starts with every signal blocked (a new thread inherits the mask).
+    let all = !0u64;
+    let mut old = 0u64;
+    let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), Some(&mut old));
     let spawned =
         std::thread::Builder::new().name("migrate-ckpt".into()).stack_size(1 << 20).spawn(|| checkpoint::thread_main());
+    let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&old), None);
     if let Err(e) = spawned {
         info!("cannot start the checkpoint thread ({e}); checkpoints are disabled in this process");
     }

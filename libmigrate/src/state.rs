@@ -16,9 +16,9 @@ pub static CHECKPOINT_SIGNAL: AtomicI32 = AtomicI32::new(DEFAULT_CHECKPOINT_SIGN
 pub static VIRTUAL_PID: AtomicI32 = AtomicI32::new(0);
 pub static PIDS: PidTable = PidTable::new();
 
-/// Bumped at the start of every checkpoint: a hook whose blocking call failed with EINTR knows
-/// from it whether the interruption was ours.
-pub static CHECKPOINT_GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Bumped by the checkpoint signal's handler and at the start of every checkpoint: a hook
+/// whose blocking call failed with EINTR knows from it whether the interruption was ours.
+pub static INTERRUPTIONS: AtomicU64 = AtomicU64::new(0);
 /// CLOCK_MONOTONIC (of the host where the checkpoint ran) when the program was frozen; hooks
 /// that continue a timed wait compute the time that remained at that moment.
 pub static FREEZE_MONOTONIC_NS: AtomicU64 = AtomicU64::new(0);

@@ -10,15 +10,15 @@ use std::io::Write;
 pub fn main(args: InspectArgs) -> anyhow::Result<()> {
     let reader = ImageReader::open(&args.image)?;
     let meta = reader.meta()?;
-    if args.verify {
+    if !args.no_verify {
         reader.verify_all()?;
     }
     let out = if args.json {
-        let mut s = serde_json::to_string_pretty(&json(&reader, &meta, args.verify)?)?;
+        let mut s = serde_json::to_string_pretty(&json(&reader, &meta, !args.no_verify)?)?;
         s.push('\n');
         s
     } else {
-        text(&reader, &meta, args.verify)
+        text(&reader, &meta, !args.no_verify)
     };
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {

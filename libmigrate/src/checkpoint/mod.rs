@@ -272,19 +272,10 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
     Ok((meta, maps))
 }
 
-fn private_pending(meta: &ImageMeta) -> Vec<(i32, Vec<migrate_image::SigInfoEntry>)> {
-    meta.process
-        .threads
-        .iter()
-        .filter(|t| !t.pending.is_empty())
-        .map(|t| (state::to_real(t.vtid), t.pending.clone()))
-        .collect()
-}
-
 /// One checkpoint, from quiesce to release.
 fn run(req: &Request) -> Result<Outcome, String> {
     let t0 = sys::monotonic_ns();
-    state::CHECKPOINT_GENERATION.fetch_add(1, Ordering::AcqRel);
+    state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let me = sys::gettid();
     quiesce(me)?;
     state::FREEZE_MONOTONIC_NS.store(sys::monotonic_ns(), Ordering::Release);
@@ -432,13 +423,5 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
         let _ = sys::fsync(dfd);
         let _ = sys::close(dfd);
     }
-    if !req.kill {
-        signals::requeue(&meta.process.signals.shared_pending, &private_pending(&meta));
-    }
     Ok(Outcome::Written { path: final_path, bytes, frozen_ms })
-}
-
-/// Re-queues, in a restored process, the signals that were pending at checkpoint time.
-pub fn requeue_after_restore(meta: &ImageMeta) {
-    signals::requeue(&meta.process.signals.shared_pending, &private_pending(meta));
 }

@@ -200,6 +200,9 @@ pub extern "C" fn suspend_handler(_sig: i32, _info: *mut libc::siginfo_t, _uctx:
         sys::futex_wake(&RESTORED_ARRIVED);
         wait_for_release(slot);
     }
+    // Signals still blocked here (the handler blocks all): they are delivered once the
+    // program's own mask comes back with sigreturn.
+    crate::resources::signals::requeue_for_current_thread(slot.pending());
 }
 
 /// Lets every parked thread return from its handler.
@@ -210,6 +213,8 @@ pub fn release_all() {
 
 /// The checkpoint signal's handler: wakes the checkpoint thread, nothing else.
 pub extern "C" fn checkpoint_signal_handler(_sig: i32, _info: *mut libc::siginfo_t, _uctx: *mut libc::c_void) {
+    // This handler itself interrupts the thread it runs on: mark it as ours first.
+    state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let fd = state::WAKE_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let _ = sys::write(fd, &1u64.to_ne_bytes());

@@ -7,7 +7,7 @@
 
 use super::next::{call_real, real_fn};
 use super::{errno, set_errno};
-use crate::state::{CHECKPOINT_GENERATION, FREEZE_MONOTONIC_NS};
+use crate::state::{FREEZE_MONOTONIC_NS, INTERRUPTIONS};
 use crate::sys;
 use core::sync::atomic::Ordering;
 use libc::{c_int, c_uint, sigset_t, timespec};
@@ -43,27 +43,41 @@ pub fn resolve() {
 }
 
 fn generation() -> u64 {
-    CHECKPOINT_GENERATION.load(Ordering::Acquire)
+    INTERRUPTIONS.load(Ordering::Acquire)
 }
 
-/// A timed wait's deadline on this host's CLOCK_MONOTONIC.
+/// A timed wait's deadline on this host's CLOCK_MONOTONIC, and when the wait (or its last
+/// continuation) began.
 #[derive(Clone, Copy)]
-struct Deadline(u64);
+struct Deadline {
+    at: u64,
+    began: u64,
+}
 
 impl Deadline {
+    fn after_ns(ns: u64) -> Self {
+        let now = sys::monotonic_ns();
+        Deadline { at: now + ns, began: now }
+    }
     fn after_ms(ms: c_int) -> Self {
-        Deadline(sys::monotonic_ns() + ms as u64 * 1_000_000)
+        Self::after_ns(ms as u64 * 1_000_000)
     }
     fn after_ts(ts: &timespec) -> Self {
-        Deadline(sys::monotonic_ns() + ts.tv_sec.max(0) as u64 * 1_000_000_000 + ts.tv_nsec.max(0) as u64)
+        Self::after_ns(ts.tv_sec.max(0) as u64 * 1_000_000_000 + ts.tv_nsec.max(0) as u64)
     }
-    /// Moves the deadline past a checkpoint: what remained at the freeze, from now.
+    /// Continues after our interruption. If the program was frozen during the wait, what
+    /// remained at the freeze is waited from now (the clock may even be another host's);
+    /// if it was only woken by the checkpoint signal, the deadline stands.
     fn continue_after_checkpoint(&mut self) {
-        let remaining = self.0.saturating_sub(FREEZE_MONOTONIC_NS.load(Ordering::Acquire));
-        self.0 = sys::monotonic_ns() + remaining;
+        let freeze = FREEZE_MONOTONIC_NS.load(Ordering::Acquire);
+        let now = sys::monotonic_ns();
+        if freeze >= self.began {
+            self.at = now + self.at.saturating_sub(freeze);
+        }
+        self.began = now;
     }
     fn remaining_ns(&self) -> u64 {
-        self.0.saturating_sub(sys::monotonic_ns())
+        self.at.saturating_sub(sys::monotonic_ns())
     }
     fn remaining_ms(&self) -> c_int {
         self.remaining_ns().div_ceil(1_000_000).min(c_int::MAX as u64) as c_int
@@ -74,14 +88,17 @@ impl Deadline {
     }
 }
 
-/// Runs `call` until it returns anything but an EINTR caused by a checkpoint.
+/// Runs `call` until it returns anything but an EINTR caused by us; errno is as the program
+/// left it unless the call itself failed for the program.
 fn retry_ours(mut call: impl FnMut(bool) -> c_int) -> c_int {
+    let saved_errno = errno();
     let mut resumed = false;
     loop {
         let gen = generation();
         let r = call(resumed);
         if r == -1 && errno() == libc::EINTR && generation() != gen {
             resumed = true;
+            set_errno(saved_errno);
             continue;
         }
         return r;
@@ -100,6 +117,7 @@ pub unsafe extern "C" fn nanosleep(req: *const timespec, rem: *mut timespec) -> 
     // SAFETY: `req` is the program's valid pointer.
     let mut want = unsafe { *req };
     let mut left = timespec { tv_sec: 0, tv_nsec: 0 };
+    let saved_errno = errno();
     loop {
         let gen = generation();
         // SAFETY: both pointers are to locals.
@@ -107,6 +125,7 @@ pub unsafe extern "C" fn nanosleep(req: *const timespec, rem: *mut timespec) -> 
         if r == -1 && errno() == libc::EINTR && generation() != gen {
             // The kernel stored what remained at the interruption: sleep exactly that.
             want = left;
+            set_errno(saved_errno);
             continue;
         }
         if !rem.is_null() {

@@ -1,12 +1,15 @@
 //! Signal dispositions and pending signals. Dump: the kernel's sigaction for every signal, and
 //! the process-wide pending signals dequeued with their siginfo (threads dequeue their private
 //! ones themselves while parking, see checkpoint/suspend.rs). Restore: rt_sigaction verbatim
-//! (handler addresses are valid: the layout is identical), pending signals re-queued to self,
-//! which keeps their siginfo (rt_sigqueueinfo to one's own process accepts any si_code).
+//! (handler addresses are valid: the layout is identical); pending signals are re-queued by the
+//! threads themselves after the release, which keeps their siginfo (the kernel accepts any
+//! si_code when a thread queues to its own id).
 
 use crate::state;
 use crate::sys;
 use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU32, Ordering};
 use migrate_image::{SigActionEntry, SigInfoEntry, SignalsEntry};
 
 pub fn dump_actions() -> Vec<SigActionEntry> {
@@ -34,13 +37,15 @@ pub fn dump_actions() -> Vec<SigActionEntry> {
 pub fn take_shared_pending() -> Vec<SigInfoEntry> {
     let set = !state::own_signal_bits() & !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
     let mut out = Vec::new();
-    let mut info = [0u8; 128];
-    while out.len() < 1024 {
-        match sys::rt_sigtimedwait_now(set, &mut info) {
-            Ok(Some(signo)) => out.push(SigInfoEntry { signo, info: info.to_vec() }),
+    // SAFETY: see SharedPending: no program thread runs now.
+    let infos = unsafe { &mut *SHARED_PENDING.infos.get() };
+    while out.len() < MAX_SHARED_PENDING {
+        match sys::rt_sigtimedwait_now(set, &mut infos[out.len()]) {
+            Ok(Some(signo)) => out.push(SigInfoEntry { signo, info: infos[out.len()].to_vec() }),
             _ => break,
         }
     }
+    SHARED_PENDING.count.store(out.len() as u32, Ordering::Release);
     out
 }
 
@@ -52,26 +57,45 @@ pub fn dump(shared_pending: Vec<SigInfoEntry>) -> SignalsEntry {
     }
 }
 
-fn info_array(e: &SigInfoEntry) -> [u8; 128] {
-    let mut info = [0u8; 128];
-    let n = e.info.len().min(128);
-    info[..n].copy_from_slice(&e.info[..n]);
-    info
+/// Process-wide pending signals dequeued by the last checkpoint, waiting to be re-queued by the
+/// main thread (the kernel lets a thread queue a signal with the sender's siginfo only to its
+/// own id, and the process's id is the main thread's).
+pub struct SharedPending {
+    count: AtomicU32,
+    infos: UnsafeCell<[[u8; 128]; MAX_SHARED_PENDING]>,
+}
+// SAFETY: filled by the checkpoint thread while every program thread is parked, read by the main
+// thread after the release (RELEASE's ordering separates the two).
+unsafe impl Sync for SharedPending {}
+pub const MAX_SHARED_PENDING: usize = 64;
+pub static SHARED_PENDING: SharedPending =
+    SharedPending { count: AtomicU32::new(0), infos: UnsafeCell::new([[0; 128]; MAX_SHARED_PENDING]) };
+
+fn requeue_one(pid: i32, tid: Option<i32>, info: &[u8; 128]) {
+    let signo = i32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+    let res = match tid {
+        Some(tid) => sys::rt_tgsigqueueinfo(pid, tid, signo, info),
+        None => sys::rt_sigqueueinfo(pid, signo, info),
+    };
+    if let Err(err) = res {
+        crate::info!("cannot re-queue pending signal {signo}: {err}");
+    }
 }
 
-/// Puts dequeued signals back: process-wide ones to the process, private ones to their thread.
-pub fn requeue(shared: &[SigInfoEntry], private: &[(i32, Vec<SigInfoEntry>)]) {
+/// Re-queues, on the calling thread, the signals it had pending alone; on the main thread also
+/// the process-wide ones. Runs in each parked thread's handler after the release.
+pub fn requeue_for_current_thread(private: &[[u8; 128]]) {
     let pid = sys::getpid();
-    for e in shared {
-        if let Err(err) = sys::rt_sigqueueinfo(pid, e.signo, &info_array(e)) {
-            crate::info!("cannot re-queue pending signal {}: {err}", e.signo);
-        }
+    let tid = sys::gettid();
+    for info in private {
+        requeue_one(pid, Some(tid), info);
     }
-    for (tid, list) in private {
-        for e in list {
-            if let Err(err) = sys::rt_tgsigqueueinfo(pid, *tid, e.signo, &info_array(e)) {
-                crate::info!("cannot re-queue pending signal {} for thread {tid}: {err}", e.signo);
-            }
+    if tid == pid {
+        let n = (SHARED_PENDING.count.swap(0, Ordering::AcqRel) as usize).min(MAX_SHARED_PENDING);
+        // SAFETY: see SharedPending.
+        let infos = unsafe { &*SHARED_PENDING.infos.get() };
+        for info in &infos[..n] {
+            requeue_one(pid, None, info);
         }
     }
 }

@@ -7,7 +7,7 @@
 pub mod plan;
 pub mod switch;
 
-use crate::checkpoint::{self, control, suspend};
+use crate::checkpoint::{control, suspend};
 use crate::resources::{files, memory, process, signals};
 use crate::state;
 use crate::sys::{self, context};
@@ -83,7 +83,6 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     if let Err(e) = control::open_channel() {
         crate::info!("cannot open the control socket after resume: {e}; checkpoints by signal only");
     }
-    checkpoint::requeue_after_restore(meta);
     crate::debug!("resumed from {image} as real pid {}", sys::getpid());
     suspend::release_all();
 }
