@@ -38,6 +38,11 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub kill: bool,
 
+    /// Also store the executable, its libraries and libmigrate in the image, for hosts that
+    /// lack them (the dynamic loader must still be the same)
+    #[arg(long)]
+    pub with_binaries: bool,
+
     /// Directory to write the image to [default: the process's checkpoint directory]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,

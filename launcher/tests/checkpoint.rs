@@ -66,7 +66,7 @@ fn prints_the_image_path() {
     let r = run(c);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.stdout.lines().last(), Some("/tmp/ckpt/prog.img"));
-    assert_eq!(server.join().unwrap(), "checkpoint kill=0 dir=/tmp/somewhere\n");
+    assert_eq!(server.join().unwrap(), "checkpoint kill=0 bins=0 dir=/tmp/somewhere\n");
 }
 
 #[test]
@@ -84,7 +84,7 @@ fn kill_waits_until_the_process_is_gone() {
     assert_eq!(v["pid"], t.pid());
     assert_eq!(v["killed"], true);
     assert!(v["seconds"].as_f64().unwrap() > 0.0);
-    assert_eq!(server.join().unwrap(), "checkpoint kill=1 dir=\n");
+    assert_eq!(server.join().unwrap(), "checkpoint kill=1 bins=0 dir=\n");
 }
 
 #[test]

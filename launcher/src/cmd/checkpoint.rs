@@ -1,7 +1,7 @@
 //! `migrate-checkpoint`: ask a managed process over its control socket to write an image.
 //!
 //! Protocol (libmigrate implements the other side): connect to the abstract AF_UNIX stream
-//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> dir=<absolute dir or empty>\n`,
+//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> dir=<absolute dir or empty>\n`,
 //! read one line back: `ok <absolute image path>\n` or `error <message>\n`.
 
 use crate::cli::CheckpointArgs;
@@ -25,9 +25,9 @@ pub fn control_socket_name(pid: i32) -> String {
 }
 
 /// The request line for a checkpoint.
-pub fn request_line(kill: bool, dir: Option<&Path>) -> String {
+pub fn request_line(kill: bool, with_binaries: bool, dir: Option<&Path>) -> String {
     let dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
-    format!("checkpoint kill={} dir={dir}\n", u8::from(kill))
+    format!("checkpoint kill={} bins={} dir={dir}\n", u8::from(kill), u8::from(with_binaries))
 }
 
 /// A parsed reply.
@@ -74,7 +74,7 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
 
     check_process(pid)?;
     let mut stream = connect(pid, deadline)?;
-    let request = request_line(args.kill, dir.as_deref());
+    let request = request_line(args.kill, args.with_binaries, dir.as_deref());
     set_timeout(&stream, pid, deadline, args.timeout)?;
     stream.write_all(request.as_bytes()).map_err(|e| io_failure(pid, e, args.timeout, "sending the request"))?;
     let line = read_reply(&mut stream, pid, deadline, args.timeout)?;
@@ -306,8 +306,8 @@ mod tests {
 
     #[test]
     fn request_and_reply() {
-        assert_eq!(request_line(false, None), "checkpoint kill=0 dir=\n");
-        assert_eq!(request_line(true, Some(Path::new("/tmp/a b"))), "checkpoint kill=1 dir=/tmp/a b\n");
+        assert_eq!(request_line(false, false, None), "checkpoint kill=0 bins=0 dir=\n");
+        assert_eq!(request_line(true, true, Some(Path::new("/tmp/a b"))), "checkpoint kill=1 bins=1 dir=/tmp/a b\n");
         assert_eq!(parse_reply("ok /tmp/x.img"), Ok(Reply::Ok("/tmp/x.img".into())));
         assert_eq!(parse_reply("error disk full"), Ok(Reply::Error("disk full".into())));
         assert!(parse_reply("ok ").is_err());

@@ -19,7 +19,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
@@ -40,18 +40,55 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
             _ => None,
         })
         .collect();
-    for w in check_files(&meta, &carried, args.force)? {
-        warn("resume", &w);
+    let checked = check_files(&meta, &carried, args.force)?;
+    for w in &checked.warnings {
+        warn("resume", w);
     }
-
     let p = &meta.process;
-    let exe = &p.files[p.exe as usize].path;
-    let mut cmd = Command::new(exe);
+    let mut copies: Vec<(u32, PathBuf)> = Vec::new();
+    for &index in &checked.substitute {
+        let copy = extract(&reader, &meta, index)?;
+        warn(
+            "resume",
+            &format!(
+                "{} is missing or differs here; using the copy stored in the image ({})",
+                p.files[index as usize].path,
+                copy.display()
+            ),
+        );
+        copies.push((index, copy));
+    }
+    let copy_of = |index: u32| copies.iter().find(|(i, _)| *i == index).map(|(_, c)| c.clone());
+
+    let exe = copy_of(p.exe).unwrap_or_else(|| PathBuf::from(&p.files[p.exe as usize].path));
+    let exe = exe.to_string_lossy().into_owned();
+    let mut cmd = Command::new(&exe);
     match p.argv.split_first() {
         Some((argv0, rest)) => cmd.arg0(argv0).args(rest),
-        None => cmd.arg0(exe),
+        None => cmd.arg0(&exe),
     };
-    cmd.env("LD_PRELOAD", &p.ld_preload);
+    match copy_of(p.libmigrate) {
+        // Same file contents, so the same layout; only the path differs.
+        Some(lib) => {
+            let rest: Vec<&str> = p.ld_preload.split([':', ' ']).filter(|s| !s.is_empty()).skip(1).collect();
+            let mut list = lib.to_string_lossy().into_owned();
+            for r in rest {
+                list.push(':');
+                list.push_str(r);
+            }
+            cmd.env("LD_PRELOAD", list)
+        }
+        None => cmd.env("LD_PRELOAD", &p.ld_preload),
+    };
+    if !copies.is_empty() {
+        let libs = library_dir(&copies, &meta)?;
+        cmd.env("LD_LIBRARY_PATH", libs);
+        let map: String =
+            copies.iter().map(|(i, c)| format!("{}\t{}\n", p.files[*i as usize].path, c.display())).collect();
+        cmd.env("MIGRATE_FILE_MAP", map);
+    } else {
+        cmd.env_remove("MIGRATE_FILE_MAP");
+    }
     cmd.env("GLIBC_TUNABLES", with_rseq_off(std::env::var_os("GLIBC_TUNABLES").as_deref()));
     cmd.env("MIGRATE_RESTORE", &image);
     if args.force {
@@ -137,7 +174,14 @@ impl Use {
 
 /// Checks every file the program mapped or held open against its recorded identity. Returns
 /// the warnings (mismatches that `--force` lets through); fails with the first error.
-pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Result<Vec<String>> {
+/// The result of checking the files: warnings to print, and the carried files this host lacks
+/// (index into `files`), to be taken from the image.
+pub struct FileCheck {
+    pub warnings: Vec<String>,
+    pub substitute: Vec<u32>,
+}
+
+pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Result<FileCheck> {
     let p = &meta.process;
     let mut uses: BTreeMap<u32, Use> = BTreeMap::new();
     let mut note = |i: u32, u: Use| {
@@ -158,17 +202,28 @@ pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Re
     }
     let same_boot = host::boot_id().is_some_and(|b| b == meta.host.boot_id);
 
+    let loader = dynamic_loader(meta);
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
+    let mut substitute = Vec::new();
     for (&index, &u) in &uses {
-        if carried.contains(&index) {
-            continue; // the image holds the contents
-        }
         let Some(id) = p.files.get(index as usize) else {
             continue;
         };
         let forceable = u >= Use::Data;
-        match compare(id, u == Use::Open && same_boot) {
+        let result = compare(id, u == Use::Open && same_boot);
+        if carried.contains(&index) && !matches!(result, Ok(None)) {
+            if Some(index) == loader {
+                errors.push(format!(
+                    "the dynamic loader {} differs on this host or is missing, and migrate cannot carry it (the kernel loads it by path); resume on a host with the same loader build",
+                    id.path
+                ));
+            } else {
+                substitute.push(index); // the image holds the contents
+            }
+            continue;
+        }
+        match result {
             Ok(None) => {}
             Ok(Some(change)) if forceable && force => warnings.push(format!(
                 "{} {} changed since the checkpoint ({change}); resuming anyway (--force)",
@@ -232,7 +287,7 @@ pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Re
     }
 
     match errors.len() {
-        0 => Ok(warnings),
+        0 => Ok(FileCheck { warnings, substitute }),
         1 => Err(fail(TARGET, errors.remove(0))),
         n => Err(fail(TARGET, format!("{} (and {} more problems)", errors[0], n - 1))),
     }
@@ -243,6 +298,17 @@ pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Re
 fn compare(id: &FileIdentity, check_inode: bool) -> io::Result<Option<String>> {
     let md = fs::metadata(&id.path)?;
     let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+    if let Some(want) = id.hash {
+        // Code is recognised by content: on another host the same library has another mtime.
+        if md.size() != id.size {
+            return Ok(Some(format!("size {}→{}", id.size, md.size())));
+        }
+        let have = hash_file(Path::new(&id.path))?;
+        if have != want {
+            return Ok(Some(format!("contents differ: xxh3 {want:#018x}→{have:#018x}")));
+        }
+        return Ok(None);
+    }
     if md.size() != id.size || mtime != id.mtime_ns as i128 {
         return Ok(Some(format!(
             "size {}→{}, modified {}→{}",
@@ -358,4 +424,100 @@ pub fn apply_rlimits(meta: &ImageMeta) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The file the dynamic loader was mapped from: the mapping at auxv's AT_BASE.
+fn dynamic_loader(meta: &ImageMeta) -> Option<u32> {
+    const AT_BASE: u64 = 7;
+    let auxv = &meta.process.auxv;
+    let base = auxv.chunks_exact(2).find(|kv| kv[0] == AT_BASE)?[1];
+    meta.process.vmas.iter().find(|v| v.start == base)?.file
+}
+
+/// A private directory for files taken out of images: $XDG_RUNTIME_DIR/migrate/files, else
+/// /tmp/migrate-<uid>/files; every level owned by us and 0700 (never follow a planted link).
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let root = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("migrate"),
+        _ => PathBuf::from(format!("/tmp/migrate-{uid}")),
+    };
+    for dir in [root.clone(), root.join("files")] {
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(fail(TARGET, format!("cannot create {}: {e}", dir.display()))),
+        }
+        let md = fs::symlink_metadata(&dir).map_err(|e| fail(TARGET, format!("cannot use {}: {e}", dir.display())))?;
+        if !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o077 != 0 {
+            return Err(fail(
+                TARGET,
+                format!("{} is not a private directory of uid {uid} (mode 0700); remove it and retry", dir.display()),
+            ));
+        }
+    }
+    Ok(root.join("files"))
+}
+
+/// Writes the image's copy of file `index` into the cache (verified by its content hash) and
+/// returns its path. An earlier extraction with the right contents is reused.
+fn extract(reader: &ImageReader, meta: &ImageMeta, index: u32) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let id = &meta.process.files[index as usize];
+    let want = id.hash.ok_or_else(|| fail(IMAGE, format!("the image stores {} without a content hash", id.path)))?;
+    let name = Path::new(&id.path).file_name().map(|n| n.to_owned()).unwrap_or_else(|| "file".into());
+    let dir = cache_dir()?.join(format!("{want:016x}"));
+    fs::create_dir_all(&dir).map_err(|e| fail(TARGET, format!("cannot create {}: {e}", dir.display())))?;
+    let dest = dir.join(name);
+    if hash_file(&dest).is_ok_and(|h| h == want) {
+        return Ok(dest);
+    }
+    let section = reader
+        .sections()
+        .iter()
+        .position(|s| s.kind == SectionKind::FileContents { file: index })
+        .ok_or_else(|| fail(IMAGE, format!("the image lists {} as stored but has no section for it", id.path)))?;
+    let bytes = reader.read_section(section)?;
+    let have = xxhash_rust::xxh3::xxh3_64(&bytes);
+    if have != want {
+        return Err(fail(IMAGE, format!("the stored copy of {} does not match its recorded hash", id.path)));
+    }
+    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    fs::write(&tmp, &bytes)
+        .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)))
+        .and_then(|_| fs::rename(&tmp, &dest))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            fail(TARGET, format!("cannot write {}: {e} (is the disk full?)", dest.display()))
+        })?;
+    Ok(dest)
+}
+
+/// A directory of links, named as the program's libraries were, to the extracted copies: put
+/// first on LD_LIBRARY_PATH so the dynamic loader maps the copies where the originals were.
+fn library_dir(copies: &[(u32, PathBuf)], meta: &ImageMeta) -> anyhow::Result<PathBuf> {
+    let p = &meta.process;
+    // Named after the copies it links to, so resumes of the same image share it.
+    let key: String = copies.iter().map(|(_, c)| c.to_string_lossy().into_owned()).collect();
+    let dir = cache_dir()?.join(format!("libs-{:016x}", xxhash_rust::xxh3::xxh3_64(key.as_bytes())));
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(fail(TARGET, format!("cannot create {}: {e}", dir.display()))),
+    }
+    for (index, copy) in copies {
+        if *index == p.exe || *index == p.libmigrate {
+            continue;
+        }
+        if let Some(name) = Path::new(&p.files[*index as usize].path).file_name() {
+            match std::os::unix::fs::symlink(copy, dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(fail(TARGET, format!("cannot link {}: {e}", copy.display()))),
+            }
+        }
+    }
+    Ok(dir)
 }

@@ -53,7 +53,7 @@ pub fn open_channel() -> sys::SysResult<()> {
 fn parse_request(line: &[u8]) -> Option<Request> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let rest = line.strip_prefix(b"checkpoint ")?;
-    let mut req = Request { kill: false, dir: None };
+    let mut req = Request { kill: false, with_binaries: false, dir: None };
     let (head, dir) = match rest.windows(4).position(|w| w == b"dir=") {
         Some(p) => (&rest[..p], Some(&rest[p + 4..])),
         None => (rest, None),
@@ -61,7 +61,8 @@ fn parse_request(line: &[u8]) -> Option<Request> {
     for word in head.split(|&c| c == b' ') {
         match word {
             b"kill=1" => req.kill = true,
-            b"kill=0" | b"" => {}
+            b"bins=1" => req.with_binaries = true,
+            b"kill=0" | b"bins=0" | b"" => {}
             _ => return None,
         }
     }
@@ -86,7 +87,7 @@ pub fn next_request() -> (Request, i32) {
         if fds[1].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
-            return (Request { kill: false, dir: None }, -1);
+            return (Request { kill: false, with_binaries: false, dir: None }, -1);
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
@@ -121,7 +122,7 @@ pub fn next_request() -> (Request, i32) {
         }
         match parse_request(&line) {
             Some(req) => return (req, conn),
-            None => reply(conn, b"error malformed request (expected `checkpoint kill=<0|1> dir=<path>`)\n"),
+            None => reply(conn, b"error malformed request (expected `checkpoint kill=<0|1> bins=<0|1> dir=<path>`)\n"),
         }
     }
 }
@@ -145,8 +146,8 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        let r = parse_request(b"checkpoint kill=1 dir=/tmp/a b\n").unwrap();
-        assert!(r.kill);
+        let r = parse_request(b"checkpoint kill=1 bins=1 dir=/tmp/a b\n").unwrap();
+        assert!(r.kill && r.with_binaries);
         assert_eq!(r.dir.as_deref(), Some(&b"/tmp/a b"[..]));
         let r = parse_request(b"checkpoint kill=0 dir=\n").unwrap();
         assert!(!r.kill && r.dir.is_none());

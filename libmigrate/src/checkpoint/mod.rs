@@ -23,6 +23,8 @@ use suspend::{PARKED, RESTORED_ARRIVED, SLOTS};
 
 pub struct Request {
     pub kill: bool,
+    /// Store the contents of the mapped executable, libraries and libmigrate too.
+    pub with_binaries: bool,
     pub dir: Option<Vec<u8>>,
 }
 
@@ -326,7 +328,7 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
             return Err("the address space changed while it was being described; try again".into());
         }
     }
-    let nsections = meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + 2;
+    let nsections = meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
     let mut writer = match ImageWriter::new(FdSink(fd), nsections) {
         Ok(w) => w,
         Err(e) => {
@@ -374,6 +376,12 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
     if let Some(t) = meta.process.threads.iter_mut().find(|t| t.is_checkpoint_thread) {
         // SAFETY: written by park_and_save on this thread.
         t.resume_sp = unsafe { *CHECKPOINT_THREAD_SP.0.get() };
+    }
+    if req.with_binaries {
+        if let Err(e) = write_binaries(&mut writer, &meta) {
+            cleanup(fd, mem_fd);
+            return Err(e);
+        }
     }
     let finished = writer.add_meta(&meta).and_then(|_| writer.finish());
     let bytes = match finished {
@@ -424,4 +432,34 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
         let _ = sys::close(dfd);
     }
     Ok(Outcome::Written { path: final_path, bytes, frozen_ms })
+}
+
+/// Stores the whole contents of every mapped code file (executable, libraries, libmigrate), for
+/// hosts that lack them (`--with-binaries`).
+fn write_binaries(writer: &mut ImageWriter<FdSink>, meta: &ImageMeta) -> Result<(), String> {
+    let mut buf = alloc::vec![0u8; 1 << 20];
+    for (i, f) in meta.process.files.iter().enumerate() {
+        if f.hash.is_none() {
+            continue;
+        }
+        let src = sys::open(&fs::cpath(f.path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0)
+            .map_err(|e| format!("cannot read {} to store it in the image: {e}", f.path))?;
+        let res = (|| -> Result<(), String> {
+            writer.begin_section(SectionKind::FileContents { file: i as u32 }, true).map_err(|e| e.to_string())?;
+            let mut off = 0u64;
+            loop {
+                let n = sys::pread(src, &mut buf, off).map_err(|e| format!("cannot read {}: {e}", f.path))?;
+                if n == 0 {
+                    break;
+                }
+                writer.write(&buf[..n]).map_err(|e| e.to_string())?;
+                off += n as u64;
+            }
+            writer.end_section();
+            Ok(())
+        })();
+        let _ = sys::close(src);
+        res?;
+    }
+    Ok(())
 }

@@ -129,15 +129,30 @@ fn open_high(path: &[u8], flags: i32, min_fd: i32) -> sys::SysResult<i32> {
     Ok(high)
 }
 
-fn same_mapping(m: &MapLine, v: &migrate_image::VmaEntry, meta: &ImageMeta) -> bool {
+/// Where a saved file is on this host: its own path, or the copy migrate-resume extracted from
+/// the image (MIGRATE_FILE_MAP: `original\textracted` lines) when the host lacks it.
+pub struct FileMap(Vec<(String, String)>);
+
+impl FileMap {
+    pub fn from_env() -> Self {
+        let text = std::env::var("MIGRATE_FILE_MAP").unwrap_or_default();
+        FileMap(
+            text.lines().filter_map(|l| l.split_once('\t')).map(|(a, b)| (String::from(a), String::from(b))).collect(),
+        )
+    }
+
+    pub fn resolve<'a>(&'a self, path: &'a str) -> &'a str {
+        self.0.iter().find(|(orig, _)| orig == path).map_or(path, |(_, copy)| copy.as_str())
+    }
+}
+
+/// Is the current mapping `m` the saved `v`, byte for byte? migrate-resume has verified the file
+/// at the (resolved) path by content, so path, range, protection and offset decide (inode
+/// numbers differ between hosts).
+fn same_mapping(m: &MapLine, v: &migrate_image::VmaEntry, meta: &ImageMeta, files: &FileMap) -> bool {
     let Some(f) = v.file else { return false };
-    let id = &meta.process.files[f as usize];
-    m.start == v.start
-        && m.end == v.end
-        && m.prot == v.prot
-        && m.offset == v.file_offset
-        && m.inode == id.ino
-        && m.dev == id.dev
+    let path = files.resolve(&meta.process.files[f as usize].path);
+    m.start == v.start && m.end == v.end && m.prot == v.prot && m.offset == v.file_offset && m.name == path
 }
 
 pub struct Built {
@@ -154,6 +169,7 @@ pub fn build(
     current: &[MapLine],
 ) -> Result<Built, String> {
     let p = &meta.process;
+    let file_map = FileMap::from_env();
     let min_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(crate::state::OWN_FD_BASE + 16) + 1;
     let image_fd = open_high(&fs::cpath(image_path), libc::O_RDONLY, min_fd)
         .map_err(|e| format!("cannot reopen the image {}: {e}", String::from_utf8_lossy(image_path)))?;
@@ -162,7 +178,7 @@ pub fn build(
     let mut keep = alloc::vec![false; p.vmas.len()];
     for (i, v) in p.vmas.iter().enumerate() {
         if v.kind == VmaKind::FilePrivate && v.prot & PROT_WRITE == 0 && v.runs.is_empty() {
-            keep[i] = current.iter().any(|m| same_mapping(m, v, meta));
+            keep[i] = current.iter().any(|m| same_mapping(m, v, meta, &file_map));
         }
     }
     // The switch runs from libmigrate's code: that mapping must be one of the kept ones.
@@ -189,7 +205,7 @@ pub fn build(
         }
         let writable_shared =
             p.vmas.iter().any(|w| w.file == Some(f) && w.kind == VmaKind::FileShared && w.prot & PROT_WRITE != 0);
-        let path = &p.files[f as usize].path;
+        let path = file_map.resolve(&p.files[f as usize].path);
         let flags = if writable_shared { libc::O_RDWR } else { libc::O_RDONLY };
         let fd = open_high(&fs::cpath(path.as_bytes()), flags, min_fd)
             .map_err(|e| format!("cannot open mapped file {path}: {e}"))?;
