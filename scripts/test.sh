@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --quiet
-cargo test --workspace
+cargo test --workspace --no-fail-fast

@@ -6,8 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (source name, extra flags)
-const PROGRAMS: &[(&str, &[&str])] =
-    &[("counter", &[]), ("fifo_reader", &[]), ("sleeper", &[]), ("signals", &[]), ("hello_static", &["-static"])];
+const PROGRAMS: &[(&str, &[&str])] = &[
+    ("counter", &[]),
+    ("fifo_reader", &[]),
+    ("sleeper", &[]),
+    ("signals", &[]),
+    ("hello_static", &["-static"]),
+    ("exiter", &[]),
+    ("sigclash", &[]),
+    ("waiters", &["-pthread"]),
+];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {
     let output = Command::new(cc)

@@ -861,6 +861,86 @@ impl Drop for TmpfsMount {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Stderr waits
+
+impl Managed {
+    /// Waits until some stderr line (any seen so far, or a new one) matches, and returns it.
+    /// Panics with the whole output on timeout or when stderr closes first.
+    #[track_caller]
+    pub fn wait_stderr_line<M: Matcher>(&mut self, m: M, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain();
+            if let Some(l) = self.err.iter().find(|l| m.matches(l)) {
+                return l.clone();
+            }
+            if self.err_eof {
+                let r = self.report();
+                panic!("{}: stderr closed while waiting for {} on stderr\n{r}", self.name, m.describe());
+            }
+            if !self.pump(deadline) && Instant::now() >= deadline {
+                let r = self.report();
+                panic!("{}: timed out after {timeout:?} waiting for {} on stderr\n{r}", self.name, m.describe());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rewriting images
+
+/// Copies image `src` to `dst` through the image crate, letting `edit` change the metadata on
+/// the way: every section is read (checksum-verified) and written again in the same order
+/// with the same kind, so section indices (`VmaEntry::data_section`) stay valid; memory pages
+/// stay page-aligned; the metadata section is re-encoded from the edited `ImageMeta`. With an
+/// `edit` that changes nothing, the copy is equivalent to the original (same metadata, same
+/// section contents). Panics with a clear message on any error.
+#[track_caller]
+pub fn rewrite_image(src: &Path, dst: &Path, edit: impl FnOnce(&mut migrate_image::ImageMeta)) {
+    use migrate_image::{ImageReader, ImageWriter, SectionKind, PAGE_SIZE};
+    let reader = ImageReader::open(src).unwrap_or_else(|e| panic!("rewrite_image: open {}: {e}", src.display()));
+    assert_eq!(
+        reader.flags,
+        0,
+        "rewrite_image: {} has header flags {:#x}, which ImageWriter cannot reproduce",
+        src.display(),
+        reader.flags
+    );
+    let mut meta = reader.meta().unwrap_or_else(|e| panic!("rewrite_image: metadata of {}: {e}", src.display()));
+    edit(&mut meta);
+    let file = std::fs::File::create(dst).unwrap_or_else(|e| panic!("rewrite_image: create {}: {e}", dst.display()));
+    let sections = reader.sections().to_vec();
+    let mut writer = ImageWriter::new(file, sections.len())
+        .unwrap_or_else(|e| panic!("rewrite_image: start {}: {e}", dst.display()));
+    let mut metas = 0;
+    for (i, s) in sections.iter().enumerate() {
+        let index = match s.kind {
+            SectionKind::Meta => {
+                metas += 1;
+                writer.add_meta(&meta)
+            }
+            kind => {
+                let bytes = reader
+                    .read_section(i)
+                    .unwrap_or_else(|e| panic!("rewrite_image: section {i} of {}: {e}", src.display()));
+                let aligned = matches!(kind, SectionKind::Pages { .. }) || s.offset % PAGE_SIZE == 0;
+                writer.add_section_bytes(kind, &bytes, aligned)
+            }
+        }
+        .unwrap_or_else(|e| panic!("rewrite_image: write section {i} to {}: {e}", dst.display()));
+        assert_eq!(index as usize, i, "rewrite_image: section {i} of {} was written as {index}", src.display());
+    }
+    assert_eq!(metas, 1, "rewrite_image: {} has {metas} metadata sections, expected 1", src.display());
+    let (mut file, _) = writer.finish().unwrap_or_else(|e| panic!("rewrite_image: finish {}: {e}", dst.display()));
+    std::io::Write::flush(&mut file).unwrap_or_else(|e| panic!("rewrite_image: flush {}: {e}", dst.display()));
+    // The copy must read back as a valid image carrying exactly the edited metadata.
+    let check = ImageReader::open(dst).unwrap_or_else(|e| panic!("rewrite_image: reopen {}: {e}", dst.display()));
+    check.verify_all().unwrap_or_else(|e| panic!("rewrite_image: verify {}: {e}", dst.display()));
+    let back = check.meta().unwrap_or_else(|e| panic!("rewrite_image: metadata of {}: {e}", dst.display()));
+    assert!(back == meta, "rewrite_image: {} does not read back the metadata written", dst.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -255,3 +255,84 @@ fn checkpoint_into_read_only_dir_fails_and_program_continues() {
     };
     checkpoint_fails_and_program_continues(&ro, false, "checkpoint into a read-only directory");
 }
+
+/// XCR0 of this CPU (the xsave features the kernel enabled), or None without xsave.
+#[cfg(target_arch = "x86_64")]
+fn this_cpu_xcr0() -> Option<u64> {
+    use std::arch::x86_64::{__cpuid, _xgetbv};
+    // CPUID.1:ECX bit 27 (OSXSAVE): xgetbv is available and enabled.
+    if __cpuid(1).ecx & (1 << 27) == 0 {
+        return None;
+    }
+    // SAFETY: OSXSAVE is set, so xgetbv(0) is supported and cannot fault.
+    Some(unsafe { _xgetbv(0) })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn this_cpu_xcr0() -> Option<u64> {
+    None
+}
+
+/// An xsave feature bit this CPU does not have enabled, with the name migrate gives it:
+/// AMX tile data (17) unless the CPU has AMX (/proc/cpuinfo `amx_tile` or XCR0 bit 17), else
+/// APX (19), else reserved bit 62.
+fn absent_xfeature() -> Option<(u32, &'static str)> {
+    let xcr0 = this_cpu_xcr0()?;
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has_flag = |f: &str| cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == f));
+    let candidates: [(u32, &str, Option<&str>); 3] =
+        [(17, "AMX", Some("amx_tile")), (19, "APX", Some("apx")), (62, "other", None)];
+    candidates
+        .into_iter()
+        .find(|&(bit, _, flag)| xcr0 & (1 << bit) == 0 && !flag.is_some_and(&has_flag))
+        .map(|(bit, name, _)| (bit, name))
+}
+
+/// Rewrites a real counter image through the image crate: an unmodified copy resumes and
+/// continues; a copy claiming a CPU feature this CPU lacks, or another vdso, is refused with
+/// exit 4 before anything runs.
+#[test]
+fn resume_refuses_other_cpu_features_and_vdso() {
+    let dir = temp_dir();
+    let log = dir.path().join("counter.log");
+    let (image, last) = counter_image(dir.path(), &cbin("counter"), &log);
+
+    let same = dir.path().join("rewritten.mig");
+    rewrite_image(&image, &same, |_| {});
+    let original = migrate_image::ImageReader::open(&image).unwrap().meta().unwrap();
+    let copy = migrate_image::ImageReader::open(&same).unwrap().meta().unwrap();
+    assert!(original == copy, "rewrite_image without an edit must keep the metadata");
+
+    match absent_xfeature() {
+        Some((bit, name)) => {
+            let cpu = dir.path().join("cpu.mig");
+            rewrite_image(&image, &cpu, |m| m.host.cpu.xfeatures |= 1u64 << bit);
+            let what = format!("resume of an image whose CPU had xfeature bit {bit} ({name})");
+            let needles: &[&str] = if name == "other" { &["cpu", "features"] } else { &["cpu", "features", name] };
+            resume_output(&[], &cpu).assert_fails(&what, 4, needles);
+        }
+        None => println!("SKIP (cpu part): cannot read XCR0 on this machine or every candidate bit is present"),
+    }
+
+    let vdso = dir.path().join("vdso.mig");
+    rewrite_image(&image, &vdso, |m| m.host.vdso_hash ^= 1);
+    resume_output(&[], &vdso).assert_fails("resume of an image with another vdso", 4, &["vdso"]);
+    // --force is for changed files; it cannot make another kernel's vdso fit.
+    resume_output(&["--force"], &vdso).assert_fails("resume --force of an image with another vdso", 4, &["vdso"]);
+
+    // Last, because the resumed program writes to the log the image checks.
+    let mut r = resume(&same);
+    let line = r.wait_line("tick ", STARTUP);
+    assert_eq!(
+        tick_number(&line),
+        tick_number(&last) + 1,
+        "the rewritten copy resumes where the original stopped: {line}"
+    );
+    assert_eq!(field(&line, "pid"), field(&last, "pid"), "{line}");
+    assert_eq!(field(&line, "heap"), field(&last, "heap"), "the rewritten copy's memory must be intact: {line}");
+    assert_eq!(field(&line, "list"), field(&last, "list"), "{line}");
+    let t = CounterTick::parse(&line);
+    t.check_model(&line);
+    let next = r.wait_line("tick ", LINE);
+    assert_eq!(tick_number(&next), t.n + 1, "{next}");
+}

@@ -3,6 +3,7 @@
 //! take a lock the checkpoint path could need.
 
 pub mod next;
+pub mod paths;
 pub mod pids;
 pub mod signal;
 pub mod time;
@@ -13,6 +14,7 @@ pub fn resolve_all() {
     signal::resolve();
     time::resolve();
     pids::resolve();
+    paths::resolve();
 }
 
 /// Sets errno (the program's, through libc's own accessor).

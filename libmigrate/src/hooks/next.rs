@@ -38,7 +38,7 @@ pub(crate) use real_fn;
 
 /// Calls the real function as the given type: `call_real!(NANOSLEEP: fn(*const timespec, *mut timespec) -> c_int)(a, b)`.
 macro_rules! call_real {
-    ($id:path : fn($($arg:ty),*) -> $ret:ty) => {{
+    ($id:path : fn($($arg:ty),* $(,)?) -> $ret:ty) => {{
         let addr = $id.get();
         if addr == 0 {
             $crate::sys::exit_group(127);

@@ -4,6 +4,7 @@
 
 use super::next::{call_real, real_fn};
 use crate::state::{self, CHECKPOINT_SIGNAL, SUSPEND_SIGNAL};
+use core::cell::Cell;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use libc::{c_int, sigset_t};
 
@@ -65,20 +66,57 @@ fn without_ours(set: *const sigset_t) -> sigset_t {
     copy
 }
 
-/// Blocks or unblocks signals, never ours.
+thread_local! {
+    /// Which of our signals this thread's program code believes it has blocked (kernel
+    /// signal-set bits); `None` until the thread first changes its mask.
+    static VIRTUAL_BLOCKED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+/// The last virtual blocked set any thread established: a new thread inherits its creator's
+/// mask, and programs block signals in main before creating threads.
+static LAST_VIRTUAL_BLOCKED: AtomicU64 = AtomicU64::new(0);
+
+fn set_bits(set: *const sigset_t) -> u64 {
+    // SAFETY: sigset_t is at least 8 bytes; the kernel's view is its first word.
+    unsafe { *(set as *const u64) }
+}
+
+/// Blocks or unblocks signals, never ours; the program's own view of our signals is kept
+/// apart and reported back.
 fn filtered_mask(
     how: c_int,
     set: *const sigset_t,
     old: *mut sigset_t,
     real: unsafe extern "C" fn(c_int, *const sigset_t, *mut sigset_t) -> c_int,
 ) -> c_int {
-    if set.is_null() {
+    let ours = own_bits();
+    let before = VIRTUAL_BLOCKED.with(|v| v.get()).unwrap_or_else(|| LAST_VIRTUAL_BLOCKED.load(Ordering::Relaxed));
+    let r = if set.is_null() {
         // SAFETY: plain pass-through of the program's arguments.
-        return unsafe { real(how, set, old) };
+        unsafe { real(how, set, old) }
+    } else {
+        let copy = without_ours(set);
+        // SAFETY: `copy` lives across the call; `old` is the program's pointer.
+        unsafe { real(how, &copy, old) }
+    };
+    if r != 0 {
+        return r;
     }
-    let copy = without_ours(set);
-    // SAFETY: `copy` lives across the call; `old` is the program's pointer.
-    unsafe { real(how, &copy, old) }
+    if !set.is_null() {
+        let asked = set_bits(set) & ours;
+        let after = match how {
+            libc::SIG_BLOCK => before | asked,
+            libc::SIG_UNBLOCK => before & !asked,
+            libc::SIG_SETMASK => asked,
+            _ => before,
+        };
+        VIRTUAL_BLOCKED.with(|v| v.set(Some(after)));
+        LAST_VIRTUAL_BLOCKED.store(after, Ordering::Relaxed);
+    }
+    if !old.is_null() {
+        // SAFETY: the program's out-pointer, just filled by the real call.
+        unsafe { *(old as *mut u64) = (*(old as *mut u64) & !ours) | before };
+    }
+    r
 }
 
 /// # Safety

@@ -92,6 +92,7 @@ pub fn requeue_for_current_thread(private: &[[u8; 128]]) {
     }
     if tid == pid {
         let n = (SHARED_PENDING.count.swap(0, Ordering::AcqRel) as usize).min(MAX_SHARED_PENDING);
+        crate::debug!("main thread re-queues {n} process-wide and {} private pending signals", private.len());
         // SAFETY: see SharedPending.
         let infos = unsafe { &*SHARED_PENDING.infos.get() };
         for info in &infos[..n] {
