@@ -77,6 +77,13 @@ pub struct ResumeArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Recreate the original pid and thread ids for real (clone3 with set_tid; needs root or
+    /// CAP_CHECKPOINT_RESTORE and free ids), so even raw system calls see them; migrate-resume
+    /// then stays as the program's parent and passes signals and the exit status through.
+    /// Without permission, or if the pid is taken, it says why and uses the translation table.
+    #[arg(long)]
+    pub exact_pids: bool,
+
     /// The image written by migrate-checkpoint
     #[arg(value_name = "IMAGE")]
     pub image: PathBuf,

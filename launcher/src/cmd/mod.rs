@@ -1,6 +1,7 @@
 //! One module per command: `run`, `checkpoint`, `resume`, `inspect`.
 
 pub mod checkpoint;
+pub mod exact_pids;
 pub mod inspect;
 pub mod resume;
 pub mod run;

@@ -97,6 +97,19 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         cmd.env_remove("MIGRATE_FORCE");
     }
 
+    if args.exact_pids {
+        match super::exact_pids::fork_with_pid(p.vpid) {
+            super::exact_pids::Forked::Child => {
+                cmd.env("MIGRATE_EXACT_PIDS", "1");
+            }
+            super::exact_pids::Forked::Parent(child) => super::exact_pids::wait_and_exit(child),
+            super::exact_pids::Forked::Unavailable => {
+                cmd.env_remove("MIGRATE_EXACT_PIDS");
+            }
+        }
+    } else {
+        cmd.env_remove("MIGRATE_EXACT_PIDS");
+    }
     apply_rlimits(&meta)?;
     crate::preload::set_personality(Some(p.personality as u64))?;
     let err = cmd.exec();

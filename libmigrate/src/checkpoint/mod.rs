@@ -101,6 +101,13 @@ pub fn thread_main() -> ! {
     }
 }
 
+/// Is thread `tid` of this process a zombie (exited, not yet reaped with the process)?
+fn is_zombie(tid: i32) -> bool {
+    let stat = fs::read_file(format!("/proc/self/task/{tid}/stat").as_bytes()).unwrap_or_default();
+    let state = stat.iter().rposition(|&c| c == b')').and_then(|i| stat.get(i + 2));
+    matches!(state, Some(b'Z') | Some(b'X'))
+}
+
 /// Stops every program thread in its suspend handler. Returns how many slots are in use.
 fn quiesce(me: i32) -> Result<usize, String> {
     let pid = sys::getpid();
@@ -119,8 +126,8 @@ fn quiesce(me: i32) -> Result<usize, String> {
             let Some(tid) = fs::parse_dec(&t).map(|v| v as i32) else {
                 continue;
             };
-            if tid == me || SLOTS[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid) {
-                continue;
+            if tid == me || SLOTS[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid) || is_zombie(tid) {
+                continue; // a main thread that called pthread_exit stays as a zombie: nothing to save
             }
             if used == SLOTS.len() {
                 return Err(format!("more than {} threads", SLOTS.len()));
@@ -308,7 +315,7 @@ fn dump_and_write(req: &Request, t0: u64) -> Result<Outcome, String> {
     let fd = sys::open(&fs::cpath(tmp_path.as_bytes()), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
         .map_err(|e| format!("cannot create an image in {dir_str}: {e}; choose a writable directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"))?;
     set_transient(1, fd);
-    let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
+    let mem_fd = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
     set_transient(2, mem_fd);
     let cleanup = |fd: i32, mem_fd: i32| {
         let _ = sys::close(fd);

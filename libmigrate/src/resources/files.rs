@@ -1,4 +1,4 @@
-//! File descriptors. Dump: /proc/self/fd (not only what hooks saw: libc's internal opens bypass
+//! File descriptors. Dump: /proc/thread-self/fd (not only what hooks saw: libc's internal opens bypass
 //! them), with fstat, fcntl flags, the offset, and kcmp to find descriptors that share one open
 //! file description (dup). Restore: each descriptor reopened at its number and offset, dups
 //! re-shared with dup3; standard streams that led outside (terminal, pipe, socket) are connected
@@ -29,7 +29,7 @@ fn is_tty_rdev(rdev: u64) -> bool {
 }
 
 pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
-    let names = fs::list_dir(b"/proc/self/fd").map_err(|e| format!("cannot list /proc/self/fd: {e}"))?;
+    let names = fs::list_dir(b"/proc/thread-self/fd").map_err(|e| format!("cannot list /proc/thread-self/fd: {e}"))?;
     let mut fds: Vec<i32> = names.iter().filter_map(|n| fs::parse_dec(n)).map(|n| n as i32).collect();
     fds.sort_unstable();
     fds.retain(|&fd| !state::is_own_fd(fd) && !crate::checkpoint::is_transient_fd(fd));
@@ -46,7 +46,7 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
     let mut out: Vec<FdEntry> = Vec::with_capacity(fds.len());
     for fd in fds {
         let Ok(st) = sys::fstat(fd) else { continue }; // closed meanwhile (the listing's own fd)
-        let link = fs::read_link(format!("/proc/self/fd/{fd}").as_bytes()).unwrap_or_default();
+        let link = fs::read_link(format!("/proc/thread-self/fd/{fd}").as_bytes()).unwrap_or_default();
         let path = path_string(&link);
         let flags = sys::fcntl(fd, libc::F_GETFL, 0).unwrap_or(0) as i32 & KEPT_STATUS_FLAGS;
         let cloexec = sys::fcntl(fd, libc::F_GETFD, 0).unwrap_or(0) as i32 & libc::FD_CLOEXEC != 0;
@@ -147,7 +147,7 @@ fn reopen_fifo(path: &str, flags: i32) -> Result<i32, String> {
 /// switch, when no descriptor of libmigrate's own is open yet.
 pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), String> {
     // Close what the new process has but the saved one had not (inherited from migrate-resume).
-    if let Ok(names) = fs::list_dir(b"/proc/self/fd") {
+    if let Ok(names) = fs::list_dir(b"/proc/thread-self/fd") {
         for n in names {
             if let Some(fd) = fs::parse_dec(&n).map(|v| v as i32) {
                 let inherited_std =

@@ -1,4 +1,4 @@
-//! The address space. Dump: /proc/self/maps describes the VMAs, /proc/self/pagemap tells which
+//! The address space. Dump: /proc/self/maps describes the VMAs, /proc/thread-self/pagemap tells which
 //! pages hold data of their own (never-touched anonymous pages and unmodified file pages are
 //! not stored); pages are written straight from the mappings in large writes. Restore: the plan
 //! (restore/plan.rs) turns each VmaEntry into a mapping and the runs into reads from the image.
@@ -77,7 +77,7 @@ pub fn parse_maps(text: &[u8]) -> Vec<MapLine> {
 }
 
 pub fn read_maps() -> sys::SysResult<Vec<MapLine>> {
-    Ok(parse_maps(&fs::read_file(b"/proc/self/maps")?))
+    Ok(parse_maps(&fs::read_file(b"/proc/thread-self/maps")?))
 }
 
 const PM_PRESENT: u64 = 1 << 63;
@@ -144,8 +144,8 @@ fn kind_of(m: &MapLine, mm_start_brk: u64, mm_brk: u64) -> VmaKind {
 
 /// Describes every VMA of the process, with the page runs to store.
 pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Result<Vec<VmaEntry>, String> {
-    let pagemap = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
-        .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: {e}"))?;
+    let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map_err(|e| alloc::format!("cannot open /proc/thread-self/pagemap: {e}"))?;
     let mut buf = alloc::vec![0u64; 65536];
     let mut out = Vec::with_capacity(maps.len());
     let mut result = Ok(());
@@ -163,7 +163,8 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
         let runs = match stored_runs(pagemap, m, kind, &mut buf) {
             Ok(r) => r,
             Err(e) => {
-                result = Err(alloc::format!("cannot read /proc/self/pagemap for {:#x}-{:#x}: {e}", m.start, m.end));
+                result =
+                    Err(alloc::format!("cannot read /proc/thread-self/pagemap for {:#x}-{:#x}: {e}", m.start, m.end));
                 break;
             }
         };

@@ -9,7 +9,7 @@ pub mod threads;
 
 /// The current working directory, absolute.
 pub fn files_cwd() -> Option<Vec<u8>> {
-    fs::read_link(b"/proc/self/cwd").ok()
+    fs::read_link(b"/proc/thread-self/cwd").ok()
 }
 
 use crate::sys::{self, fs};

@@ -21,8 +21,9 @@ pub struct ProcessBasics {
 
 /// The mm fields from /proc/self/stat (fields after the command name) and the current brk.
 pub fn read_mm() -> Result<MmEntry, String> {
-    let stat = fs::read_file(b"/proc/self/stat").map_err(|e| alloc::format!("cannot read /proc/self/stat: {e}"))?;
-    let close = stat.iter().rposition(|&c| c == b')').ok_or("malformed /proc/self/stat")?;
+    let stat = fs::read_file(b"/proc/thread-self/stat")
+        .map_err(|e| alloc::format!("cannot read /proc/thread-self/stat: {e}"))?;
+    let close = stat.iter().rposition(|&c| c == b')').ok_or("malformed /proc/thread-self/stat")?;
     // Field 3 (state) is the first after ") ".
     let fields: Vec<&[u8]> = stat[close + 2..].split(|&c| c == b' ' || c == b'\n').collect();
     let f = |n: usize| -> u64 { fields.get(n - 3).and_then(|s| fs::parse_dec(s)).unwrap_or(0) as u64 };
@@ -42,7 +43,7 @@ pub fn read_mm() -> Result<MmEntry, String> {
 }
 
 fn read_umask() -> u32 {
-    let status = fs::read_file(b"/proc/self/status").unwrap_or_default();
+    let status = fs::read_file(b"/proc/thread-self/status").unwrap_or_default();
     let key = b"Umask:";
     status
         .windows(key.len())
@@ -61,23 +62,26 @@ fn read_umask() -> u32 {
 }
 
 pub fn dump(files: &mut Files) -> Result<ProcessBasics, String> {
-    let exe = fs::read_link(b"/proc/self/exe").map_err(|e| alloc::format!("cannot read /proc/self/exe: {e}"))?;
+    let exe = fs::read_link(b"/proc/thread-self/exe")
+        .map_err(|e| alloc::format!("cannot read /proc/thread-self/exe: {e}"))?;
     let exe = files.intern_path(&path_string(&exe), true);
-    let argv = fs::read_file(b"/proc/self/cmdline")
+    let argv = fs::read_file(b"/proc/thread-self/cmdline")
         .unwrap_or_default()
         .split(|&c| c == 0)
         .filter(|s| !s.is_empty())
         .map(path_string)
         .collect();
-    let cwd =
-        path_string(&fs::read_link(b"/proc/self/cwd").map_err(|e| alloc::format!("cannot read /proc/self/cwd: {e}"))?);
+    let cwd = path_string(
+        &fs::read_link(b"/proc/thread-self/cwd")
+            .map_err(|e| alloc::format!("cannot read /proc/thread-self/cwd: {e}"))?,
+    );
     let mut rlimits = Vec::new();
     for resource in 0..16u32 {
         if let Ok(r) = sys::prlimit(resource, None) {
             rlimits.push(RlimitEntry { resource, cur: r.rlim_cur, max: r.rlim_max });
         }
     }
-    let auxv_bytes = fs::read_file(b"/proc/self/auxv").unwrap_or_default();
+    let auxv_bytes = fs::read_file(b"/proc/thread-self/auxv").unwrap_or_default();
     let auxv = auxv_bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     Ok(ProcessBasics {
         exe,

@@ -60,6 +60,10 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     let p = &meta.process;
     if let Some(me) = p.threads.iter().find(|t| t.is_checkpoint_thread) {
         sys::set_robust_list(me.robust_list, me.robust_list_len);
+        let mut name = [0u8; 16];
+        let n = me.name.len().min(15);
+        name[..n].copy_from_slice(&me.name.as_bytes()[..n]);
+        sys::set_thread_name(&name);
         let _ = state::PIDS.insert(VirtPid(me.vtid), RealPid(sys::gettid()));
     }
     let _ = state::PIDS.insert(VirtPid(p.vpid), RealPid(sys::getpid()));
@@ -76,6 +80,16 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             break;
         }
         let _ = sys::futex_wait(&suspend::RESTORED_ARRIVED, n, 50_000_000);
+    }
+    if !p.threads.iter().any(|t| t.vtid == p.vpid) {
+        // The restorer's thread leaves as a zombie leader; wait until it is off the plan's stack.
+        let word = &plan.leader_exit_word as *const u32 as *const core::sync::atomic::AtomicU32;
+        // SAFETY: the word lies in the plan region, mapped until below.
+        let word = unsafe { &*word };
+        let deadline = sys::monotonic_ns() + 10_000_000_000;
+        while word.load(Ordering::Acquire) != 0 && sys::monotonic_ns() < deadline {
+            let _ = sys::futex_wait(word, 1, 10_000_000);
+        }
     }
     let image = String::from_utf8_lossy(plan.image_path()).into_owned();
     // SAFETY: nothing uses the plan region any more.

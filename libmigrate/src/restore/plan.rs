@@ -44,6 +44,8 @@ pub struct PlanThread {
     pub resume_sp: u64,
     pub is_main: u32,
     pub new_tid: i32,
+    /// The tid the thread had; recreated with it when `exact_tids` is set and it is free.
+    pub vtid: i32,
 }
 
 #[repr(C)]
@@ -68,6 +70,12 @@ pub struct PlanHeader {
     pub path_len: u64,
     pub mm: PrctlMmMap,
     pub stack_top: u64,
+    /// When the saved main thread had exited (pthread_exit), the restorer's thread exits too,
+    /// as a zombie leader; the kernel clears this word (CLONE_CHILD_CLEARTID semantics via
+    /// set_tid_address) once it no longer uses the plan's stack.
+    pub leader_exit_word: u32,
+    /// Recreate threads with their original tids (migrate-resume --exact-pids, as root).
+    pub exact_tids: u32,
 }
 
 impl PlanHeader {
@@ -261,10 +269,11 @@ pub fn build(
             resume_sp: t.resume_sp,
             is_main: (t.vtid == main_vtid) as u32,
             new_tid: 0,
+            vtid: t.vtid,
         })
         .collect();
-    if threads.iter().filter(|t| t.is_main != 0).count() != 1 {
-        return Err("the image has no main thread (the process's first thread had exited)".into());
+    if threads.iter().filter(|t| t.is_main != 0).count() > 1 {
+        return Err("the image has two main threads".into());
     }
     let fds: Vec<i32> = file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).collect();
 
@@ -341,6 +350,8 @@ pub fn build(
             exe_fd: u32::MAX,
         },
         stack_top: addr + region_len,
+        leader_exit_word: 1,
+        exact_tids: std::env::var_os("MIGRATE_EXACT_PIDS").is_some_and(|v| v == "1") as u32,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.

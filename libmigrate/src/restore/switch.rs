@@ -140,14 +140,40 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             continue;
         }
         let flags = CLONE_THREAD_FLAGS | if t.tid_address != 0 { CLONE_TID_FLAGS } else { 0 };
-        // SAFETY: the saved context lies in memory restored above and shared with the child.
-        let tid = unsafe {
-            context::clone_onto(flags, t.resume_sp, t.tid_address, t.tid_address, t.fs_base, plan_addr as u64)
-        };
+        let mut tid = -1i64;
+        if plan.exact_tids != 0 {
+            let want = t.vtid;
+            let args = context::CloneArgs {
+                flags,
+                child_tid: t.tid_address,
+                parent_tid: t.tid_address,
+                stack: t.resume_sp - 64,
+                stack_size: 64,
+                tls: t.fs_base,
+                set_tid: &want as *const i32 as u64,
+                set_tid_size: 1,
+                ..Default::default()
+            };
+            // SAFETY: as below; a taken tid makes clone3 fail and we fall back to clone.
+            tid = unsafe { context::clone3_onto(&args, plan_addr as u64) };
+        }
+        if tid < 0 {
+            // SAFETY: the saved context lies in memory restored above and shared with the child.
+            tid = unsafe {
+                context::clone_onto(flags, t.resume_sp, t.tid_address, t.tid_address, t.fs_base, plan_addr as u64)
+            };
+        }
         check(tid as isize, b"clone");
         t.new_tid = tid as i32;
     }
-    let Some(main) = main else { fail(b"no main thread", -(libc::EINVAL as isize)) };
+    let Some(main) = main else {
+        // The saved main thread had called pthread_exit: leave as a zombie leader, like it.
+        let word = &plan.leader_exit_word as *const u32 as u64;
+        raw(libc::SYS_set_tid_address, word, 0, 0, 0, 0, 0);
+        loop {
+            raw(libc::SYS_exit, 0, 0, 0, 0, 0, 0);
+        }
+    };
     // SAFETY: as above.
     let t = unsafe { &*threads_ptr.add(main) };
 

@@ -14,6 +14,8 @@ use core::arch::global_asm;
 // migrate_resume_context(sp: u64, value: u64) -> !
 // migrate_clone_onto(flags, sp, ptid, ctid, tls, value) -> child tid (in the parent)
 //   clone(2) whose child starts directly on the saved context `sp` and returns `value` there.
+// migrate_clone3_onto(args, size, value) -> child tid (in the parent)
+//   The same with clone3(2), so that the thread can get its old tid back (set_tid).
 // migrate_call_on_stack(arg, f, stack_top) -> !
 //   Switches to `stack_top` and calls f(arg), which must not return.
 global_asm!(
@@ -70,6 +72,22 @@ global_asm!(
     "3:",
     "    pop r12",
     "    ret",
+    ".globl migrate_clone3_onto",
+    ".hidden migrate_clone3_onto",
+    ".type migrate_clone3_onto,@function",
+    "migrate_clone3_onto:",
+    "    push r12",
+    "    mov r12, rdx",
+    "    mov eax, 435",
+    "    syscall",
+    "    test rax, rax",
+    "    jnz 4f",
+    "    mov rdi, rsp",
+    "    mov rsi, r12",
+    "    jmp migrate_resume_context",
+    "4:",
+    "    pop r12",
+    "    ret",
     ".globl migrate_call_on_stack",
     ".hidden migrate_call_on_stack",
     ".type migrate_call_on_stack,@function",
@@ -87,6 +105,34 @@ unsafe extern "C" {
     fn migrate_resume_context(sp: u64, value: u64) -> !;
     fn migrate_clone_onto(flags: u64, sp: u64, ptid: u64, ctid: u64, tls: u64, value: u64) -> i64;
     fn migrate_call_on_stack(arg: usize, f: extern "C" fn(usize) -> !, stack_top: usize) -> !;
+    fn migrate_clone3_onto(args: *const CloneArgs, size: usize, value: u64) -> i64;
+}
+
+/// `struct clone_args` of clone3(2).
+#[repr(C)]
+#[derive(Default)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// clone3(2) whose child starts on the saved context at `args.stack + args.stack_size` and
+/// returns `value` there; used to recreate a thread with its original tid (`set_tid`).
+///
+/// # Safety
+/// As for [`clone_onto`]; `args` must be valid and its stack end a saved context.
+pub unsafe fn clone3_onto(args: &CloneArgs, value: u64) -> i64 {
+    // SAFETY: per the contract above.
+    unsafe { migrate_clone3_onto(args, core::mem::size_of::<CloneArgs>(), value) }
 }
 
 /// Saves this thread's jump context into `*slot`, runs `f(arg)` further down the stack, and
