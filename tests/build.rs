@@ -15,6 +15,10 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("exiter", &[]),
     ("sigclash", &[]),
     ("waiters", &["-pthread"]),
+    ("threadpool", &["-pthread"]),
+    ("threadchurn", &["-pthread"]),
+    ("pids", &["-pthread"]),
+    ("mainexit", &["-pthread"]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

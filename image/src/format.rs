@@ -58,15 +58,19 @@ pub enum ImageError {
     Write(io::Error),
 }
 
-/// What a section holds.
+/// What a section holds. `proc` indexes `TreeMeta::processes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SectionKind {
-    /// postcard-encoded [`crate::schema::ImageMeta`].
-    Meta,
-    /// Raw pages of one VMA: the runs listed in its `Vma::runs`, concatenated.
-    Pages { vma: u32 },
+    /// postcard-encoded [`crate::schema::TreeMeta`]: the processes and what they share.
+    Tree,
+    /// postcard-encoded [`crate::schema::ImageMeta`] of one process.
+    Meta { proc: u32 },
+    /// Raw pages of one VMA of one process: the runs listed in its `runs`, concatenated.
+    Pages { proc: u32, vma: u32 },
     /// A whole file's contents (deleted files, `--with-binaries`).
-    FileContents { file: u32 },
+    FileContents { proc: u32, file: u32 },
+    /// Contents of an object shared between processes (e.g. shared anonymous memory).
+    Shared { object: u32 },
 }
 
 /// One entry of the section table.
@@ -183,10 +187,34 @@ impl<S: Sink> ImageWriter<S> {
         Ok(self.end_section())
     }
 
-    /// Encodes and writes the metadata section.
-    pub fn add_meta(&mut self, meta: &crate::schema::ImageMeta) -> Result<u32, ImageError> {
+    /// Encodes and writes the metadata section of process `proc`.
+    pub fn add_meta(&mut self, proc: u32, meta: &crate::schema::ImageMeta) -> Result<u32, ImageError> {
         let bytes = postcard::to_allocvec(meta).map_err(|e| ImageError::Encode(e.to_string()))?;
-        self.add_section_bytes(SectionKind::Meta, &bytes, false)
+        self.add_section_bytes(SectionKind::Meta { proc }, &bytes, false)
+    }
+
+    /// Encodes and writes the tree section.
+    pub fn add_tree(&mut self, tree: &crate::schema::TreeMeta) -> Result<u32, ImageError> {
+        let bytes = postcard::to_allocvec(tree).map_err(|e| ImageError::Encode(e.to_string()))?;
+        self.add_section_bytes(SectionKind::Tree, &bytes, false)
+    }
+
+    /// Continues an image that other writers started: no header is written; sections are
+    /// appended from `pos`. Used by each process of a tree to add its own sections to the
+    /// coordinator's file; `into_sections` hands them back for the coordinator's table.
+    pub fn continue_at(sink: S, pos: u64, max_sections: usize) -> Self {
+        ImageWriter { sink, pos, sections: Vec::with_capacity(max_sections + 4), current: None }
+    }
+
+    /// The sections written so far (for `continue_at` writers).
+    pub fn into_sections(self) -> (S, u64, Vec<SectionEntry>) {
+        (self.sink, self.pos, self.sections)
+    }
+
+    /// Adds entries written by other writers to this writer's table.
+    pub fn adopt_sections(&mut self, entries: &[SectionEntry], end: u64) {
+        self.sections.extend_from_slice(entries);
+        self.pos = self.pos.max(end);
     }
 
     /// Writes the table and trailer; returns the sink and the image length.
@@ -342,13 +370,47 @@ impl ImageReader {
         Ok(buf)
     }
 
-    /// Decodes the metadata section.
-    pub fn meta(&self) -> Result<crate::schema::ImageMeta, ImageError> {
+    /// Decodes the tree section.
+    pub fn tree(&self) -> Result<crate::schema::TreeMeta, ImageError> {
         let index = self
             .sections
             .iter()
-            .position(|s| s.kind == SectionKind::Meta)
-            .ok_or(ImageError::MissingSection { path: self.path.clone(), kind: SectionKind::Meta })?;
+            .position(|s| s.kind == SectionKind::Tree)
+            .ok_or(ImageError::MissingSection { path: self.path.clone(), kind: SectionKind::Tree })?;
+        if self.sections[index].length > MAX_METADATA_LEN {
+            return Err(ImageError::Malformed {
+                path: self.path.clone(),
+                what: "tree".into(),
+                detail: format!("{} bytes exceeds the limit", self.sections[index].length),
+            });
+        }
+        let bytes = self.read_section(index)?;
+        let tree: crate::schema::TreeMeta = postcard::from_bytes(&bytes).map_err(|e| ImageError::Malformed {
+            path: self.path.clone(),
+            what: "tree".into(),
+            detail: e.to_string(),
+        })?;
+        tree.validate().map_err(|detail| ImageError::Malformed {
+            path: self.path.clone(),
+            what: "tree".into(),
+            detail,
+        })?;
+        Ok(tree)
+    }
+
+    /// Decodes the metadata of the first process (the root of the tree).
+    pub fn meta(&self) -> Result<crate::schema::ImageMeta, ImageError> {
+        self.process_meta(0)
+    }
+
+    /// Decodes the metadata section of process `proc`.
+    pub fn process_meta(&self, proc: u32) -> Result<crate::schema::ImageMeta, ImageError> {
+        let kind = SectionKind::Meta { proc };
+        let index = self
+            .sections
+            .iter()
+            .position(|s| s.kind == kind)
+            .ok_or(ImageError::MissingSection { path: self.path.clone(), kind })?;
         if self.sections[index].length > MAX_METADATA_LEN {
             return Err(ImageError::Malformed {
                 path: self.path.clone(),

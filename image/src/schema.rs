@@ -114,6 +114,8 @@ pub const PROT_EXEC: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
+    /// libmigrate's tree registry (shared with the other processes): mapped anew, not stored.
+    Registry,
     /// Private anonymous memory (incl. thread stacks, guard pages).
     Anon,
     /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, /dev/zero shared).
@@ -267,6 +269,76 @@ pub struct SigInfoEntry {
     pub signo: i32,
     /// The raw 128-byte siginfo_t.
     pub info: Vec<u8>,
+}
+
+/// A checkpointed process tree: every live process (its own `Meta { proc }` section), the
+/// zombies their parents had not reaped, and the kernel objects several processes shared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeMeta {
+    pub processes: Vec<TreeProcess>,
+    pub zombies: Vec<ZombieEntry>,
+    pub shared: Vec<SharedEntry>,
+    /// Descriptor numbers from here up are free in every process: migrate-resume hands the
+    /// shared objects down at `shared_fd_base + object index`.
+    pub shared_fd_base: i32,
+}
+
+/// A shared object and who holds it: (process index, descriptor number) pairs. For those
+/// descriptors it overrides what the process's own `FdEntry` says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedEntry {
+    pub object: SharedObject,
+    pub holders: Vec<(u32, i32)>,
+}
+
+/// One live process of the tree, in creation order (parents before children).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeProcess {
+    pub vpid: i32,
+    pub vppid: i32,
+    pub vpgid: i32,
+    pub vsid: i32,
+}
+
+/// A child that had exited but was not yet reaped: recreated as a zombie with its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZombieEntry {
+    pub vpid: i32,
+    pub vppid: i32,
+    pub vpgid: i32,
+    /// The wait status (as waitpid reports it).
+    pub status: i32,
+}
+
+/// A kernel object (open file description) held by several processes of the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SharedObject {
+    /// One end of a pipe; `data` (kept on the read end) is what was in flight.
+    Pipe { pipe: u64, write_end: bool, flags: u32, capacity: u32, data: Vec<u8> },
+    /// A regular file opened once and inherited: one offset for all holders.
+    File { path: String, flags: u32, pos: u64 },
+}
+
+impl TreeMeta {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.processes.is_empty() || self.processes.len() > 65536 {
+            return Err(format!("{} processes", self.processes.len()));
+        }
+        if self.shared.len() > 1 << 20 || self.shared_fd_base < 3 {
+            return Err("bad shared object table".into());
+        }
+        for e in &self.shared {
+            if e.holders.iter().any(|&(p, fd)| p as usize >= self.processes.len() || fd < 0) {
+                return Err("a shared object names a process or descriptor that does not exist".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Index of the process with virtual pid `vpid`.
+    pub fn index_of(&self, vpid: i32) -> Option<usize> {
+        self.processes.iter().position(|p| p.vpid == vpid)
+    }
 }
 
 impl ImageMeta {

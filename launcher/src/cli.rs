@@ -77,12 +77,19 @@ pub struct ResumeArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Recreate the original pid and thread ids for real (clone3 with set_tid; needs root or
-    /// CAP_CHECKPOINT_RESTORE and free ids), so even raw system calls see them; migrate-resume
-    /// then stays as the program's parent and passes signals and the exit status through.
-    /// Without permission, or if the pid is taken, it says why and uses the translation table.
-    #[arg(long)]
+    /// Insist on the original pid and thread ids, and say why if they cannot be had. By
+    /// default migrate-resume already recreates them for real whenever the kernel allows it
+    /// (clone3 with set_tid: root or CAP_CHECKPOINT_RESTORE, ids free), so that even raw system
+    /// calls and the thread ids glibc keeps in mutexes stay valid; migrate-resume then stays as
+    /// the program's parent and passes signals and the exit status through. Otherwise the
+    /// program still sees its original ids through the translation table.
+    #[arg(long, conflicts_with = "virtual_pids")]
     pub exact_pids: bool,
+
+    /// Never recreate the original ids; use the translation table only (migrate-resume becomes
+    /// the program, with no parent process kept)
+    #[arg(long)]
+    pub virtual_pids: bool,
 
     /// The image written by migrate-checkpoint
     #[arg(value_name = "IMAGE")]

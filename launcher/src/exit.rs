@@ -154,7 +154,7 @@ mod tests {
             ImageError::Truncated { path: p(), detail: "x".into() },
             ImageError::Corrupted { path: p(), what: "header".into(), stored: 1, computed: 2 },
             ImageError::Malformed { path: p(), what: "m".into(), detail: "d".into() },
-            ImageError::MissingSection { path: p(), kind: migrate_image::SectionKind::Meta },
+            ImageError::MissingSection { path: p(), kind: migrate_image::SectionKind::Meta { proc: 0 } },
         ];
         for e in cases {
             assert_eq!(image_error_code(&e), IMAGE, "{e}");

@@ -40,7 +40,7 @@ fn inspect_shows_a_valid_image() {
         "vtid 42",
         "SIGUSR1",
         "RLIMIT_STACK",
-        "pages of vma 0",
+        "pages of process 0 vma 0",
         "stored memory 4.0 KiB",
     ] {
         assert!(r.stdout.contains(needle), "missing {needle:?} in:\n{}", r.stdout);
@@ -54,7 +54,8 @@ fn inspect_shows_a_valid_image() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["format_version"], 1);
     assert_eq!(v["image_bytes"], fs::metadata(&img).unwrap().len());
-    assert_eq!(v["sections"].as_array().unwrap().len(), 2);
+    assert_eq!(v["sections"].as_array().unwrap().len(), 3, "pages, process metadata, tree");
+    assert_eq!(v["tree"]["processes"][0]["vpid"], 42);
     assert_eq!(v["meta"]["process"]["vpid"], 42);
     assert_eq!(v["meta"]["process"]["threads"][0]["name"], "sample");
 }
@@ -91,7 +92,7 @@ fn corrupted_images() {
     let dir = tempfile::tempdir().unwrap();
     // A flipped byte in the metadata: both commands refuse.
     let img = valid_image(dir.path());
-    let meta_at = section_offset(&img, |k| k == SectionKind::Meta);
+    let meta_at = section_offset(&img, |k| k == SectionKind::Meta { proc: 0 });
     flip_byte(&img, meta_at + 5);
     both(&img, 3, "is corrupted");
 
@@ -104,7 +105,7 @@ fn corrupted_images() {
     assert_eq!(run(c).code, 0);
     let mut c = bin("inspect");
     c.arg(&img);
-    run(c).expect_error("inspect", 3, "section 0 (Pages { vma: 0 }) checksum mismatch");
+    run(c).expect_error("inspect", 3, "section 0 (Pages { proc: 0, vma: 0 }) checksum mismatch");
     let mut c = bin("resume");
     c.arg(&img);
     run(c).expect_error("resume", 3, "is corrupted");

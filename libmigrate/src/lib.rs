@@ -14,6 +14,7 @@ pub mod resources;
 pub mod restore;
 pub mod state;
 pub mod sys;
+pub mod tree;
 
 use core::sync::atomic::Ordering;
 
@@ -47,6 +48,20 @@ fn start_managed() {
     let pid = sys::getpid();
     state::VIRTUAL_PID.store(pid, Ordering::Relaxed);
     let _ = state::PIDS.insert(pid_virt::VirtPid(pid), pid_virt::RealPid(pid));
+    // Membership of the tree: a fork child already has the registry mapped; an exec'd program
+    // finds it at its reserved descriptor; migrate-run's program starts a new tree.
+    let new_tree = std::env::var_os("MIGRATE_NEW_TREE").is_some();
+    if new_tree {
+        // SAFETY: still single-threaded in the constructor; children must not inherit it.
+        unsafe { std::env::remove_var("MIGRATE_NEW_TREE") };
+    }
+    let have = tree::registry().is_some() && !new_tree;
+    if !have && (new_tree || !tree::attach_inherited()) {
+        if let Err(e) = tree::create() {
+            info!("cannot create the tree registry ({e}); this process is checkpointed on its own");
+        }
+    }
+    tree::join(pid);
     let dir = std::env::var_os("MIGRATE_CKPT_DIR")
         .map(|d| std::os::unix::ffi::OsStrExt::as_bytes(d.as_os_str()).to_vec())
         .or_else(resources::files_cwd)

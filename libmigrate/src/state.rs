@@ -42,13 +42,45 @@ pub fn to_virt(real: i32) -> i32 {
     PIDS.to_virt(RealPid(real)).0
 }
 
+/// A resumed root that led its process group (or session) but now lives in its caller's —
+/// migrate-resume's, whose job control must keep reaching it — answers to the original id:
+/// (virtual id, real id) of that group and session.
+pub static GROUP_ALIAS: [AtomicI32; 2] = [AtomicI32::new(0), AtomicI32::new(0)];
+pub static SESSION_ALIAS: [AtomicI32; 2] = [AtomicI32::new(0), AtomicI32::new(0)];
+
+/// A real process-group id as the program sees it.
+pub fn pgid_to_virt(real: i32) -> i32 {
+    if real > 0 && real == GROUP_ALIAS[1].load(Ordering::Relaxed) {
+        return GROUP_ALIAS[0].load(Ordering::Relaxed);
+    }
+    to_virt(real)
+}
+
+/// A real session id as the program sees it.
+pub fn sid_to_virt(real: i32) -> i32 {
+    if real > 0 && real == SESSION_ALIAS[1].load(Ordering::Relaxed) {
+        return SESSION_ALIAS[0].load(Ordering::Relaxed);
+    }
+    to_virt(real)
+}
+
+/// A virtual process-group id as the kernel knows it.
+pub fn pgid_to_real(virt: i32) -> i32 {
+    if virt > 0 && virt == GROUP_ALIAS[0].load(Ordering::Relaxed) {
+        return GROUP_ALIAS[1].load(Ordering::Relaxed);
+    }
+    to_real(virt)
+}
+
 pub fn to_real(virt: i32) -> i32 {
     PIDS.to_real(VirtPid(virt)).0
 }
 
 /// Is `fd` one of libmigrate's own descriptors?
 pub fn is_own_fd(fd: i32) -> bool {
-    fd == CONTROL_FD.load(Ordering::Relaxed) || fd == WAKE_FD.load(Ordering::Relaxed)
+    fd == CONTROL_FD.load(Ordering::Relaxed)
+        || fd == WAKE_FD.load(Ordering::Relaxed)
+        || (fd == crate::tree::REGISTRY_FD && crate::tree::registry().is_some())
 }
 
 /// Signal-set bits (kernel layout: bit n-1 for signal n) of the signals libmigrate owns.

@@ -8,6 +8,8 @@
 //! touch only their own entry.
 #![no_std]
 
+pub mod registry;
+
 use core::sync::atomic::{AtomicI32, Ordering};
 
 /// An id as the program sees it.

@@ -916,9 +916,9 @@ pub fn rewrite_image(src: &Path, dst: &Path, edit: impl FnOnce(&mut migrate_imag
     let mut metas = 0;
     for (i, s) in sections.iter().enumerate() {
         let index = match s.kind {
-            SectionKind::Meta => {
+            SectionKind::Meta { proc: 0 } => {
                 metas += 1;
-                writer.add_meta(&meta)
+                writer.add_meta(0, &meta)
             }
             kind => {
                 let bytes = reader

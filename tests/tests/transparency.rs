@@ -230,12 +230,16 @@ fn ps_shows_the_same_command_line_environment_and_name_after_resume() {
     let mut r = resume(&image);
     let line = r.wait_line("tick ", STARTUP);
     assert_eq!(field_num::<i32>(&line, "pid"), pid, "getpid() is the original pid after resume: {line}");
-    // migrate-resume execs the program: the resumed process is migrate-resume's own process.
-    let rpid = r.pid();
+    // The resumed process is migrate-resume's own (it execs), or — when the original pid could
+    // be recreated (root, pid free) — its child with the original pid.
+    let rpid = if std::path::Path::new(&format!("/proc/{pid}")).exists() { pid } else { r.pid() };
     assert!(r.try_exit().is_none(), "the resumed program must be running\n{}", r.report());
     let exe = std::fs::read_link(format!("/proc/{rpid}/exe")).expect("read /proc/<resumed>/exe");
     let want = std::fs::canonicalize(cbin("counter")).expect("canonicalize counter");
-    assert_eq!(exe, want, "migrate-resume (pid {rpid}) must have exec'd the program");
+    assert_eq!(exe, want, "the resumed process (pid {rpid}) must run the program");
+    if is_root() {
+        assert_eq!(rpid, pid, "as root, the original pid (free again) is recreated for real");
+    }
 
     let r_cmdline = proc_file(rpid, "cmdline");
     let r_environ = proc_file(rpid, "environ");

@@ -55,8 +55,24 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
     Err(format!("unexpected reply {line:?}"))
 }
 
+/// The process to talk to: `pid` itself, or — when `pid` is a migrate-resume that stays as the
+/// parent of the program it resumed (original pids recreated) — that program.
+fn target_of(pid: i32) -> i32 {
+    let is_resume = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|e| e.file_name().is_some_and(|n| n == "migrate-resume"));
+    if !is_resume {
+        return pid;
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let kids: Vec<i32> = children.split_whitespace().filter_map(|c| c.parse().ok()).collect();
+    match kids.as_slice() {
+        [only] => *only,
+        _ => pid,
+    }
+}
+
 pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
-    let pid = args.pid;
+    let pid = target_of(args.pid);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.timeout);
     let dir = match &args.dir {

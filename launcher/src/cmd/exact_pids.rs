@@ -36,8 +36,12 @@ pub enum Forked {
     Unavailable,
 }
 
-/// Forks a child with pid `pid` if the kernel allows it.
-pub fn fork_with_pid(pid: i32) -> Forked {
+/// Forks a child with pid `pid` if the kernel allows it; with `insist`, says why not.
+pub fn fork_with_pid(pid: i32, insist: bool) -> Forked {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == pid {
+        return Forked::Child; // already the right pid: no parent process needed
+    }
     let want = pid;
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -61,18 +65,26 @@ pub fn fork_with_pid(pid: i32) -> Forked {
         Some(libc::EINVAL) => format!("pid {pid} is outside this pid namespace's range"),
         _ => format!("clone3 with set_tid failed: {err}"),
     };
-    warn(
-        "resume",
-        &format!(
-            "--exact-pids: {why}; resuming with a new pid (the program still sees {pid} through the translation table)"
-        ),
-    );
+    if insist {
+        warn(
+            "resume",
+            &format!(
+                "--exact-pids: {why}; resuming with a new pid (the program still sees {pid} through the translation table)"
+            ),
+        );
+    }
     Forked::Unavailable
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward(sig: libc::c_int) {
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // Signals from the terminal (Ctrl-C, …) reach the whole foreground group, the program
+    // included: pass on only what a process sent to us.
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    if unsafe { (*info).si_code } == libc::SI_KERNEL {
+        return;
+    }
     let child = CHILD.load(Ordering::Relaxed);
     if child > 0 {
         // SAFETY: kill is async-signal-safe.
@@ -95,14 +107,20 @@ pub fn wait_and_exit(child: i32) -> ! {
         libc::SIGWINCH,
         libc::SIGALRM,
     ] {
-        // SAFETY: `forward` is async-signal-safe; installing it has no other precondition.
-        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+        // SAFETY: `forward` is async-signal-safe; a zeroed sigaction carrying it is valid.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
     let mut status = 0;
     loop {
         // SAFETY: valid out-pointer.
         let r = unsafe { libc::waitpid(child, &mut status, 0) };
         if r == child {
+            CHILD.store(0, Ordering::Relaxed); // never signal a reused pid
             break;
         }
         if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {

@@ -3,22 +3,35 @@
 use crate::cli::InspectArgs;
 use crate::signals;
 use crate::text::{bytes, limit, open_flags, prot, rlimit_name, utc_time};
-use migrate_image::{FdKind, ImageMeta, ImageReader, SectionEntry, SectionKind, PAGE_SIZE};
+use migrate_image::{FdKind, ImageMeta, ImageReader, SectionEntry, SectionKind, SharedObject, TreeMeta, PAGE_SIZE};
 use std::fmt::Write as _;
 use std::io::Write;
 
 pub fn main(args: InspectArgs) -> anyhow::Result<()> {
     let reader = ImageReader::open(&args.image)?;
-    let meta = reader.meta()?;
+    let tree = reader.tree()?;
+    let metas: Vec<ImageMeta> =
+        (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
     if !args.no_verify {
         reader.verify_all()?;
     }
     let out = if args.json {
-        let mut s = serde_json::to_string_pretty(&json(&reader, &meta, !args.no_verify)?)?;
+        let mut s = serde_json::to_string_pretty(&json(&reader, &tree, &metas, !args.no_verify)?)?;
         s.push('\n');
         s
     } else {
-        text(&reader, &meta, !args.no_verify)
+        let mut o = String::new();
+        if metas.len() > 1 || !tree.zombies.is_empty() || !tree.shared.is_empty() {
+            o.push_str(&tree_text(&tree));
+        }
+        for (k, meta) in metas.iter().enumerate() {
+            if metas.len() > 1 {
+                let _ =
+                    writeln!(o, "\n==================== process {k} (vpid {}) ====================", meta.process.vpid);
+            }
+            o.push_str(&text(&reader, meta, !args.no_verify));
+        }
+        o
     };
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
@@ -28,23 +41,65 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The JSON document: `{"format_version", "flags", "image_bytes", "verified", "sections", "meta"}`.
-pub fn json(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> anyhow::Result<serde_json::Value> {
+/// The JSON document: `{"format_version", "flags", "image_bytes", "verified", "sections",
+/// "tree", "meta" (the first process), "processes" (all)}`.
+pub fn json(
+    reader: &ImageReader,
+    tree: &TreeMeta,
+    metas: &[ImageMeta],
+    verified: bool,
+) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "format_version": reader.version,
         "flags": reader.flags,
         "image_bytes": reader.len(),
         "verified": verified,
         "sections": serde_json::to_value(reader.sections())?,
-        "meta": serde_json::to_value(meta)?,
+        "tree": serde_json::to_value(tree)?,
+        "meta": serde_json::to_value(&metas[0])?,
+        "processes": serde_json::to_value(metas)?,
     }))
+}
+
+/// The tree: processes, zombies and what they share.
+pub fn tree_text(tree: &TreeMeta) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "tree       {} processes, {} zombies, {} shared objects",
+        tree.processes.len(),
+        tree.zombies.len(),
+        tree.shared.len()
+    );
+    for (k, p) in tree.processes.iter().enumerate() {
+        let _ = writeln!(o, "  process {k}: vpid {} ppid {} pgid {} sid {}", p.vpid, p.vppid, p.vpgid, p.vsid);
+    }
+    for z in &tree.zombies {
+        let _ = writeln!(o, "  zombie: vpid {} (child of {}), wait status {:#x}", z.vpid, z.vppid, z.status);
+    }
+    for (j, e) in tree.shared.iter().enumerate() {
+        let what = match &e.object {
+            SharedObject::Pipe { pipe, write_end, data, .. } => format!(
+                "pipe:[{pipe}] {} end{}",
+                if *write_end { "write" } else { "read" },
+                if data.is_empty() { String::new() } else { format!(", {} bytes in flight", data.len()) }
+            ),
+            SharedObject::File { path, pos, .. } => format!("file {path} pos {pos}"),
+        };
+        let holders: Vec<String> = e.holders.iter().map(|(p, fd)| format!("{p}:{fd}")).collect();
+        let _ =
+            writeln!(o, "  shared {j} (fd {}): {what}; held by {}", tree.shared_fd_base + j as i32, holders.join(" "));
+    }
+    o
 }
 
 fn kind_text(k: SectionKind) -> String {
     match k {
-        SectionKind::Meta => "meta".into(),
-        SectionKind::Pages { vma } => format!("pages of vma {vma}"),
-        SectionKind::FileContents { file } => format!("contents of file {file}"),
+        SectionKind::Tree => "tree".into(),
+        SectionKind::Meta { proc } => format!("meta of process {proc}"),
+        SectionKind::Pages { proc, vma } => format!("pages of process {proc} vma {vma}"),
+        SectionKind::FileContents { proc, file } => format!("contents of process {proc} file {file}"),
+        SectionKind::Shared { object } => format!("shared object {object}"),
     }
 }
 

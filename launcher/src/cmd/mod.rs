@@ -5,3 +5,4 @@ pub mod exact_pids;
 pub mod inspect;
 pub mod resume;
 pub mod run;
+pub mod tree;

@@ -13,7 +13,7 @@ use crate::host;
 use crate::preload::with_rseq_off;
 use crate::text::{limit, rlimit_name, utc_time};
 use anyhow::Context;
-use migrate_image::{FdKind, FileIdentity, ImageMeta, ImageReader, SectionKind, PROT_EXEC};
+use migrate_image::{FdKind, FileIdentity, ImageMeta, ImageReader, SectionKind, TreeMeta, PROT_EXEC};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
@@ -24,30 +24,64 @@ use std::process::Command;
 
 pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     let reader = ImageReader::open(&args.image)?;
-    let meta = reader.meta()?;
+    let tree = reader.tree()?;
+    let metas: Vec<ImageMeta> =
+        (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
     reader.verify_all()?;
     let image = fs::canonicalize(&args.image)
         .with_context(|| format!("cannot resolve the image path {}", args.image.display()))
         .code(IMAGE)?;
+    check_cpu(&metas[0])?;
+    check_vdso(&metas[0])?;
 
-    check_cpu(&meta)?;
-    check_vdso(&meta)?;
+    // Everything that can fail is checked and prepared before the first fork.
+    let mut commands = Vec::with_capacity(metas.len());
+    for (k, meta) in metas.iter().enumerate() {
+        commands.push(prepare(&reader, &tree, meta, k as u32, &image, &args)?);
+    }
+    drop(reader); // its descriptor must not sit where a shared object goes
+                  // Descriptors first: a lower RLIMIT_NOFILE does not close them, but would forbid placing them.
+    super::tree::hand_down(&tree)?;
+    apply_rlimits(&metas[0])?;
+    let exact = !args.virtual_pids;
+    if exact {
+        match super::exact_pids::fork_with_pid(metas[0].process.vpid, args.exact_pids) {
+            super::exact_pids::Forked::Child => {}
+            super::exact_pids::Forked::Parent(child) => super::exact_pids::wait_and_exit(child),
+            super::exact_pids::Forked::Unavailable => {}
+        }
+    }
+    super::tree::become_process(0, &tree, &metas, commands, exact)
+}
+
+/// The exec of process `k`: its binary (or the image's copy of it), argv, and the environment
+/// its restore needs. Checks its files first.
+fn prepare(
+    reader: &ImageReader,
+    tree: &TreeMeta,
+    meta: &ImageMeta,
+    k: u32,
+    image: &Path,
+    args: &ResumeArgs,
+) -> anyhow::Result<Command> {
     let carried: Vec<u32> = reader
         .sections()
         .iter()
         .filter_map(|s| match s.kind {
-            SectionKind::FileContents { file } => Some(file),
+            SectionKind::FileContents { proc, file } if proc == k => Some(file),
             _ => None,
         })
         .collect();
-    let checked = check_files(&meta, &carried, args.force)?;
+    let handed: Vec<i32> =
+        tree.shared.iter().flat_map(|e| e.holders.iter().filter(|h| h.0 == k).map(|h| h.1)).collect();
+    let checked = check_files(meta, &carried, args.force, &handed)?;
     for w in &checked.warnings {
         warn("resume", w);
     }
     let p = &meta.process;
     let mut copies: Vec<(u32, PathBuf)> = Vec::new();
     for &index in &checked.substitute {
-        let copy = extract(&reader, &meta, index)?;
+        let copy = extract(reader, meta, k, index)?;
         warn(
             "resume",
             &format!(
@@ -81,7 +115,7 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         None => cmd.env("LD_PRELOAD", &p.ld_preload),
     };
     if !copies.is_empty() {
-        let libs = library_dir(&copies, &meta)?;
+        let libs = library_dir(&copies, meta)?;
         cmd.env("LD_LIBRARY_PATH", libs);
         let map: String =
             copies.iter().map(|(i, c)| format!("{}\t{}\n", p.files[*i as usize].path, c.display())).collect();
@@ -90,30 +124,20 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         cmd.env_remove("MIGRATE_FILE_MAP");
     }
     cmd.env("GLIBC_TUNABLES", with_rseq_off(std::env::var_os("GLIBC_TUNABLES").as_deref()));
-    cmd.env("MIGRATE_RESTORE", &image);
+    cmd.env("MIGRATE_RESTORE", image);
+    cmd.env("MIGRATE_PROC", k.to_string());
+    cmd.env_remove("MIGRATE_NEW_TREE");
     if args.force {
         cmd.env("MIGRATE_FORCE", "1");
     } else {
         cmd.env_remove("MIGRATE_FORCE");
     }
-
-    if args.exact_pids {
-        match super::exact_pids::fork_with_pid(p.vpid) {
-            super::exact_pids::Forked::Child => {
-                cmd.env("MIGRATE_EXACT_PIDS", "1");
-            }
-            super::exact_pids::Forked::Parent(child) => super::exact_pids::wait_and_exit(child),
-            super::exact_pids::Forked::Unavailable => {
-                cmd.env_remove("MIGRATE_EXACT_PIDS");
-            }
-        }
+    if !args.virtual_pids {
+        cmd.env("MIGRATE_EXACT_PIDS", "1");
     } else {
         cmd.env_remove("MIGRATE_EXACT_PIDS");
     }
-    apply_rlimits(&meta)?;
-    crate::preload::set_personality(Some(p.personality as u64))?;
-    let err = cmd.exec();
-    Err(fail(TARGET, format!("cannot execute {exe}: {err}")))
+    Ok(cmd)
 }
 
 /// The saved register state must fit this CPU: XCR0 must contain every feature the image's
@@ -194,7 +218,9 @@ pub struct FileCheck {
     pub substitute: Vec<u32>,
 }
 
-pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Result<FileCheck> {
+/// `handed` are descriptors the tree hands down (shared with other processes): whatever this
+/// process's own entry says about them does not apply.
+pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool, handed: &[i32]) -> anyhow::Result<FileCheck> {
     let p = &meta.process;
     let mut uses: BTreeMap<u32, Use> = BTreeMap::new();
     let mut note = |i: u32, u: Use| {
@@ -280,7 +306,7 @@ pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool) -> anyhow::Re
         Some(_) => {}
     }
 
-    for fd in &p.fds {
+    for fd in p.fds.iter().filter(|f| !handed.contains(&f.fd)) {
         if let FdKind::Detached { what, .. } = &fd.kind {
             warnings.push(format!(
                 "fd {} ({what}) led outside the checkpoint; it is restored disconnected (end-of-file / EPIPE)",
@@ -476,7 +502,7 @@ fn cache_dir() -> anyhow::Result<PathBuf> {
 
 /// Writes the image's copy of file `index` into the cache (verified by its content hash) and
 /// returns its path. An earlier extraction with the right contents is reused.
-fn extract(reader: &ImageReader, meta: &ImageMeta, index: u32) -> anyhow::Result<PathBuf> {
+fn extract(reader: &ImageReader, meta: &ImageMeta, proc: u32, index: u32) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let id = &meta.process.files[index as usize];
     let want = id.hash.ok_or_else(|| fail(IMAGE, format!("the image stores {} without a content hash", id.path)))?;
@@ -490,7 +516,7 @@ fn extract(reader: &ImageReader, meta: &ImageMeta, index: u32) -> anyhow::Result
     let section = reader
         .sections()
         .iter()
-        .position(|s| s.kind == SectionKind::FileContents { file: index })
+        .position(|s| s.kind == SectionKind::FileContents { proc, file: index })
         .ok_or_else(|| fail(IMAGE, format!("the image lists {} as stored but has no section for it", id.path)))?;
     let bytes = reader.read_section(section)?;
     let have = xxhash_rust::xxh3::xxh3_64(&bytes);

@@ -34,6 +34,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     cmd.env("GLIBC_TUNABLES", with_rseq_off(std::env::var_os("GLIBC_TUNABLES").as_deref()));
     cmd.env("MIGRATE_CKPT_DIR", &ckpt_dir);
     cmd.env("MIGRATE_SIGNAL", args.signal.to_string());
+    // The program starts a process tree of its own (even under another managed program).
+    cmd.env("MIGRATE_NEW_TREE", "1");
     // A stale restore request from a resumed parent must not turn this start into a resume.
     cmd.env_remove("MIGRATE_RESTORE");
     cmd.env_remove("MIGRATE_FORCE");

@@ -161,8 +161,16 @@ pub fn write_image(path: &Path, meta: &ImageMeta) {
     let file = fs::File::create(path).unwrap();
     let mut w = ImageWriter::new(file, 4).unwrap();
     let page = vec![0xabu8; PAGE_SIZE as usize];
-    w.add_section_bytes(SectionKind::Pages { vma: 0 }, &page, true).unwrap();
-    w.add_meta(meta).unwrap();
+    w.add_section_bytes(SectionKind::Pages { proc: 0, vma: 0 }, &page, true).unwrap();
+    w.add_meta(0, meta).unwrap();
+    let p = &meta.process;
+    let tree = migrate_image::TreeMeta {
+        processes: vec![migrate_image::TreeProcess { vpid: p.vpid, vppid: p.vppid, vpgid: p.vpgid, vsid: p.vsid }],
+        zombies: vec![],
+        shared: vec![],
+        shared_fd_base: 3,
+    };
+    w.add_tree(&tree).unwrap();
     w.finish().unwrap();
 }
 

@@ -1,19 +1,50 @@
-//! The control channel: an abstract Unix socket "migrate/ctl/<real pid>" that migrate-checkpoint
-//! talks to, and an eventfd the checkpoint signal's handler writes to. Only the process's owner
-//! (or root) is served: the peer's credentials are checked on every connection.
+//! The control channel: an abstract Unix socket "migrate/ctl/<real pid>" per process, served
+//! by its checkpoint thread, and an eventfd the checkpoint signal's handler writes to. Two kinds
+//! of peers talk to it: migrate-checkpoint (a user request: this process coordinates the tree's
+//! checkpoint) and another member's checkpoint thread coordinating one (this process is a
+//! member). Only the process's owner or root is served: peer credentials are checked on every
+//! connection.
+//!
+//! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
+//! ```text
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> dir=<path>   → ok <image> | error <msg>
+//! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
+//!                         write <proc> <pos> bins=<0|1>   [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
+//!                         release                                         → released
+//!                         kill                                            → (the member dies)
+//! ```
 
-use super::{clear_transient, set_transient, Request};
-use crate::state::{self, CONTROL_FD, OWN_FD_BASE, WAKE_FD};
+use super::Request;
+use crate::state::{CONTROL_FD, OWN_FD_BASE, WAKE_FD};
 use crate::sys;
+use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
 
-/// Moves `fd` to libmigrate's range of descriptor numbers.
-fn move_high(fd: i32, slot: i32) -> sys::SysResult<i32> {
-    let high = sys::dup3(fd, OWN_FD_BASE + slot, libc::O_CLOEXEC)?;
+/// Moves `fd` to a fixed number in libmigrate's range.
+fn move_to(fd: i32, number: i32) -> sys::SysResult<i32> {
+    let high = sys::dup3(fd, number, libc::O_CLOEXEC)?;
     let _ = sys::close(fd);
     Ok(high)
+}
+
+/// Moves `fd` to the lowest free number in libmigrate's range (kept out of the program's way and
+/// out of the descriptor tables that checkpoints record).
+pub fn move_high(fd: i32) -> i32 {
+    match sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, (OWN_FD_BASE + 3) as usize) {
+        Ok(high) => {
+            let _ = sys::close(fd);
+            let high = high as i32;
+            super::set_transient_any(high);
+            high
+        }
+        Err(_) => {
+            super::set_transient_any(fd);
+            fd
+        }
+    }
 }
 
 pub fn socket_name(pid: i32) -> crate::log::StackBuf<64> {
@@ -30,27 +61,21 @@ pub fn open_channel() -> sys::SysResult<()> {
         }
     }
     let sock = sys::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)?;
-    // SAFETY: sockaddr_un is plain bytes.
-    let mut addr: libc::sockaddr_un = unsafe { core::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as u16;
     let name = socket_name(sys::getpid());
-    for (i, &b) in name.as_bytes().iter().enumerate() {
-        addr.sun_path[i + 1] = b as libc::c_char;
-    }
-    let len = (core::mem::size_of::<libc::sa_family_t>() + 1 + name.as_bytes().len()) as u32;
-    if let Err(e) = sys::bind(sock, &addr, len).and_then(|_| sys::listen(sock, 8)) {
+    let (addr, len) = sys::abstract_addr(name.as_bytes());
+    if let Err(e) = sys::bind(sock, &addr, len).and_then(|_| sys::listen(sock, 64)) {
         let _ = sys::close(sock);
         return Err(e);
     }
-    let sock = move_high(sock, 0)?;
+    let sock = move_to(sock, OWN_FD_BASE)?;
     CONTROL_FD.store(sock, Ordering::Release);
     let wake = sys::eventfd(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
-    let wake = move_high(wake, 1)?;
+    let wake = move_to(wake, OWN_FD_BASE + 1)?;
     WAKE_FD.store(wake, Ordering::Release);
     Ok(())
 }
 
-fn parse_request(line: &[u8]) -> Option<Request> {
+pub fn parse_request(line: &[u8]) -> Option<Request> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let rest = line.strip_prefix(b"checkpoint ")?;
     let mut req = Request { kill: false, with_binaries: false, dir: None };
@@ -70,9 +95,16 @@ fn parse_request(line: &[u8]) -> Option<Request> {
     Some(req)
 }
 
-/// Waits for the next checkpoint request. Returns it with the connection to answer on (-1 when
-/// it came from the checkpoint signal).
-pub fn next_request() -> (Request, i32) {
+/// What woke the checkpoint thread.
+pub enum Incoming {
+    /// A checkpoint request (from migrate-checkpoint, or the signal when `conn` is None).
+    User(Request, Option<Conn>),
+    /// Another member coordinates a checkpoint of the tree; its first command was `freeze`.
+    Coordinator(Conn),
+}
+
+/// Waits for the next request.
+pub fn next_incoming() -> Incoming {
     loop {
         let ctl = CONTROL_FD.load(Ordering::Acquire);
         let wake = WAKE_FD.load(Ordering::Acquire);
@@ -80,64 +112,153 @@ pub fn next_request() -> (Request, i32) {
             libc::pollfd { fd: ctl, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
         ];
-        match sys::poll(&mut fds, -1) {
-            Ok(_) => {}
-            Err(_) => continue,
+        if sys::poll(&mut fds, -1).is_err() {
+            continue;
         }
         if fds[1].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
-            return (Request { kill: false, with_binaries: false, dir: None }, -1);
+            return Incoming::User(Request { kill: false, with_binaries: false, dir: None }, None);
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
-        let Ok(conn) = sys::accept4(ctl, libc::SOCK_CLOEXEC) else {
-            continue;
-        };
-        set_transient(0, conn);
+        let Ok(fd) = sys::accept4(ctl, libc::SOCK_CLOEXEC) else { continue };
+        let mut conn = Conn::new(move_high(fd));
         let me = sys::getuid();
-        match sys::peer_uid(conn) {
+        match sys::peer_uid(conn.fd) {
             Ok(uid) if uid == me || uid == 0 => {}
             Ok(uid) => {
                 crate::info!(
                     "refused a checkpoint request from uid {uid}: only the owner (uid {me}) or root may checkpoint"
                 );
-                reply(conn, b"error permission denied: only the process owner or root may checkpoint it\n");
+                conn.reply(b"error permission denied: only the process owner or root may checkpoint it\n");
                 continue;
             }
             Err(_) => {
-                reply(conn, b"error cannot identify the requesting user\n");
+                conn.reply(b"error cannot identify the requesting user\n");
                 continue;
             }
         }
-        sys::set_rcv_timeout(conn, 5);
-        let mut line: Vec<u8> = Vec::with_capacity(256);
-        let mut buf = [0u8; 512];
-        while !line.contains(&b'\n') && line.len() < 8192 {
-            match sys::read(conn, &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => line.extend_from_slice(&buf[..n]),
+        let line = match conn.read_line(5) {
+            Ok(l) => l,
+            Err(_) => {
+                conn.close();
+                continue;
             }
+        };
+        if line == b"freeze" {
+            return Incoming::Coordinator(conn);
         }
         match parse_request(&line) {
-            Some(req) => return (req, conn),
-            None => reply(conn, b"error malformed request (expected `checkpoint kill=<0|1> bins=<0|1> dir=<path>`)\n"),
+            Some(req) => return Incoming::User(req, Some(conn)),
+            None => conn.reply(b"error malformed request (expected `checkpoint kill=<0|1> bins=<0|1> dir=<path>`)\n"),
         }
     }
 }
 
-/// Answers on a connection and closes it.
-pub fn reply(conn: i32, line: &[u8]) {
-    if conn >= 0 {
-        let _ = sys::write_all(conn, line);
-        let _ = sys::close(conn);
-        clear_transient(0);
+/// A connection (to migrate-checkpoint, a coordinator or a member), with a read buffer.
+pub struct Conn {
+    pub fd: i32,
+    buf: Vec<u8>,
+    /// A descriptor received with the last command.
+    pub received_fd: Option<i32>,
+}
+
+impl Conn {
+    pub fn new(fd: i32) -> Self {
+        Conn { fd, buf: Vec::new(), received_fd: None }
+    }
+
+    /// Connects to member `pid`'s control socket.
+    pub fn connect(pid: i32) -> Result<Conn, String> {
+        let sock = sys::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+            .map_err(|e| format!("cannot create a socket: {e}"))?;
+        let sock = move_high(sock);
+        let name = socket_name(pid);
+        let (addr, len) = sys::abstract_addr(name.as_bytes());
+        if let Err(e) = sys::connect(sock, &addr, len) {
+            let _ = sys::close(sock);
+            super::clear_transient_fd(sock);
+            return Err(format!("cannot reach process {pid}'s control socket: {e}"));
+        }
+        Ok(Conn::new(sock))
+    }
+
+    pub fn send(&self, data: &[u8]) -> Result<(), String> {
+        sys::write_all(self.fd, data).map_err(|e| format!("lost the connection: {e}"))
+    }
+
+    pub fn send_with_fd(&self, data: &[u8], fd: i32) -> Result<(), String> {
+        let n = sys::send_with_fd(self.fd, data, fd).map_err(|e| format!("lost the connection: {e}"))?;
+        if n < data.len() {
+            self.send(&data[n..])?;
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self, timeout_s: i64) -> Result<(), String> {
+        sys::set_rcv_timeout(self.fd, timeout_s);
+        let mut chunk = [0u8; 4096];
+        match sys::recv_with_fd(self.fd, &mut chunk) {
+            Ok((0, _)) => Err("the peer closed the connection".into()),
+            Ok((n, fd)) => {
+                if let Some(fd) = fd {
+                    self.received_fd = Some(move_high(fd));
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(sys::Errno(libc::EAGAIN)) => Err(format!("no answer within {timeout_s} s")),
+            Err(sys::Errno(libc::EINTR)) => Ok(()),
+            Err(e) => Err(format!("lost the connection: {e}")),
+        }
+    }
+
+    /// The next line, without its newline.
+    pub fn read_line(&mut self, timeout_s: i64) -> Result<Vec<u8>, String> {
+        loop {
+            if let Some(p) = self.buf.iter().position(|&c| c == b'\n') {
+                let line = self.buf[..p].to_vec();
+                self.buf.drain(..=p);
+                return Ok(line);
+            }
+            if self.buf.len() > 65536 {
+                return Err("overlong line".into());
+            }
+            self.fill(timeout_s)?;
+        }
+    }
+
+    pub fn read_exact(&mut self, n: usize, timeout_s: i64) -> Result<Vec<u8>, String> {
+        while self.buf.len() < n {
+            self.fill(timeout_s)?;
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// Answers and closes (for one-shot requests).
+    pub fn reply(self, line: &[u8]) {
+        let _ = sys::write_all(self.fd, line);
+        self.close();
+    }
+
+    pub fn close(self) {
+        let _ = sys::close(self.fd);
+        super::clear_transient_fd(self.fd);
+        if let Some(fd) = self.received_fd {
+            let _ = sys::close(fd);
+            super::clear_transient_fd(fd);
+        }
     }
 }
 
-pub fn own_fds_ok() -> bool {
-    state::CONTROL_FD.load(Ordering::Relaxed) >= 0
+/// Text of an error for a one-line reply.
+pub fn error_line(msg: &str) -> Vec<u8> {
+    let mut line = String::from("error ");
+    line.push_str(&msg.replace('\n', " "));
+    line.push('\n');
+    line.into_bytes()
 }
 
 #[cfg(test)]

@@ -57,8 +57,12 @@ pub fn resolve() {
     }
 }
 
-/// A pid argument: 0 (self) and negative values (groups, "any") keep their meaning.
+/// A pid argument: 0 (self) and -1 ("any") keep their meaning; other negative values name
+/// process groups.
 fn arg(pid: pid_t) -> pid_t {
+    if pid < -1 {
+        return -state::pgid_to_real(-pid);
+    }
     state::PIDS.pid_arg_to_real(pid)
 }
 
@@ -98,13 +102,13 @@ pub extern "C" fn gettid() -> pid_t {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn getpgrp() -> pid_t {
-    ret(sys::getpgid(0).unwrap_or(0))
+    state::pgid_to_virt(sys::getpgid(0).unwrap_or(0))
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn getpgid(pid: pid_t) -> pid_t {
     match sys::getpgid(arg(pid)) {
-        Ok(p) => ret(p),
+        Ok(p) => state::pgid_to_virt(p),
         Err(e) => {
             set_errno(e.0);
             -1
@@ -115,7 +119,7 @@ pub extern "C" fn getpgid(pid: pid_t) -> pid_t {
 #[unsafe(no_mangle)]
 pub extern "C" fn getsid(pid: pid_t) -> pid_t {
     match sys::getsid(arg(pid)) {
-        Ok(p) => ret(p),
+        Ok(p) => state::sid_to_virt(p),
         Err(e) => {
             set_errno(e.0);
             -1
@@ -126,8 +130,9 @@ pub extern "C" fn getsid(pid: pid_t) -> pid_t {
 #[unsafe(no_mangle)]
 pub extern "C" fn setpgid(pid: pid_t, pgid: pid_t) -> c_int {
     let real = call_real!(SETPGID: fn(pid_t, pid_t) -> c_int);
+    let pgid = if pgid > 0 { state::pgid_to_real(pgid) } else { pgid };
     // SAFETY: plain integers.
-    unsafe { real(arg(pid), arg(pgid)) }
+    unsafe { real(arg(pid), pgid) }
 }
 
 #[unsafe(no_mangle)]
@@ -302,7 +307,9 @@ pub unsafe extern "C" fn syscall(
     // SAFETY: pass-through of the program's arguments.
     let r = unsafe { real(nr, a1, a2, a3, a4, a5, a6) };
     match nr {
-        libc::SYS_getpgid | libc::SYS_getsid | libc::SYS_setsid if r > 0 => ret(r as pid_t) as c_long,
+        libc::SYS_getpgid if r > 0 => state::pgid_to_virt(r as pid_t) as c_long,
+        libc::SYS_getsid if r > 0 => state::sid_to_virt(r as pid_t) as c_long,
+        libc::SYS_setsid if r > 0 => ret(r as pid_t) as c_long,
         _ => r,
     }
 }

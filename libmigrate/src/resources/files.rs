@@ -145,14 +145,17 @@ fn reopen_fifo(path: &str, flags: i32) -> Result<i32, String> {
 
 /// Recreates the saved descriptor table. Called in the new process before the address space
 /// switch, when no descriptor of libmigrate's own is open yet.
-pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), String> {
+/// `handed` lists descriptors shared with other processes of the tree: (saved number, the
+/// descriptor migrate-resume handed it down at).
+pub fn restore(p: &migrate_image::ProcessEntry, force: bool, handed: &[(i32, i32)]) -> Result<(), String> {
     // Close what the new process has but the saved one had not (inherited from migrate-resume).
     if let Ok(names) = fs::list_dir(b"/proc/thread-self/fd") {
         for n in names {
             if let Some(fd) = fs::parse_dec(&n).map(|v| v as i32) {
                 let inherited_std =
                     fd <= 2 && p.fds.iter().any(|f| f.fd == fd && matches!(f.kind, FdKind::Inherited { .. }));
-                if !inherited_std {
+                let handed_down = fd == crate::tree::REGISTRY_FD || handed.iter().any(|&(_, from)| from == fd);
+                if !inherited_std && !handed_down {
                     let _ = sys::close(fd);
                 }
             }
@@ -185,6 +188,10 @@ pub fn restore(p: &migrate_image::ProcessEntry, force: bool) -> Result<(), Strin
     }
     for f in &p.fds {
         let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+        if let Some(&(_, from)) = handed.iter().find(|&&(fd, _)| fd == f.fd) {
+            sys::dup3(from, f.fd, cloexec).map_err(|e| format!("cannot place shared descriptor {}: {e}", f.fd))?;
+            continue;
+        }
         if let Some(first) = f.shares_with {
             let target = p.fds[first as usize].fd;
             sys::dup3(target, f.fd, cloexec)

@@ -149,8 +149,25 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
     let mut buf = alloc::vec![0u64; 65536];
     let mut out = Vec::with_capacity(maps.len());
     let mut result = Ok(());
+    let registry = crate::tree::mapping();
     for m in maps {
         let mut kind = kind_of(m, start_brk, brk);
+        if registry.is_some_and(|(at, _)| at == m.start) {
+            // The tree registry: a resume maps its own new one here.
+            out.push(VmaEntry {
+                start: m.start,
+                end: m.end,
+                prot: m.prot,
+                kind: VmaKind::Registry,
+                file: None,
+                file_offset: 0,
+                name: m.name.clone(),
+                vm_flags: String::new(),
+                runs: Vec::new(),
+                data_section: None,
+            });
+            continue;
+        }
         let mut file = None;
         if m.inode != 0 && !m.is_special() {
             if m.name.ends_with(" (deleted)") || !m.name.starts_with('/') {

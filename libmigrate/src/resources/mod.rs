@@ -4,6 +4,7 @@ pub mod files;
 pub mod host;
 pub mod memory;
 pub mod process;
+pub mod shared;
 pub mod signals;
 pub mod threads;
 

@@ -37,17 +37,35 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let all = !0u64;
     let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), None);
     let path_str = String::from_utf8_lossy(path).into_owned();
-    let (meta, sections) = {
+    let proc: u32 = std::env::var("MIGRATE_PROC").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (tree, meta, sections) = {
         let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
-        let meta = reader.meta().map_err(|e| e.to_string())?;
-        (meta, reader.sections().to_vec())
+        let tree = reader.tree().map_err(|e| e.to_string())?;
+        let meta = reader.process_meta(proc).map_err(|e| e.to_string())?;
+        (tree, meta, reader.sections().to_vec())
     };
     let p = &meta.process;
-    files::restore(p, force)?;
+    if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
+        return Err("no tree registry was handed down; resume with migrate-resume".into());
+    }
+    // Descriptors shared with other processes of the tree come from migrate-resume, at
+    // shared_fd_base + object index.
+    let handed: alloc::vec::Vec<(i32, i32)> = tree
+        .shared
+        .iter()
+        .enumerate()
+        .flat_map(|(j, e)| {
+            e.holders.iter().filter(|&&(k, _)| k == proc).map(move |&(_, fd)| (fd, tree.shared_fd_base + j as i32))
+        })
+        .collect();
+    files::restore(p, force, &handed)?;
+    for j in 0..tree.shared.len() as i32 {
+        let _ = sys::close(tree.shared_fd_base + j);
+    }
     process::restore(p)?;
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(&meta, &sections, path, &current)?;
+    let built = plan::build(&meta, proc, &sections, path, &current)?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
 }
@@ -69,6 +87,38 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     let _ = state::PIDS.insert(VirtPid(p.vpid), RealPid(sys::getpid()));
     if p.vppid > 0 {
         let _ = state::PIDS.insert(VirtPid(p.vppid), RealPid(sys::getppid()));
+    }
+    // A leader of its group or session that now lives in migrate-resume's keeps its ids.
+    let (real_pid, real_pgid, real_sid) = (sys::getpid(), sys::getpgid(0).unwrap_or(0), sys::getsid(0).unwrap_or(0));
+    if p.vpgid == p.vpid && real_pgid != real_pid {
+        state::GROUP_ALIAS[0].store(p.vpgid, Ordering::Relaxed);
+        state::GROUP_ALIAS[1].store(real_pgid, Ordering::Relaxed);
+    }
+    if p.vsid == p.vpid && real_sid != real_pid {
+        state::SESSION_ALIAS[0].store(p.vsid, Ordering::Relaxed);
+        state::SESSION_ALIAS[1].store(real_sid, Ordering::Relaxed);
+    }
+    // Meet the other processes of the tree: everyone restored before anyone continues, and
+    // each learns the others' new real pids.
+    crate::tree::join(p.vpid);
+    if let Some(r) = crate::tree::registry() {
+        r.restored.fetch_add(1, Ordering::AcqRel);
+        let expected = r.expected.load(Ordering::Acquire);
+        let deadline = sys::monotonic_ns() + 60_000_000_000;
+        while r.restored.load(Ordering::Acquire) < expected && sys::monotonic_ns() < deadline {
+            let n = r.released.load(Ordering::Acquire);
+            if r.restored.load(Ordering::Acquire) >= expected {
+                break;
+            }
+            let _ = sys::futex_wait_shared(&r.released, n, 10_000_000);
+        }
+        r.released.fetch_add(1, Ordering::AcqRel);
+        sys::futex_wake_shared(&r.released);
+        r.for_each(|real, vpid, _| {
+            if vpid > 0 {
+                let _ = state::PIDS.insert(VirtPid(vpid), RealPid(real));
+            }
+        });
     }
     // Wait for every program thread to be back in its handler (so nothing runs on the plan's
     // stack any more), then drop the plan.

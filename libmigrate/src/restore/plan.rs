@@ -7,7 +7,7 @@ use crate::sys::{self, fs, PrctlMmMap};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use migrate_image::{ImageMeta, SectionEntry, VmaKind, PROT_WRITE};
+use migrate_image::{ImageMeta, SectionEntry, SectionKind, VmaKind, PROT_WRITE};
 
 pub const PLAN_MAGIC: u64 = 0x6e61_6c70_7267_696d; // "migrplan"
 pub const STACK_SIZE: usize = 256 * 1024;
@@ -172,6 +172,7 @@ pub struct Built {
 /// saved one. Fails (with nothing changed yet in memory) if the layout cannot be restored here.
 pub fn build(
     meta: &ImageMeta,
+    proc: u32,
     sections: &[SectionEntry],
     image_path: &[u8],
     current: &[MapLine],
@@ -236,10 +237,13 @@ pub fn build(
                 let fd = file_fds.iter().find(|&&(g, _)| g == f).map_or(-1, |&(_, fd)| fd);
                 (if v.kind == VmaKind::FileShared { libc::MAP_SHARED } else { libc::MAP_PRIVATE }, fd)
             }
+            // The new registry that migrate-resume handed down, where the old one was.
+            VmaKind::Registry => (libc::MAP_SHARED, crate::tree::REGISTRY_FD),
             VmaKind::Special => unreachable!(),
         };
-        let data_offset = match v.data_section {
-            Some(s) => sections.get(s as usize).ok_or("page section missing from the image")?.offset,
+        let want = SectionKind::Pages { proc, vma: i as u32 };
+        let data_offset = match sections.iter().find(|s| s.kind == want) {
+            Some(s) => s.offset,
             None if !v.runs.is_empty() => return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end)),
             None => 0,
         };

@@ -290,6 +290,15 @@ pub fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32, timeout_n
     let tsp = if timeout_ns == 0 { core::ptr::null() } else { &ts as *const libc::timespec };
     sc!(libc::SYS_futex, word.as_ptr(), FUTEX_WAIT_PRIVATE, expected, tsp).map(|_| ())
 }
+/// Like `futex_wait`, on a word in memory shared between processes.
+pub fn futex_wait_shared(word: &core::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) -> SysResult<()> {
+    let ts =
+        libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as i64, tv_nsec: (timeout_ns % 1_000_000_000) as i64 };
+    sc!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec).map(|_| ())
+}
+pub fn futex_wake_shared(word: &core::sync::atomic::AtomicU32) {
+    let _ = sc!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+}
 pub fn futex_wake(word: &core::sync::atomic::AtomicU32) {
     let _ = sc!(libc::SYS_futex, word.as_ptr(), FUTEX_WAKE_PRIVATE, i32::MAX);
 }
@@ -373,8 +382,74 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> SysResult<usize> {
     sc!(libc::SYS_poll, fds.as_mut_ptr(), fds.len(), timeout_ms)
 }
 pub fn kcmp_file(pid: i32, fd1: i32, fd2: i32) -> SysResult<i32> {
+    kcmp_files(pid, fd1, pid, fd2)
+}
+/// 0 when descriptor `fd1` of `pid1` and `fd2` of `pid2` are one open file description.
+pub fn kcmp_files(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> SysResult<i32> {
     const KCMP_FILE: i32 = 0;
-    sc!(libc::SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2).map(|v| v as i32)
+    sc!(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2).map(|v| v as i32)
+}
+pub fn pwrite(fd: i32, buf: &[u8], offset: u64) -> SysResult<usize> {
+    sc!(libc::SYS_pwrite64, fd, buf.as_ptr(), buf.len(), offset)
+}
+/// The sockaddr of an abstract Unix socket name, and its length.
+pub fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, u32) {
+    // SAFETY: sockaddr_un is plain bytes.
+    let mut addr: libc::sockaddr_un = unsafe { core::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    let n = name.len().min(addr.sun_path.len() - 1);
+    for (i, &b) in name[..n].iter().enumerate() {
+        addr.sun_path[i + 1] = b as libc::c_char;
+    }
+    (addr, (core::mem::size_of::<libc::sa_family_t>() + 1 + n) as u32)
+}
+pub fn connect(fd: i32, addr: &libc::sockaddr_un, len: u32) -> SysResult<()> {
+    sc!(libc::SYS_connect, fd, addr as *const libc::sockaddr_un, len).map(|_| ())
+}
+/// Sends `data` with one descriptor attached (SCM_RIGHTS).
+pub fn send_with_fd(sock: i32, data: &[u8], fd: i32) -> SysResult<usize> {
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data; zero is a valid start.
+    let mut msg: libc::msghdr = unsafe { core::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+    // SAFETY: the control buffer is large enough for one cmsg carrying one int (32 bytes).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        *(libc::CMSG_DATA(c) as *mut i32) = fd;
+    }
+    sc!(libc::SYS_sendmsg, sock, &msg as *const libc::msghdr, libc::MSG_NOSIGNAL)
+}
+/// Receives into `buf`, returning the byte count and a descriptor if one was attached.
+pub fn recv_with_fd(sock: i32, buf: &mut [u8]) -> SysResult<(usize, Option<i32>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; zero is a valid start.
+    let mut msg: libc::msghdr = unsafe { core::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = core::mem::size_of_val(&cbuf);
+    let n = sc!(libc::SYS_recvmsg, sock, &mut msg as *mut libc::msghdr, libc::MSG_CMSG_CLOEXEC)?;
+    let mut fd = None;
+    // SAFETY: walking the control messages the kernel wrote into our buffer.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                fd = Some(*(libc::CMSG_DATA(c) as *const i32));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n, fd))
 }
 pub fn uname() -> libc::utsname {
     // SAFETY: utsname is plain bytes; zero is valid.

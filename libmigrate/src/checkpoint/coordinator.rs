@@ -1,0 +1,365 @@
+//! Coordinating a tree's checkpoint (see mod.rs). The steps, all bounded in time:
+//! 1. freeze: this process, then every member in the registry, over its control socket; repeat
+//!    until no child of a frozen member is unaccounted for (a fork in flight registers within
+//!    milliseconds; a child that never does is not managed — static, or a cleared environment);
+//! 2. write: one image file; each process in tree order (parents first) writes its own sections
+//!    at the position it is given and reports them; then the tree section (processes, zombies,
+//!    objects shared between processes), the table and the trailer; fsync; publish by rename;
+//! 3. release everyone, or kill everyone with --kill.
+//!
+//! Any failure releases every frozen member: a failed checkpoint never stops the program.
+
+use super::control::Conn;
+use super::member::{self, WriteOutcome};
+use super::{Outcome, Request, DEFAULT_DIR};
+use crate::resources::{path_string, shared};
+use crate::sys::{self, fs};
+use crate::tree;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use migrate_image::{ImageWriter, SectionEntry, Sink, TreeMeta, TreeProcess, ZombieEntry};
+
+/// A frozen member: this process (`conn` None) or another one.
+struct Frozen {
+    real: i32,
+    vpid: i32,
+    conn: Option<Conn>,
+    own_fds: Vec<i32>,
+}
+
+struct FdSink(i32);
+
+impl Sink for FdSink {
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        sys::write_all(self.0, buf).map_err(|e| std::io::Error::from_raw_os_error(e.0))
+    }
+}
+
+fn nap_ms(ms: u64) {
+    let ts = libc::timespec { tv_sec: 0, tv_nsec: (ms * 1_000_000) as i64 };
+    // SAFETY: a plain relative sleep with a valid timespec.
+    unsafe { sys::syscall6(libc::SYS_nanosleep, &ts as *const libc::timespec as usize, 0, 0, 0, 0, 0) };
+}
+
+fn exe_of(pid: i32) -> String {
+    fs::read_link(format!("/proc/{pid}/exe").as_bytes()).map(|b| path_string(&b)).unwrap_or_else(|_| "?".into())
+}
+
+/// Asks member `real` to freeze.
+fn freeze_remote(real: i32, vpid: i32) -> Result<Frozen, String> {
+    let mut conn = Conn::connect(real)?;
+    conn.send(b"freeze\n")?;
+    let line = conn.read_line(30).map_err(|e| format!("process {vpid} did not freeze: {e}"))?;
+    if let Some(rest) = line.strip_prefix(b"frozen") {
+        let own_fds = rest.split(|&c| c == b',' || c == b' ').filter_map(fs::parse_dec).map(|v| v as i32).collect();
+        return Ok(Frozen { real, vpid, conn: Some(conn), own_fds });
+    }
+    let msg = path_string(line.strip_prefix(b"error ").unwrap_or(&line));
+    conn.close();
+    Err(format!("process {vpid} could not freeze: {msg}"))
+}
+
+/// Lets every frozen member go on (after a failure, or at the end).
+fn release_all(frozen: Vec<Frozen>) {
+    for f in frozen {
+        match f.conn {
+            None => member::release(),
+            Some(mut c) => {
+                let _ = c.send(b"release\n");
+                let _ = c.read_line(10);
+                c.close();
+            }
+        }
+    }
+}
+
+fn parent_of(pid: i32) -> i32 {
+    let stat = fs::read_file(format!("/proc/{pid}/stat").as_bytes()).unwrap_or_default();
+    let Some(close) = stat.iter().rposition(|&c| c == b')') else { return 0 };
+    stat[close + 2..].split(|&c| c == b' ').nth(1).and_then(fs::parse_dec).unwrap_or(0) as i32
+}
+
+fn stat_field(pid: i32, field: usize) -> i64 {
+    let stat = fs::read_file(format!("/proc/{pid}/stat").as_bytes()).unwrap_or_default();
+    let Some(close) = stat.iter().rposition(|&c| c == b')') else { return 0 };
+    stat[close + 2..].split(|&c| c == b' ' || c == b'\n').nth(field - 3).and_then(fs::parse_dec).unwrap_or(0)
+}
+
+/// Freezes the whole tree. On failure everything frozen so far is released.
+fn freeze_tree() -> Result<Vec<Frozen>, String> {
+    member::freeze()?;
+    let me = sys::getpid();
+    let mut frozen =
+        alloc::vec![Frozen { real: me, vpid: crate::state::virtual_pid(), conn: None, own_fds: super::own_fds() }];
+    let deadline = sys::monotonic_ns() + 15_000_000_000;
+    loop {
+        let mut added = false;
+        for m in tree::members() {
+            if frozen.iter().any(|f| f.real == m.real) {
+                continue;
+            }
+            match freeze_remote(m.real, m.vpid) {
+                Ok(f) => {
+                    frozen.push(f);
+                    added = true;
+                }
+                // It exited meanwhile: nothing to save.
+                Err(_) if matches!(tree::state_of(m.real), None | Some(b'Z') | Some(b'X')) => {}
+                Err(e) => {
+                    release_all(frozen);
+                    return Err(e);
+                }
+            }
+        }
+        // A child of a frozen member that is not (yet) one: a fork in flight, or unmanaged.
+        let mut unknown = None;
+        for f in &frozen {
+            for c in tree::children(f.real) {
+                if !frozen.iter().any(|g| g.real == c) && !matches!(tree::state_of(c), Some(b'Z') | Some(b'X') | None) {
+                    unknown = Some((c, f.vpid));
+                }
+            }
+        }
+        match unknown {
+            None if !added => return Ok(frozen),
+            None => {}
+            Some((child, parent)) if sys::monotonic_ns() > deadline => {
+                release_all(frozen);
+                return Err(format!(
+                    "process {child} ({}), a child of process {parent}, is not managed by migrate (statically linked, \
+                     or started with LD_PRELOAD removed); it cannot be checkpointed with its tree",
+                    exe_of(child)
+                ));
+            }
+            Some(_) => nap_ms(2),
+        }
+    }
+}
+
+/// Tree order: the root first (the earliest process whose parent is not a member), then
+/// breadth-first, children by pid.
+fn tree_order(frozen: &[Frozen]) -> Vec<usize> {
+    let parents: Vec<i32> = frozen.iter().map(|f| parent_of(f.real)).collect();
+    let is_member = |pid: i32| frozen.iter().any(|f| f.real == pid);
+    let mut roots: Vec<usize> = (0..frozen.len()).filter(|&i| !is_member(parents[i])).collect();
+    roots.sort_by_key(|&i| (tree::start_time(frozen[i].real), frozen[i].real));
+    let mut order = Vec::with_capacity(frozen.len());
+    let mut queue: alloc::collections::VecDeque<usize> = roots.into_iter().collect();
+    while let Some(i) = queue.pop_front() {
+        order.push(i);
+        let mut kids: Vec<usize> = (0..frozen.len()).filter(|&j| parents[j] == frozen[i].real).collect();
+        kids.sort_by_key(|&j| frozen[j].real);
+        queue.extend(kids);
+    }
+    order
+}
+
+/// The vpid of a process of the tree (or its real pid if unknown).
+fn vpid_of(real: i32) -> i32 {
+    tree::registry().and_then(|r| r.vpid_of(real)).filter(|&v| v > 0).unwrap_or(real)
+}
+
+/// Writes process `proc` (frozen member `f`) into the image at `pos`.
+fn write_member(
+    f: &mut Frozen,
+    image_fd: i32,
+    proc: u32,
+    pos: u64,
+    bins: bool,
+) -> Result<Option<member::Written>, String> {
+    let Some(conn) = f.conn.as_mut() else {
+        return match member::write_process(image_fd, proc, pos, bins)? {
+            WriteOutcome::Written(w) => Ok(Some(w)),
+            WriteOutcome::Restored => Ok(None),
+        };
+    };
+    conn.send_with_fd(format!("write {proc} {pos} bins={}\n", u8::from(bins)).as_bytes(), image_fd)?;
+    let line = conn.read_line(600).map_err(|e| format!("process {} did not write its part: {e}", f.vpid))?;
+    let Some(rest) = line.strip_prefix(b"written ") else {
+        let msg = path_string(line.strip_prefix(b"error ").unwrap_or(&line));
+        return Err(format!("process {}: {msg}", f.vpid));
+    };
+    let n: Vec<i64> = rest.split(|&c| c == b' ').filter_map(fs::parse_dec).collect();
+    if n.len() < 6 {
+        return Err(format!("process {} answered malformed: {}", f.vpid, path_string(&line)));
+    }
+    let table = conn.read_exact(n[1] as usize, 60)?;
+    let sections: Vec<SectionEntry> =
+        postcard::from_bytes(&table).map_err(|e| format!("process {} sent a malformed table: {e}", f.vpid))?;
+    Ok(Some(member::Written { end: n[0] as u64, sections, ids: (n[2] as i32, n[3] as i32, n[4] as i32, n[5] as i32) }))
+}
+
+/// One checkpoint of the whole tree.
+pub fn run(req: &Request) -> Result<Outcome, String> {
+    let t0 = sys::monotonic_ns();
+    let mut frozen = freeze_tree()?;
+    match write_image(req, &mut frozen, t0) {
+        Ok(Outcome::Restored) => {
+            // We are the restored copy of the coordinator: the connections were the old
+            // process's descriptors.
+            for f in frozen {
+                core::mem::forget(f.conn);
+            }
+            Ok(Outcome::Restored)
+        }
+        Ok(written) if req.kill => {
+            // Everyone else dies now; this process dies once the requester has the answer.
+            for f in frozen.iter_mut() {
+                if let Some(c) = f.conn.as_ref() {
+                    let _ = c.send(b"kill\n");
+                }
+            }
+            let deadline = sys::monotonic_ns() + 5_000_000_000;
+            for f in &frozen {
+                while f.conn.is_some()
+                    && !matches!(tree::state_of(f.real), None | Some(b'Z') | Some(b'X'))
+                    && sys::monotonic_ns() < deadline
+                {
+                    nap_ms(1);
+                }
+            }
+            for f in frozen {
+                if let Some(c) = f.conn {
+                    c.close();
+                }
+            }
+            Ok(written)
+        }
+        Ok(written) => {
+            release_all(frozen);
+            Ok(written)
+        }
+        Err(e) => {
+            release_all(frozen);
+            Err(e)
+        }
+    }
+}
+
+fn write_image(req: &Request, frozen: &mut [Frozen], t0: u64) -> Result<Outcome, String> {
+    let order = tree_order(frozen);
+    let root = &frozen[order[0]];
+    let dir = req.dir.clone().or_else(|| DEFAULT_DIR.get().cloned()).unwrap_or_else(|| b".".to_vec());
+    let dir_str = path_string(&dir);
+    let exe = exe_of(root.real);
+    let exe_name = exe.rsplit('/').next().unwrap_or("process").to_string();
+    let root_vpid = root.vpid;
+    let tmp_path = format!("{dir_str}/.{exe_name}-{}.mig.tmp", sys::getpid());
+    let fd = sys::open(&fs::cpath(tmp_path.as_bytes()), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
+        .map_err(|e| format!("cannot create an image in {dir_str}: {e}; choose a writable directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"))?;
+    let fd = super::control::move_high(fd);
+    let fail = |msg: String| {
+        let _ = sys::close(fd);
+        super::clear_transient_fd(fd);
+        let _ = sys::unlinkat(libc::AT_FDCWD, &fs::cpath(tmp_path.as_bytes()));
+        Err(msg)
+    };
+    let mut writer = match ImageWriter::new(FdSink(fd), 64) {
+        Ok(w) => w,
+        Err(e) => return fail(format!("cannot write image {tmp_path}: {}", member::describe_write_error(&e))),
+    };
+    let mut tree = TreeMeta { processes: Vec::new(), zombies: Vec::new(), shared: Vec::new(), shared_fd_base: 3 };
+    for (k, &i) in order.iter().enumerate() {
+        let pos = writer.position();
+        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries) {
+            Ok(Some(w)) => {
+                writer.adopt_sections(&w.sections, w.end);
+                // The members wrote with pwrite: our own writes continue after their part.
+                if let Err(e) = sys::lseek(fd, w.end as i64, libc::SEEK_SET) {
+                    return fail(format!("cannot write image {tmp_path}: {e}"));
+                }
+                let (vpid, vppid, vpgid, vsid) = w.ids;
+                tree.processes.push(TreeProcess { vpid, vppid, vpgid, vsid });
+            }
+            Ok(None) => {
+                core::mem::forget(writer);
+                return Ok(Outcome::Restored);
+            }
+            Err(e) => return fail(format!("cannot write image {tmp_path}: {e}")),
+        }
+    }
+    // Zombies: children a member had not reaped yet.
+    for &i in &order {
+        let f = &frozen[i];
+        for c in tree::children(f.real) {
+            if matches!(tree::state_of(c), Some(b'Z')) {
+                let pgid = stat_field(c, 5) as i32;
+                tree.zombies.push(ZombieEntry {
+                    vpid: vpid_of(c),
+                    vppid: f.vpid,
+                    vpgid: vpid_of(pgid),
+                    status: stat_field(c, 52) as i32,
+                });
+            }
+        }
+    }
+    // Our own descriptors now include the image and the member connections.
+    let me = sys::getpid();
+    let holders: Vec<(u32, i32, Vec<i32>)> = order
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let own = if frozen[i].real == me { super::own_fds() } else { frozen[i].own_fds.clone() };
+            (k as u32, frozen[i].real, own)
+        })
+        .collect();
+    match shared::find(&holders) {
+        Ok((objects, base)) => {
+            tree.shared = objects;
+            tree.shared_fd_base = base;
+        }
+        Err(e) => return fail(e),
+    }
+    let processes = tree.processes.len();
+    let finished = writer.add_tree(&tree).and_then(|_| writer.finish());
+    let bytes = match finished {
+        Ok((_, len)) => len,
+        Err(e) => return fail(format!("cannot write image {tmp_path}: {}", member::describe_write_error(&e))),
+    };
+    if let Err(e) = sys::fsync(fd) {
+        return fail(format!("cannot flush image {tmp_path} to disk: {e}"));
+    }
+    let _ = sys::close(fd);
+    super::clear_transient_fd(fd);
+    let frozen_ms = (sys::monotonic_ns() - t0) / 1_000_000;
+    let final_path = publish(&tmp_path, &dir, &dir_str, &exe_name, root_vpid)?;
+    Ok(Outcome::Written { path: final_path, bytes, frozen_ms, processes })
+}
+
+static SEQUENCE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Renames the finished image to `<name>-<vpid>-<n>.mig` without replacing an existing one,
+/// then makes the rename durable.
+fn publish(tmp_path: &str, dir: &[u8], dir_str: &str, exe_name: &str, vpid: i32) -> Result<String, String> {
+    let final_path = loop {
+        let seq = SEQUENCE.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
+        let candidate = format!("{dir_str}/{exe_name}-{vpid}-{seq}.mig");
+        const RENAME_NOREPLACE: usize = 1;
+        let (a, b) = (fs::cpath(tmp_path.as_bytes()), fs::cpath(candidate.as_bytes()));
+        // SAFETY: both paths are NUL-terminated buffers alive for the call.
+        let r = unsafe {
+            sys::syscall6(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD as usize,
+                a.as_ptr() as usize,
+                libc::AT_FDCWD as usize,
+                b.as_ptr() as usize,
+                RENAME_NOREPLACE,
+                0,
+            )
+        };
+        if r == 0 {
+            break candidate;
+        }
+        if r != -(libc::EEXIST as isize) {
+            let _ = sys::unlinkat(libc::AT_FDCWD, &a);
+            return Err(format!("cannot rename {tmp_path} to {candidate}: {}", sys::Errno(-r as i32)));
+        }
+    };
+    if let Ok(dfd) = sys::open(&fs::cpath(dir), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0) {
+        let _ = sys::fsync(dfd);
+        let _ = sys::close(dfd);
+    }
+    Ok(final_path)
+}

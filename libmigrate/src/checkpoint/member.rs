@@ -1,0 +1,346 @@
+//! One process's part of a checkpoint: freeze (park every program thread), describe itself,
+//! write its own sections into the tree's image at the position the coordinator gives, then
+//! release (or die with --kill). The coordinator may be this very process or another member.
+//!
+//! The checkpoint thread saves its own jump context right before writing memory, so the image
+//! holds it in the middle of `write_process`: a restored process's copy of this thread
+//! continues from `park_and_save` with a non-zero value and takes the "restored" branch.
+
+use super::suspend::{self, PARKED, RESTORED_ARRIVED, SLOTS};
+use super::{clear_all_transient, set_transient_any, CHECKPOINT_VTID, LD_PRELOAD};
+use crate::resources::{files, host, memory, process, signals, threads, Files};
+use crate::state::{self, SUSPEND_SIGNAL};
+use crate::sys::{self, context, fs};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::sync::atomic::Ordering;
+use migrate_image::{ImageMeta, ImageWriter, ProcessEntry, SectionEntry, SectionKind, Sink};
+
+struct SavedSp(UnsafeCell<u64>);
+// SAFETY: only the checkpoint thread touches it.
+unsafe impl Sync for SavedSp {}
+static CHECKPOINT_THREAD_SP: SavedSp = SavedSp(UnsafeCell::new(0));
+
+/// Is thread `tid` of this process a zombie (exited, not yet reaped with the process)?
+fn is_zombie(tid: i32) -> bool {
+    let stat = fs::read_file(format!("/proc/self/task/{tid}/stat").as_bytes()).unwrap_or_default();
+    let state = stat.iter().rposition(|&c| c == b')').and_then(|i| stat.get(i + 2));
+    matches!(state, Some(b'Z') | Some(b'X'))
+}
+
+/// Stops every program thread in its suspend handler (a main thread that called pthread_exit
+/// stays a zombie and has nothing to save).
+pub fn freeze() -> Result<(), String> {
+    state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
+    let me = sys::gettid();
+    let pid = sys::getpid();
+    for s in SLOTS.iter() {
+        s.tid.store(0, Ordering::Relaxed);
+        s.parked.store(0, Ordering::Relaxed);
+    }
+    PARKED.store(0, Ordering::Release);
+    let gen = suspend::RELEASE.load(Ordering::Acquire);
+    let mut used = 0usize;
+    let mut alive = 0u32;
+    loop {
+        let tasks = fs::list_dir(b"/proc/self/task").map_err(|e| format!("cannot list /proc/self/task: {e}"))?;
+        let mut signalled = 0;
+        for t in tasks {
+            let Some(tid) = fs::parse_dec(&t).map(|v| v as i32) else { continue };
+            if tid == me || SLOTS[..used].iter().any(|s| s.tid.load(Ordering::Relaxed) == tid) || is_zombie(tid) {
+                continue;
+            }
+            if used == SLOTS.len() {
+                suspend::release_all();
+                return Err(format!("more than {} threads", SLOTS.len()));
+            }
+            let slot = &SLOTS[used];
+            slot.vtid.store(state::to_virt(tid), Ordering::Relaxed);
+            slot.release_gen.store(gen, Ordering::Relaxed);
+            slot.npending.store(0, Ordering::Relaxed);
+            slot.tid.store(tid, Ordering::Release);
+            used += 1;
+            match sys::tgkill(pid, tid, SUSPEND_SIGNAL) {
+                Ok(()) => {
+                    alive += 1;
+                    signalled += 1;
+                }
+                Err(_) => slot.tid.store(-1, Ordering::Release), // already gone
+            }
+        }
+        if signalled == 0 {
+            break;
+        }
+        // Wait until every signalled thread is parked; threads that exit meanwhile stop counting.
+        let deadline = sys::monotonic_ns() + 10_000_000_000;
+        loop {
+            let parked = PARKED.load(Ordering::Acquire);
+            if parked >= alive {
+                break;
+            }
+            if sys::monotonic_ns() > deadline {
+                let stuck: Vec<i32> = SLOTS[..used]
+                    .iter()
+                    .filter(|s| s.tid.load(Ordering::Relaxed) > 0 && s.parked.load(Ordering::Acquire) == 0)
+                    .map(|s| s.tid.load(Ordering::Relaxed))
+                    .collect();
+                suspend::release_all();
+                return Err(format!(
+                    "threads {stuck:?} did not stop within 10 s (blocked in an uninterruptible state, or blocking signal {SUSPEND_SIGNAL} with raw system calls)"
+                ));
+            }
+            let _ = sys::futex_wait(&PARKED, parked, 20_000_000);
+            for s in &SLOTS[..used] {
+                let tid = s.tid.load(Ordering::Relaxed);
+                if tid > 0 && s.parked.load(Ordering::Acquire) == 0 && sys::tgkill(pid, tid, 0).is_err() {
+                    s.tid.store(-1, Ordering::Release);
+                    alive -= 1;
+                }
+            }
+        }
+    }
+    state::FREEZE_MONOTONIC_NS.store(sys::monotonic_ns(), Ordering::Release);
+    Ok(())
+}
+
+/// Lets the program run again (signals dequeued by the dump are re-queued by the threads).
+pub fn release() {
+    suspend::release_all();
+}
+
+/// Writes with pwrite(2) at an explicit position: several processes write one image, each
+/// into its own range, through descriptors that share one file offset.
+pub struct PwriteSink {
+    pub fd: i32,
+    pub pos: u64,
+}
+
+impl Sink for PwriteSink {
+    fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match sys::pwrite(self.fd, buf, self.pos) {
+                Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::EIO)),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    self.pos += n as u64;
+                }
+                Err(sys::Errno(libc::EINTR)) => {}
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e.0)),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct WriteCtx<'a> {
+    writer: &'a mut ImageWriter<PwriteSink>,
+    proc: u32,
+    process: &'a ProcessEntry,
+    sections: &'a mut [Option<u32>],
+    mem_fd: i32,
+    bounce: &'a mut [u8],
+    error: Option<migrate_image::ImageError>,
+}
+
+/// Runs on the checkpoint thread's stack below its saved context: writes every stored page.
+/// Allocates nothing (the allocator's state is being saved along with everything else).
+extern "C" fn write_memory(arg: *mut libc::c_void) {
+    // SAFETY: `arg` is the WriteCtx passed by `write_process`, alive for this call.
+    let ctx = unsafe { &mut *(arg as *mut WriteCtx<'_>) };
+    let here = &ctx as *const _ as u64;
+    for (i, v) in ctx.process.vmas.iter().enumerate() {
+        if v.runs.is_empty() {
+            continue;
+        }
+        let live = v.start <= here && here < v.end;
+        let res = ctx
+            .writer
+            .begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true)
+            .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live));
+        if let Err(e) = res {
+            ctx.error = Some(e);
+            return;
+        }
+        ctx.sections[i] = Some(ctx.writer.end_section());
+    }
+}
+
+fn own_library_path(maps: &[memory::MapLine]) -> Option<String> {
+    let here = own_library_path as *const () as u64;
+    maps.iter().find(|m| m.start <= here && here < m.end).map(|m| m.name.clone())
+}
+
+/// Describes the frozen process.
+fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
+    let mut files = Files::default();
+    let basics = process::dump(&mut files)?;
+    let maps = memory::read_maps().map_err(|e| format!("cannot read the memory map: {e}"))?;
+    let lib = own_library_path(&maps).ok_or("cannot find libmigrate's own mapping")?;
+    let libmigrate = files.intern_path(&lib, true);
+    let host = host::dump(&maps);
+    let vmas = memory::dump(&maps, &mut files, basics.mm.start_brk, basics.mm.brk)?;
+    let fds = files::dump(&mut files)?;
+    let signals = signals::dump(signals::take_shared_pending());
+    let mut thread_entries: Vec<_> = SLOTS
+        .iter()
+        .filter(|s| s.tid.load(Ordering::Relaxed) > 0 && s.parked.load(Ordering::Acquire) != 0)
+        .map(threads::from_slot)
+        .collect();
+    thread_entries.push(threads::checkpoint_thread_entry(CHECKPOINT_VTID.load(Ordering::Relaxed)));
+    let (vpid, vppid, vpgid, vsid) = process::ids();
+    let mut pids = Vec::new();
+    state::PIDS.for_each(|v, r| pids.push((v.0, r.0)));
+    let meta = ImageMeta {
+        host,
+        process: ProcessEntry {
+            vpid,
+            vppid,
+            vpgid,
+            vsid,
+            exe: basics.exe,
+            libmigrate,
+            ld_preload: LD_PRELOAD.get().cloned().unwrap_or_default(),
+            argv: basics.argv,
+            personality: basics.personality,
+            cwd: basics.cwd,
+            umask: basics.umask,
+            rlimits: basics.rlimits,
+            mm: basics.mm,
+            auxv: basics.auxv,
+            files: files.list,
+            vmas,
+            threads: thread_entries,
+            fds,
+            signals,
+            pids,
+        },
+    };
+    Ok((meta, maps))
+}
+
+/// What a process wrote: where its sections end, their table entries, and its ids.
+pub struct Written {
+    pub end: u64,
+    pub sections: Vec<SectionEntry>,
+    pub ids: (i32, i32, i32, i32),
+}
+
+pub enum WriteOutcome {
+    Written(Written),
+    /// We are the restored copy of this thread: the restore is finished, the program runs.
+    Restored,
+}
+
+pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
+    match e {
+        migrate_image::ImageError::Write(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
+            "no space left on device; free space there or checkpoint to another directory (--dir)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Describes this (frozen) process and writes its sections, as process `proc` of the image,
+/// into `image_fd` from `pos` on.
+pub fn write_process(image_fd: i32, proc: u32, pos: u64, with_binaries: bool) -> Result<WriteOutcome, String> {
+    let (mut meta, maps) = dump()?;
+    let mem_fd = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
+    set_transient_any(mem_fd);
+    let close_mem = |mem_fd: i32| {
+        if mem_fd >= 0 {
+            let _ = sys::close(mem_fd);
+            super::clear_transient_fd(mem_fd);
+        }
+    };
+    // The layout must not have changed while we described it (it would if anything we called
+    // mapped memory): the image would miss a mapping.
+    match memory::read_maps() {
+        Ok(now) if now.iter().map(|m| (m.start, m.end)).eq(maps.iter().map(|m| (m.start, m.end))) => {}
+        _ => {
+            close_mem(mem_fd);
+            return Err("the address space changed while it was being described; try again".into());
+        }
+    }
+    let nsections = meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
+    let mut writer = ImageWriter::continue_at(PwriteSink { fd: image_fd, pos }, pos, nsections);
+    let mut sections: Vec<Option<u32>> = alloc::vec![None; meta.process.vmas.len()];
+    let mut bounce = alloc::vec![0u8; memory::WRITE_CHUNK];
+    RESTORED_ARRIVED.store(0, Ordering::Release);
+    let mut ctx = WriteCtx {
+        writer: &mut writer,
+        proc,
+        process: &meta.process,
+        sections: &mut sections,
+        mem_fd,
+        bounce: &mut bounce,
+        error: None,
+    };
+    // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this
+    // thread, where the descriptors held in locals do not exist: we forget them.
+    let resumed = unsafe {
+        context::park_and_save(
+            CHECKPOINT_THREAD_SP.0.get(),
+            write_memory,
+            &mut ctx as *mut WriteCtx<'_> as *mut libc::c_void,
+        )
+    };
+    if resumed != 0 {
+        core::mem::forget(ctx);
+        core::mem::forget(writer);
+        clear_all_transient();
+        crate::restore::finish_in_restored_process(resumed as usize, &meta);
+        return Ok(WriteOutcome::Restored);
+    }
+    close_mem(mem_fd);
+    if let Some(e) = ctx.error.take() {
+        return Err(describe_write_error(&e));
+    }
+    // The coordinator merges every process's sections into one table: the restore finds a
+    // VMA's pages by kind (Pages { proc, vma }), not by index.
+    let _ = &sections;
+    if let Some(t) = meta.process.threads.iter_mut().find(|t| t.is_checkpoint_thread) {
+        // SAFETY: written by park_and_save on this thread.
+        t.resume_sp = unsafe { *CHECKPOINT_THREAD_SP.0.get() };
+    }
+    if with_binaries {
+        write_binaries(&mut writer, proc, &meta)?;
+    }
+    writer.add_meta(proc, &meta).map_err(|e| describe_write_error(&e))?;
+    let (_, end, sections) = writer.into_sections();
+    let p = &meta.process;
+    Ok(WriteOutcome::Written(Written { end, sections, ids: (p.vpid, p.vppid, p.vpgid, p.vsid) }))
+}
+
+/// Stores the whole contents of every mapped code file (executable, libraries, libmigrate), for
+/// hosts that lack them (`--with-binaries`).
+fn write_binaries(writer: &mut ImageWriter<PwriteSink>, proc: u32, meta: &ImageMeta) -> Result<(), String> {
+    let mut buf = alloc::vec![0u8; 1 << 20];
+    for (i, f) in meta.process.files.iter().enumerate() {
+        if f.hash.is_none() {
+            continue;
+        }
+        let src = sys::open(&fs::cpath(f.path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0)
+            .map_err(|e| format!("cannot read {} to store it in the image: {e}", f.path))?;
+        let res = (|| -> Result<(), String> {
+            writer
+                .begin_section(SectionKind::FileContents { proc, file: i as u32 }, true)
+                .map_err(|e| describe_write_error(&e))?;
+            let mut off = 0u64;
+            loop {
+                let n = sys::pread(src, &mut buf, off).map_err(|e| format!("cannot read {}: {e}", f.path))?;
+                if n == 0 {
+                    break;
+                }
+                writer.write(&buf[..n]).map_err(|e| describe_write_error(&e))?;
+                off += n as u64;
+            }
+            writer.end_section();
+            Ok(())
+        })();
+        let _ = sys::close(src);
+        res?;
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Objects several processes of a tree reach through one open file description: pipes between
+//! them (with the bytes in flight) and regular files opened once and inherited (one offset for
+//! all). The coordinator finds them while every member is frozen, from /proc/<pid>/fd and
+//! fdinfo, telling descriptions apart with kcmp(KCMP_FILE). migrate-resume creates each once
+//! and hands it down to its holders; everything held by a single process is restored by that
+//! process itself (files.rs).
+
+use crate::sys::{self, fs};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use migrate_image::{SharedEntry, SharedObject};
+
+struct Held {
+    proc: u32,
+    real: i32,
+    fd: i32,
+}
+
+/// (pos, flags) from /proc/<pid>/fdinfo/<fd>.
+fn fdinfo(real: i32, fd: i32) -> (u64, u32) {
+    let text = fs::read_file(format!("/proc/{real}/fdinfo/{fd}").as_bytes()).unwrap_or_default();
+    let mut pos = 0;
+    let mut flags = 0;
+    for line in text.split(|&c| c == b'\n') {
+        let value = |key: &[u8]| line.strip_prefix(key).map(|v| v.trim_ascii());
+        if let Some(v) = value(b"pos:") {
+            pos = fs::parse_dec(v).unwrap_or(0) as u64;
+        } else if let Some(v) = value(b"flags:") {
+            flags = core::str::from_utf8(v).ok().and_then(|s| u32::from_str_radix(s, 8).ok()).unwrap_or(0);
+        }
+    }
+    (pos, flags)
+}
+
+const KEPT_FLAGS: u32 = (libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_DSYNC | libc::O_SYNC) as u32;
+
+/// The bytes in a pipe, through a new description of it (/proc/<pid>/fd/<n> of a reader),
+/// copied with tee() so nothing is consumed.
+fn peek_pipe(real: i32, fd: i32) -> (Vec<u8>, u32) {
+    let path = fs::cpath(format!("/proc/{real}/fd/{fd}").as_bytes());
+    let Ok(r) = sys::open(&path, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC, 0) else {
+        return (Vec::new(), 65536);
+    };
+    let capacity = sys::fcntl(r, libc::F_GETPIPE_SZ, 0).unwrap_or(65536) as u32;
+    let mut scratch = [0i32; 2];
+    let mut data = Vec::new();
+    if sys::pipe2(&mut scratch, libc::O_CLOEXEC | libc::O_NONBLOCK).is_ok() {
+        let _ = sys::fcntl(scratch[1], libc::F_SETPIPE_SZ, capacity as usize);
+        if let Ok(n) = sys::tee(r, scratch[1], capacity as usize, libc::SPLICE_F_NONBLOCK) {
+            data.resize(n, 0);
+            let mut got = 0;
+            while got < n {
+                match sys::read(scratch[0], &mut data[got..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k,
+                }
+            }
+            data.truncate(got);
+        }
+        let _ = sys::close(scratch[0]);
+        let _ = sys::close(scratch[1]);
+    }
+    let _ = sys::close(r);
+    (data, capacity)
+}
+
+fn distinct_procs(h: &[Held]) -> usize {
+    let mut p: Vec<u32> = h.iter().map(|h| h.proc).collect();
+    p.sort_unstable();
+    p.dedup();
+    p.len()
+}
+
+/// Finds the objects shared between the processes `(index, real pid, libmigrate's own fds)`.
+/// Returns them and the first descriptor number free in every process (`shared_fd_base`).
+pub fn find(processes: &[(u32, i32, Vec<i32>)]) -> Result<(Vec<SharedEntry>, i32), String> {
+    // pipe inode → (read holders, write holders); (dev, ino) → regular file holders
+    let mut pipes: Vec<(u64, Vec<Held>, Vec<Held>)> = Vec::new();
+    let mut files: Vec<((u64, u64), String, Vec<Held>)> = Vec::new();
+    let mut max_fd = 2;
+    for (proc, real, own) in processes {
+        let names = fs::list_dir(format!("/proc/{real}/fd").as_bytes())
+            .map_err(|e| format!("cannot list the descriptors of process {real}: {e}"))?;
+        for n in names {
+            let Some(fd) = fs::parse_dec(&n).map(|v| v as i32) else { continue };
+            if own.contains(&fd) {
+                continue;
+            }
+            max_fd = max_fd.max(fd);
+            let link = path_of(*real, fd);
+            let held = Held { proc: *proc, real: *real, fd };
+            if let Some(ino) =
+                link.strip_prefix("pipe:[").and_then(|r| r.strip_suffix(']')).and_then(|r| r.parse().ok())
+            {
+                let (_, flags) = fdinfo(*real, fd);
+                let write_end = flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+                let entry = match pipes.iter_mut().find(|p| p.0 == ino) {
+                    Some(e) => e,
+                    None => {
+                        pipes.push((ino, Vec::new(), Vec::new()));
+                        pipes.last_mut().ok_or("pipe table")?
+                    }
+                };
+                if write_end {
+                    entry.2.push(held)
+                } else {
+                    entry.1.push(held)
+                }
+            } else if link.starts_with('/') && !link.ends_with(" (deleted)") {
+                let Ok(st) = sys::stat(&fs::cpath(format!("/proc/{real}/fd/{fd}").as_bytes())) else { continue };
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    continue;
+                }
+                let key = (st.st_dev, st.st_ino);
+                match files.iter_mut().find(|f| f.0 == key) {
+                    Some(e) => e.2.push(held),
+                    None => files.push((key, link, alloc::vec![held])),
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (ino, readers, writers) in pipes {
+        // Both ends inside the tree and held by more than one process: recreate it once.
+        let mut procs: Vec<u32> = readers.iter().chain(writers.iter()).map(|h| h.proc).collect();
+        procs.sort_unstable();
+        procs.dedup();
+        if readers.is_empty() || writers.is_empty() || procs.len() < 2 {
+            continue;
+        }
+        let (data, capacity) = peek_pipe(readers[0].real, readers[0].fd);
+        let rflags = fdinfo(readers[0].real, readers[0].fd).1 & KEPT_FLAGS;
+        let wflags = fdinfo(writers[0].real, writers[0].fd).1 & KEPT_FLAGS;
+        out.push(SharedEntry {
+            object: SharedObject::Pipe { pipe: ino, write_end: false, flags: rflags, capacity, data },
+            holders: readers.iter().map(|h| (h.proc, h.fd)).collect(),
+        });
+        out.push(SharedEntry {
+            object: SharedObject::Pipe { pipe: ino, write_end: true, flags: wflags, capacity, data: Vec::new() },
+            holders: writers.iter().map(|h| (h.proc, h.fd)).collect(),
+        });
+    }
+    for (_, path, holders) in files {
+        if distinct_procs(&holders) < 2 {
+            continue;
+        }
+        // Group the holders by open file description.
+        let mut groups: Vec<Vec<&Held>> = Vec::new();
+        for h in &holders {
+            match groups.iter_mut().find(|g| sys::kcmp_files(g[0].real, g[0].fd, h.real, h.fd) == Ok(0)) {
+                Some(g) => g.push(h),
+                None => groups.push(alloc::vec![h]),
+            }
+        }
+        for g in groups {
+            let mut procs: Vec<u32> = g.iter().map(|h| h.proc).collect();
+            procs.sort_unstable();
+            procs.dedup();
+            if procs.len() < 2 {
+                continue;
+            }
+            let (pos, flags) = fdinfo(g[0].real, g[0].fd);
+            out.push(SharedEntry {
+                object: SharedObject::File { path: path.clone(), flags: flags & KEPT_FLAGS, pos },
+                holders: g.iter().map(|h| (h.proc, h.fd)).collect(),
+            });
+        }
+    }
+    // Free in every process: above every program descriptor and clear of libmigrate's own.
+    let base = if max_fd + 1 + out.len() as i32 <= crate::state::OWN_FD_BASE {
+        max_fd + 1
+    } else {
+        (max_fd + 1).max(crate::state::OWN_FD_BASE + 64)
+    };
+    Ok((out, base))
+}
+
+fn path_of(real: i32, fd: i32) -> String {
+    fs::read_link(format!("/proc/{real}/fd/{fd}").as_bytes()).map(|b| super::path_string(&b)).unwrap_or_default()
+}
