@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod alloc_arena;
 pub mod checkpoint;
+pub mod env;
 pub mod hooks;
 pub mod log;
 pub mod resources;
@@ -26,13 +27,13 @@ static ARENA: alloc_arena::Arena = alloc_arena::Arena::new();
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
-    match std::env::var("MIGRATE_LOG").as_deref() {
-        Ok("quiet") => log::LEVEL.store(log::QUIET, Ordering::Relaxed),
-        Ok("debug") => log::LEVEL.store(log::DEBUG, Ordering::Relaxed),
+    match env::var("MIGRATE_LOG").as_deref() {
+        Some("quiet") => log::LEVEL.store(log::QUIET, Ordering::Relaxed),
+        Some("debug") => log::LEVEL.store(log::DEBUG, Ordering::Relaxed),
         _ => {}
     }
     hooks::resolve_all();
-    if let Some(sig) = std::env::var("MIGRATE_SIGNAL").ok().and_then(|s| s.parse::<i32>().ok()) {
+    if let Some(sig) = env::var("MIGRATE_SIGNAL").and_then(|s| s.parse::<i32>().ok()) {
         if (1..=64).contains(&sig) && sig != state::SUSPEND_SIGNAL && sig != libc::SIGKILL && sig != libc::SIGSTOP {
             state::CHECKPOINT_SIGNAL.store(sig, Ordering::Relaxed);
         }
@@ -50,11 +51,9 @@ fn start_managed() {
     let _ = state::PIDS.insert(pid_virt::VirtPid(pid), pid_virt::RealPid(pid));
     // Membership of the tree: a fork child already has the registry mapped; an exec'd program
     // finds it at its reserved descriptor; migrate-run's program starts a new tree.
-    let new_tree = std::env::var_os("MIGRATE_NEW_TREE").is_some();
-    if new_tree {
-        // SAFETY: still single-threaded in the constructor; children must not inherit it.
-        unsafe { std::env::remove_var("MIGRATE_NEW_TREE") };
-    }
+    // migrate-run names the pid of the program that starts a new tree (it execs: same pid);
+    // descendants see the variable too, but with another pid, and join.
+    let new_tree = env::var("MIGRATE_NEW_TREE").and_then(|v| v.parse::<i32>().ok()) == Some(pid);
     let have = tree::registry().is_some() && !new_tree;
     if !have && (new_tree || !tree::attach_inherited()) {
         if let Err(e) = tree::create() {
@@ -62,12 +61,9 @@ fn start_managed() {
         }
     }
     tree::join(pid);
-    let dir = std::env::var_os("MIGRATE_CKPT_DIR")
-        .map(|d| std::os::unix::ffi::OsStrExt::as_bytes(d.as_os_str()).to_vec())
-        .or_else(resources::files_cwd)
-        .unwrap_or_else(|| b".".to_vec());
+    let dir = env::var_bytes("MIGRATE_CKPT_DIR").or_else(resources::files_cwd).unwrap_or_else(|| b".".to_vec());
     let _ = checkpoint::DEFAULT_DIR.set(dir);
-    let _ = checkpoint::LD_PRELOAD.set(std::env::var("LD_PRELOAD").unwrap_or_default());
+    let _ = checkpoint::LD_PRELOAD.set(env::var("LD_PRELOAD").unwrap_or_default());
     if let Err(e) = checkpoint::suspend::install_handlers() {
         info!("cannot install signal handlers ({e}); checkpoints are disabled in this process");
         return;

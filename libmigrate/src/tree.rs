@@ -99,8 +99,13 @@ pub fn state_of(pid: i32) -> Option<u8> {
 pub fn join(vpid: i32) {
     if let Some(r) = registry() {
         let pid = sys::getpid();
-        if r.join(pid, vpid, start_time(pid)).is_err() {
-            crate::info!("the tree registry is full; this process will not be part of tree checkpoints");
+        let start = start_time(pid);
+        if r.join(pid, vpid, start).is_err() {
+            // Processes that exited never say so: drop the stale entries and try again.
+            let _ = members();
+            if r.join(pid, vpid, start).is_err() {
+                crate::info!("the tree registry is full; this process will not be part of tree checkpoints");
+            }
         }
     }
 }

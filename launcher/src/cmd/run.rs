@@ -35,7 +35,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     cmd.env("MIGRATE_CKPT_DIR", &ckpt_dir);
     cmd.env("MIGRATE_SIGNAL", args.signal.to_string());
     // The program starts a process tree of its own (even under another managed program).
-    cmd.env("MIGRATE_NEW_TREE", "1");
+    // SAFETY: getpid has no preconditions. We exec: the program keeps this pid.
+    cmd.env("MIGRATE_NEW_TREE", unsafe { libc::getpid() }.to_string());
     // A stale restore request from a resumed parent must not turn this start into a resume.
     cmd.env_remove("MIGRATE_RESTORE");
     cmd.env_remove("MIGRATE_FORCE");

@@ -37,7 +37,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let all = !0u64;
     let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), None);
     let path_str = String::from_utf8_lossy(path).into_owned();
-    let proc: u32 = std::env::var("MIGRATE_PROC").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let proc: u32 = crate::env::var("MIGRATE_PROC").and_then(|v| v.parse().ok()).unwrap_or(0);
     let (tree, meta, sections) = {
         let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
         let tree = reader.tree().map_err(|e| e.to_string())?;
@@ -154,7 +154,7 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
 /// Reads MIGRATE_RESTORE / MIGRATE_FORCE: `Some((image path, force))` when this process is a
 /// resume.
 pub fn requested() -> Option<(alloc::vec::Vec<u8>, bool)> {
-    let path = std::env::var_os("MIGRATE_RESTORE")?;
-    let force = std::env::var_os("MIGRATE_FORCE").is_some_and(|v| v == "1");
-    Some((std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec(), force))
+    let path = crate::env::var_bytes("MIGRATE_RESTORE")?;
+    let force = crate::env::var("MIGRATE_FORCE").is_some_and(|v| v == "1");
+    Some((path, force))
 }

@@ -143,7 +143,7 @@ pub struct FileMap(Vec<(String, String)>);
 
 impl FileMap {
     pub fn from_env() -> Self {
-        let text = std::env::var("MIGRATE_FILE_MAP").unwrap_or_default();
+        let text = crate::env::var("MIGRATE_FILE_MAP").unwrap_or_default();
         FileMap(
             text.lines().filter_map(|l| l.split_once('\t')).map(|(a, b)| (String::from(a), String::from(b))).collect(),
         )
@@ -355,7 +355,7 @@ pub fn build(
         },
         stack_top: addr + region_len,
         leader_exit_word: 1,
-        exact_tids: std::env::var_os("MIGRATE_EXACT_PIDS").is_some_and(|v| v == "1") as u32,
+        exact_tids: crate::env::var("MIGRATE_EXACT_PIDS").is_some_and(|v| v == "1") as u32,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.
