@@ -200,6 +200,13 @@ pub enum FdKind {
         flags: u32,
         pos: u64,
     },
+    /// A file deleted while open: its contents are in `FileContents { proc, file }`; resume
+    /// recreates it as an open, unlinked file (or, with --keep-deleted, a visible one).
+    Deleted {
+        file: u32,
+        flags: u32,
+        pos: u64,
+    },
     Directory {
         path: String,
         flags: u32,
@@ -374,7 +381,7 @@ impl ImageMeta {
             }
         }
         for f in &p.fds {
-            if let FdKind::Regular { file, .. } = f.kind {
+            if let FdKind::Regular { file, .. } | FdKind::Deleted { file, .. } = f.kind {
                 if file >= nfiles {
                     return Err(format!("fd {} names file {file} of {nfiles}", f.fd));
                 }

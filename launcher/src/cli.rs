@@ -86,6 +86,11 @@ pub struct ResumeArgs {
     #[arg(long, conflicts_with = "virtual_pids")]
     pub exact_pids: bool,
 
+    /// Files that were deleted while open come back visible at their old path (or beside it)
+    /// instead of open but unlinked
+    #[arg(long)]
+    pub keep_deleted: bool,
+
     /// Never recreate the original ids; use the translation table only (migrate-resume becomes
     /// the program, with no parent process kept)
     #[arg(long)]

@@ -183,6 +183,9 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             FdKind::Regular { file: i, flags, pos } => {
                 format!("file {} pos {pos} {}", file(*i), open_flags(*flags))
             }
+            FdKind::Deleted { file: i, flags, pos } => {
+                format!("deleted file {} pos {pos} {} (contents in the image)", file(*i), open_flags(*flags))
+            }
             FdKind::Directory { path, flags, pos } => {
                 format!("dir {path} pos {pos} {}", open_flags(*flags))
             }

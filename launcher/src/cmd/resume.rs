@@ -127,6 +127,11 @@ fn prepare(
     cmd.env("MIGRATE_RESTORE", image);
     cmd.env("MIGRATE_PROC", k.to_string());
     cmd.env_remove("MIGRATE_NEW_TREE");
+    if args.keep_deleted {
+        cmd.env("MIGRATE_KEEP_DELETED", "1");
+    } else {
+        cmd.env_remove("MIGRATE_KEEP_DELETED");
+    }
     if args.force {
         cmd.env("MIGRATE_FORCE", "1");
     } else {

@@ -307,10 +307,48 @@ pub fn write_process(image_fd: i32, proc: u32, pos: u64, with_binaries: bool) ->
     if with_binaries {
         write_binaries(&mut writer, proc, &meta)?;
     }
+    write_deleted_files(&mut writer, proc, &meta)?;
     writer.add_meta(proc, &meta).map_err(|e| describe_write_error(&e))?;
     let (_, end, sections) = writer.into_sections();
     let p = &meta.process;
     Ok(WriteOutcome::Written(Written { end, sections, ids: (p.vpid, p.vppid, p.vpgid, p.vsid) }))
+}
+
+/// Stores the contents of files the program holds open but that were deleted: nothing else
+/// keeps them. Read through /proc/thread-self/fd (the descriptor may be write-only).
+fn write_deleted_files(writer: &mut ImageWriter<PwriteSink>, proc: u32, meta: &ImageMeta) -> Result<(), String> {
+    let mut buf = alloc::vec![0u8; 1 << 20];
+    let mut done: Vec<u32> = Vec::new();
+    for f in &meta.process.fds {
+        let migrate_image::FdKind::Deleted { file, .. } = f.kind else { continue };
+        if done.contains(&file) {
+            continue;
+        }
+        done.push(file);
+        let path = fs::cpath(format!("/proc/thread-self/fd/{}", f.fd).as_bytes());
+        let src = sys::open(&path, libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| {
+            format!("cannot read deleted file {} (fd {}): {e}", meta.process.files[file as usize].path, f.fd)
+        })?;
+        let res = (|| -> Result<(), String> {
+            writer
+                .begin_section(SectionKind::FileContents { proc, file }, true)
+                .map_err(|e| describe_write_error(&e))?;
+            let mut off = 0u64;
+            loop {
+                let n = sys::pread(src, &mut buf, off).map_err(|e| format!("cannot read a deleted file: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                writer.write(&buf[..n]).map_err(|e| describe_write_error(&e))?;
+                off += n as u64;
+            }
+            writer.end_section();
+            Ok(())
+        })();
+        let _ = sys::close(src);
+        res?;
+    }
+    Ok(())
 }
 
 /// Stores the whole contents of every mapped code file (executable, libraries, libmigrate), for

@@ -2,6 +2,7 @@
 //! call the real function (or a raw syscall), translate back. Hooks never allocate and never
 //! take a lock the checkpoint path could need.
 
+pub mod exec;
 pub mod next;
 pub mod paths;
 pub mod pids;
@@ -12,6 +13,7 @@ pub mod time;
 /// while the program is frozen.
 pub fn resolve_all() {
     signal::resolve();
+    exec::resolve();
     time::resolve();
     pids::resolve();
     paths::resolve();

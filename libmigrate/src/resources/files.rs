@@ -53,6 +53,18 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
         let pos = sys::lseek(fd, 0, libc::SEEK_CUR).unwrap_or(0);
         let fmt = st.st_mode & libc::S_IFMT;
         let kind = match fmt {
+            libc::S_IFREG if path.ends_with(" (deleted)") && path.starts_with('/') => {
+                // Its own entry (the path may name another file by now), from the descriptor.
+                files.list.push(migrate_image::FileIdentity {
+                    path: path.trim_end_matches(" (deleted)").into(),
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                    size: st.st_size as u64,
+                    mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+                    hash: None,
+                });
+                FdKind::Deleted { file: (files.list.len() - 1) as u32, flags: flags as u32, pos }
+            }
             libc::S_IFREG if path.ends_with(" (deleted)") => {
                 FdKind::Unsupported { what: format!("deleted file {path}") }
             }
@@ -147,7 +159,15 @@ fn reopen_fifo(path: &str, flags: i32) -> Result<i32, String> {
 /// switch, when no descriptor of libmigrate's own is open yet.
 /// `handed` lists descriptors shared with other processes of the tree: (saved number, the
 /// descriptor migrate-resume handed it down at).
-pub fn restore(p: &migrate_image::ProcessEntry, force: bool, handed: &[(i32, i32)]) -> Result<(), String> {
+/// `deleted` holds the contents of files deleted while open (by `files` index); with
+/// `keep_deleted` they come back visible on disk instead of unlinked.
+pub fn restore(
+    p: &migrate_image::ProcessEntry,
+    force: bool,
+    handed: &[(i32, i32)],
+    deleted: &[(u32, Vec<u8>)],
+    keep_deleted: bool,
+) -> Result<(), String> {
     // Close what the new process has but the saved one had not (inherited from migrate-resume).
     if let Ok(names) = fs::list_dir(b"/proc/thread-self/fd") {
         for n in names {
@@ -206,6 +226,13 @@ pub fn restore(p: &migrate_image::ProcessEntry, force: bool, handed: &[(i32, i32
                     sys::lseek(fd, *pos as i64, libc::SEEK_SET)
                         .map_err(|e| format!("cannot seek {path} to {pos}: {e}"))?;
                 }
+                Some(fd)
+            }
+            FdKind::Deleted { file, flags, pos } => {
+                let path = &p.files[*file as usize].path;
+                let contents = deleted.iter().find(|(f, _)| f == file).map(|(_, c)| c.as_slice()).unwrap_or(&[]);
+                let fd = recreate_deleted(path, contents, *flags as i32, keep_deleted)?;
+                sys::lseek(fd, *pos as i64, libc::SEEK_SET).map_err(|e| format!("cannot seek {path} to {pos}: {e}"))?;
                 Some(fd)
             }
             FdKind::Directory { path, flags, pos } => {
@@ -267,6 +294,54 @@ pub fn restore(p: &migrate_image::ProcessEntry, force: bool, handed: &[(i32, i32
         let _ = sys::close(w);
     }
     Ok(())
+}
+
+/// A file deleted while open, back with its contents: unlinked again (an O_TMPFILE in its old
+/// directory, or the directory of /tmp when that is gone), or — `keep` — visible at its old
+/// path (or beside it, if that name is taken). Opened with the saved flags.
+fn recreate_deleted(path: &str, contents: &[u8], flags: i32, keep: bool) -> Result<i32, String> {
+    let dir = path.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+    let dir = if sys::stat(&fs::cpath(dir.as_bytes())).is_ok() { dir } else { "/tmp" };
+    let tmp = sys::open(&fs::cpath(dir.as_bytes()), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600)
+        .map_err(|e| format!("cannot recreate deleted file {path} in {dir}: {e}"))?;
+    if let Err(e) = sys::write_all(tmp, contents) {
+        let _ = sys::close(tmp);
+        return Err(format!("cannot recreate deleted file {path}: {e}"));
+    }
+    if keep {
+        let proc_path = fs::cpath(format!("/proc/self/fd/{tmp}").as_bytes());
+        let mut target = String::from(path);
+        for n in 0..100 {
+            if n > 0 {
+                target = format!("{path}.restored-{n}");
+            }
+            // SAFETY: NUL-terminated paths alive for the call.
+            let r = unsafe {
+                sys::syscall6(
+                    libc::SYS_linkat,
+                    libc::AT_FDCWD as usize,
+                    proc_path.as_ptr() as usize,
+                    libc::AT_FDCWD as usize,
+                    fs::cpath(target.as_bytes()).as_ptr() as usize,
+                    libc::AT_SYMLINK_FOLLOW as usize,
+                    0,
+                )
+            };
+            if r == 0 {
+                crate::info!("deleted file {path} restored visibly as {target} (--keep-deleted)");
+                break;
+            }
+        }
+    }
+    // A description with the saved flags (access mode, O_APPEND, …) on the same file.
+    let again = sys::open(
+        &fs::cpath(format!("/proc/self/fd/{tmp}").as_bytes()),
+        (flags & KEPT_STATUS_FLAGS & !libc::O_NOATIME) | libc::O_CLOEXEC,
+        0,
+    )
+    .map_err(|e| format!("cannot reopen recreated file {path}: {e}"))?;
+    let _ = sys::close(tmp);
+    Ok(again)
 }
 
 fn set_status_flags(fd: i32, flags: i32) {

@@ -169,15 +169,19 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
             continue;
         }
         let mut file = None;
+        let mut whole = false;
         if m.inode != 0 && !m.is_special() {
             if m.name.ends_with(" (deleted)") || !m.name.starts_with('/') {
-                // The file is gone (or has no path, like SysV shm): keep the contents instead.
+                // The file is gone (or has no path: memfd, SysV shm): keep the contents instead —
+                // all of them, untouched pages included, since nothing else holds them.
                 kind = if m.shared { VmaKind::SharedAnon } else { VmaKind::Anon };
+                whole = m.prot & PROT_READ != 0;
             } else {
                 file = Some(files.intern_path(&m.name, m.prot & PROT_EXEC != 0));
             }
         }
         let runs = match stored_runs(pagemap, m, kind, &mut buf) {
+            Ok(_) if whole => alloc::vec![(0, (m.end - m.start) / 4096)],
             Ok(r) => r,
             Err(e) => {
                 result =

@@ -58,7 +58,25 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
             e.holders.iter().filter(|&&(k, _)| k == proc).map(move |&(_, fd)| (fd, tree.shared_fd_base + j as i32))
         })
         .collect();
-    files::restore(p, force, &handed)?;
+    let deleted: alloc::vec::Vec<(u32, alloc::vec::Vec<u8>)> = {
+        let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
+        let mut out = alloc::vec::Vec::new();
+        for f in &p.fds {
+            if let migrate_image::FdKind::Deleted { file, .. } = f.kind {
+                let kind = migrate_image::SectionKind::FileContents { proc, file };
+                let Some(i) = reader.sections().iter().position(|s| s.kind == kind) else {
+                    return Err(format!(
+                        "the image lacks the contents of deleted file {}",
+                        p.files[file as usize].path
+                    ));
+                };
+                out.push((file, reader.read_section(i).map_err(|e| e.to_string())?));
+            }
+        }
+        out
+    };
+    let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
+    files::restore(p, force, &handed, &deleted, keep_deleted)?;
     for j in 0..tree.shared.len() as i32 {
         let _ = sys::close(tree.shared_fd_base + j);
     }
