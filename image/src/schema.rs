@@ -324,6 +324,10 @@ pub enum SharedObject {
     Pipe { pipe: u64, write_end: bool, flags: u32, capacity: u32, data: Vec<u8> },
     /// A regular file opened once and inherited: one offset for all holders.
     File { path: String, flags: u32, pos: u64 },
+    /// Shared memory (MAP_SHARED|MAP_ANONYMOUS inherited across fork, a memfd, …) mapped by
+    /// several processes: its `size` bytes are in section `Shared { object }`, and each
+    /// (process, start address, file offset) in `mappings` maps it there again.
+    Memory { size: u64, mappings: Vec<(u32, u64, u64)> },
 }
 
 impl TreeMeta {

@@ -85,6 +85,10 @@ pub fn tree_text(tree: &TreeMeta) -> String {
                 if data.is_empty() { String::new() } else { format!(", {} bytes in flight", data.len()) }
             ),
             SharedObject::File { path, pos, .. } => format!("file {path} pos {pos}"),
+            SharedObject::Memory { size, mappings } => {
+                let at: Vec<String> = mappings.iter().map(|(p, a, _)| format!("{p}@{a:#x}")).collect();
+                format!("shared memory, {} bytes, mapped by {}", size, at.join(" "))
+            }
         };
         let holders: Vec<String> = e.holders.iter().map(|(p, fd)| format!("{p}:{fd}")).collect();
         let _ =

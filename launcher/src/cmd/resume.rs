@@ -39,9 +39,11 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     for (k, meta) in metas.iter().enumerate() {
         commands.push(prepare(&reader, &tree, meta, k as u32, &image, &args)?);
     }
-    drop(reader); // its descriptor must not sit where a shared object goes
-                  // Descriptors first: a lower RLIMIT_NOFILE does not close them, but would forbid placing them.
-    super::tree::hand_down(&tree)?;
+    let memory = super::tree::build_memory(&reader, &tree)?;
+    // The reader's descriptor must not sit where a shared object goes. Descriptors are placed
+    // before the rlimits: a lower RLIMIT_NOFILE does not close them, but would forbid placing them.
+    drop(reader);
+    super::tree::hand_down(&tree, memory)?;
     apply_rlimits(&metas[0])?;
     let exact = !args.virtual_pids;
     if exact {

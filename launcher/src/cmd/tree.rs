@@ -9,7 +9,7 @@
 
 use crate::exit::{fail, TARGET};
 use anyhow::Result;
-use migrate_image::{ImageMeta, SharedObject, TreeMeta};
+use migrate_image::{ImageMeta, ImageReader, SectionKind, SharedObject, TreeMeta};
 use pid_virt::registry::{Registry, FD as REGISTRY_FD, SIZE as REGISTRY_SIZE};
 use std::convert::Infallible;
 use std::os::unix::process::CommandExt;
@@ -32,8 +32,43 @@ fn place(fd: i32, number: i32) -> Result<()> {
     Ok(())
 }
 
+/// Memfds holding the tree's shared memory objects, filled from the image: (object index,
+/// descriptor, at a high close-on-exec number until `hand_down` places it).
+pub fn build_memory(reader: &ImageReader, tree: &TreeMeta) -> Result<Vec<(usize, i32)>> {
+    let mut out = Vec::new();
+    for (j, e) in tree.shared.iter().enumerate() {
+        let SharedObject::Memory { size, .. } = &e.object else { continue };
+        let kind = SectionKind::Shared { object: j as u32 };
+        let index = reader.sections().iter().position(|s| s.kind == kind).ok_or_else(|| {
+            fail(crate::exit::IMAGE, format!("the image lacks the contents of shared memory object {j}"))
+        })?;
+        let bytes = reader.read_section(index)?;
+        // SAFETY: memfd_create with a literal name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"migrate-shm".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_err("cannot create shared memory"));
+        }
+        // SAFETY: sizing and filling our own memfd from a buffer of the written length.
+        unsafe {
+            if libc::ftruncate(fd, *size as i64) < 0
+                || libc::pwrite(fd, bytes.as_ptr() as *const libc::c_void, bytes.len(), 0) != bytes.len() as isize
+            {
+                return Err(os_err("cannot fill shared memory"));
+            }
+        }
+        // SAFETY: moving our descriptor above anything the reader or the objects use.
+        let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 20000) };
+        if high >= 0 {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
+        }
+        out.push((j, if high >= 0 { high } else { fd }));
+    }
+    Ok(out)
+}
+
 /// Creates the registry and the shared objects at their numbers.
-pub fn hand_down(tree: &TreeMeta) -> Result<()> {
+pub fn hand_down(tree: &TreeMeta, memory: Vec<(usize, i32)>) -> Result<()> {
     // SAFETY: memfd_create with a literal name; the result is checked.
     let fd = unsafe { libc::memfd_create(c"migrate-tree".as_ptr(), 0) };
     if fd < 0 {
@@ -97,6 +132,11 @@ pub fn hand_down(tree: &TreeMeta) -> Result<()> {
                         return Err(os_err(&format!("cannot place pipe:[{pipe}] at {number}")));
                     }
                     libc::fcntl(number, libc::F_SETFL, (*flags as i32) & (libc::O_NONBLOCK | libc::O_APPEND));
+                }
+            }
+            SharedObject::Memory { .. } => {
+                if let Some(&(_, fd)) = memory.iter().find(|(k, _)| *k == j) {
+                    place(fd, number)?;
                 }
             }
             SharedObject::File { path, flags, pos } => {

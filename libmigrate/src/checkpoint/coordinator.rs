@@ -311,6 +311,23 @@ fn write_image(req: &Request, frozen: &mut [Frozen], t0: u64) -> Result<Outcome,
         }
         Err(e) => return fail(e),
     }
+    for (entry, segments) in shared::find_memory(&holders) {
+        let j = tree.shared.len() as u32;
+        let size = match &entry.object {
+            migrate_image::SharedObject::Memory { size, .. } => *size,
+            _ => 0,
+        };
+        if let Err(e) = shared::write_memory(&mut writer, j, size, segments) {
+            return fail(format!("cannot write image {tmp_path}: {e}"));
+        }
+        tree.shared.push(entry);
+    }
+    // The shared objects' descriptors must stay clear of libmigrate's own.
+    if tree.shared_fd_base + tree.shared.len() as i32 > crate::state::OWN_FD_BASE
+        && tree.shared_fd_base < crate::state::OWN_FD_BASE + 64
+    {
+        tree.shared_fd_base = crate::state::OWN_FD_BASE + 64;
+    }
     let processes = tree.processes.len();
     let finished = writer.add_tree(&tree).and_then(|_| writer.finish());
     let bytes = match finished {

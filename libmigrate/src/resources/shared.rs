@@ -176,6 +176,116 @@ pub fn find(processes: &[(u32, i32, Vec<i32>)]) -> Result<(Vec<SharedEntry>, i32
     Ok((out, base))
 }
 
+/// A piece of a shared memory object as one process maps it.
+pub struct MemorySegment {
+    pub real: i32,
+    pub start: u64,
+    pub len: u64,
+    pub offset: u64,
+}
+
+/// Shared memory mapped by several processes (found from their maps by device and inode):
+/// objects to add, with the segments to read their contents from.
+pub fn find_memory(processes: &[(u32, i32, Vec<i32>)]) -> Vec<(SharedEntry, Vec<MemorySegment>)> {
+    struct Seen {
+        key: (u64, u64),
+        procs: Vec<u32>,
+        mappings: Vec<(u32, u64, u64)>,
+        segments: Vec<MemorySegment>,
+        size: u64,
+    }
+    let mut seen: Vec<Seen> = Vec::new();
+    let registry = crate::tree::mapping().map(|(a, _)| a);
+    for (proc, real, _) in processes {
+        let Ok(text) = fs::read_file(format!("/proc/{real}/maps").as_bytes()) else { continue };
+        for m in super::memory::parse_maps(&text) {
+            let anon_like = m.name.starts_with("/dev/zero") || m.name.starts_with("/memfd:");
+            if !m.shared || m.inode == 0 || !anon_like || m.name.starts_with("/memfd:migrate-tree") {
+                continue;
+            }
+            if *real == sys::getpid() && registry == Some(m.start) {
+                continue;
+            }
+            let key = (m.dev, m.inode);
+            let entry = match seen.iter_mut().find(|s| s.key == key) {
+                Some(e) => e,
+                None => {
+                    seen.push(Seen { key, procs: Vec::new(), mappings: Vec::new(), segments: Vec::new(), size: 0 });
+                    seen.last_mut().expect("just pushed")
+                }
+            };
+            if !entry.procs.contains(proc) {
+                entry.procs.push(*proc);
+            }
+            entry.mappings.push((*proc, m.start, m.offset));
+            entry.size = entry.size.max(m.offset + (m.end - m.start));
+            entry.segments.push(MemorySegment { real: *real, start: m.start, len: m.end - m.start, offset: m.offset });
+        }
+    }
+    seen.into_iter()
+        .filter(|s| s.procs.len() >= 2)
+        .map(|s| {
+            let entry = SharedEntry {
+                object: SharedObject::Memory { size: s.size, mappings: s.mappings },
+                holders: Vec::new(),
+            };
+            (entry, s.segments)
+        })
+        .collect()
+}
+
+/// Writes a shared memory object's bytes (read through the holders' /proc/<pid>/mem) as one
+/// section of `size` bytes; gaps no process maps are zero.
+pub fn write_memory<S: migrate_image::Sink>(
+    w: &mut migrate_image::ImageWriter<S>,
+    object: u32,
+    size: u64,
+    mut segments: Vec<MemorySegment>,
+) -> Result<(), String> {
+    segments.sort_by_key(|s| s.offset);
+    w.begin_section(migrate_image::SectionKind::Shared { object }, true).map_err(|e| e.to_string())?;
+    let mut buf = alloc::vec![0u8; 1 << 20];
+    let mut done = 0u64; // bytes of the object written so far
+    for s in &segments {
+        let end = s.offset + s.len;
+        if end <= done {
+            continue;
+        }
+        while done < s.offset {
+            let n = ((s.offset - done) as usize).min(buf.len());
+            buf[..n].fill(0);
+            w.write(&buf[..n]).map_err(|e| e.to_string())?;
+            done += n as u64;
+        }
+        let mem =
+            sys::open(&fs::cpath(format!("/proc/{}/mem", s.real).as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0)
+                .map_err(|e| format!("cannot read the shared memory of process {}: {e}", s.real))?;
+        let res = (|| {
+            while done < end {
+                let n = ((end - done) as usize).min(buf.len());
+                let got = sys::pread(mem, &mut buf[..n], s.start + (done - s.offset))
+                    .map_err(|e| format!("cannot read the shared memory of process {}: {e}", s.real))?;
+                if got == 0 {
+                    return Err(format!("the shared memory of process {} ended early", s.real));
+                }
+                w.write(&buf[..got]).map_err(|e| e.to_string())?;
+                done += got as u64;
+            }
+            Ok(())
+        })();
+        let _ = sys::close(mem);
+        res?;
+    }
+    while done < size {
+        let n = ((size - done) as usize).min(buf.len());
+        buf[..n].fill(0);
+        w.write(&buf[..n]).map_err(|e| e.to_string())?;
+        done += n as u64;
+    }
+    w.end_section();
+    Ok(())
+}
+
 fn path_of(real: i32, fd: i32) -> String {
     fs::read_link(format!("/proc/{real}/fd/{fd}").as_bytes()).map(|b| super::path_string(&b)).unwrap_or_default()
 }

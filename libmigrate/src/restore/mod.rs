@@ -50,7 +50,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     // Descriptors shared with other processes of the tree come from migrate-resume, at
     // shared_fd_base + object index.
-    let handed: alloc::vec::Vec<(i32, i32)> = tree
+    let mut handed: alloc::vec::Vec<(i32, i32)> = tree
         .shared
         .iter()
         .enumerate()
@@ -58,6 +58,15 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
             e.holders.iter().filter(|&&(k, _)| k == proc).map(move |&(_, fd)| (fd, tree.shared_fd_base + j as i32))
         })
         .collect();
+    // Shared memory objects this process maps: kept open for the switch (no descriptor of the
+    // program's own number: -1).
+    for (j, e) in tree.shared.iter().enumerate() {
+        if let migrate_image::SharedObject::Memory { mappings, .. } = &e.object {
+            if mappings.iter().any(|m| m.0 == proc) {
+                handed.push((-1, tree.shared_fd_base + j as i32));
+            }
+        }
+    }
     let deleted: alloc::vec::Vec<(u32, alloc::vec::Vec<u8>)> = {
         let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
         let mut out = alloc::vec::Vec::new();
@@ -77,13 +86,27 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     };
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     files::restore(p, force, &handed, &deleted, keep_deleted)?;
-    for j in 0..tree.shared.len() as i32 {
-        let _ = sys::close(tree.shared_fd_base + j);
+    // Shared memory is mapped by the switch from the handed-down memfds; other handed-down
+    // descriptors are in place now.
+    let mut shared_maps: alloc::vec::Vec<(u64, i32, u64)> = alloc::vec::Vec::new();
+    for (j, e) in tree.shared.iter().enumerate() {
+        let fd = tree.shared_fd_base + j as i32;
+        match &e.object {
+            migrate_image::SharedObject::Memory { mappings, .. } => {
+                shared_maps.extend(mappings.iter().filter(|m| m.0 == proc).map(|m| (m.1, fd, m.2)));
+                if !mappings.iter().any(|m| m.0 == proc) {
+                    let _ = sys::close(fd);
+                }
+            }
+            _ => {
+                let _ = sys::close(fd);
+            }
+        }
     }
     process::restore(p)?;
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(&meta, proc, &sections, path, &current)?;
+    let built = plan::build(&meta, proc, &sections, path, &current, &shared_maps)?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
 }

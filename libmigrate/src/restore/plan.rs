@@ -176,6 +176,7 @@ pub fn build(
     sections: &[SectionEntry],
     image_path: &[u8],
     current: &[MapLine],
+    shared_maps: &[(u64, i32, u64)],
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
@@ -241,6 +242,22 @@ pub fn build(
             VmaKind::Registry => (libc::MAP_SHARED, crate::tree::REGISTRY_FD),
             VmaKind::Special => unreachable!(),
         };
+        // Memory shared with other processes of the tree: the handed-down object, not a copy.
+        if let Some(&(_, fd, offset)) = shared_maps.iter().find(|m| m.0 == v.start) {
+            vmas.push(PlanVma {
+                start: v.start,
+                end: v.end,
+                prot: v.prot as i32,
+                map_flags: libc::MAP_SHARED,
+                fd,
+                keep: 0,
+                file_offset: offset,
+                first_run: runs.len() as u32,
+                nruns: 0,
+                data_offset: 0,
+            });
+            continue;
+        }
         let want = SectionKind::Pages { proc, vma: i as u32 };
         let data_offset = match sections.iter().find(|s| s.kind == want) {
             Some(s) => s.offset,
@@ -279,7 +296,12 @@ pub fn build(
     if threads.iter().filter(|t| t.is_main != 0).count() > 1 {
         return Err("the image has two main threads".into());
     }
-    let fds: Vec<i32> = file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).collect();
+    let mut fds: Vec<i32> = file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).collect();
+    for &(_, fd, _) in shared_maps {
+        if !fds.contains(&fd) {
+            fds.push(fd);
+        }
+    }
 
     // Lay the region out.
     let hdr = core::mem::size_of::<PlanHeader>() as u64;
