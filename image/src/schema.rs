@@ -224,6 +224,16 @@ pub enum FdKind {
         what: String,
         flags: u32,
     },
+    /// A terminal on a standard stream: connected to migrate-resume's own, which gets the saved
+    /// settings (`termios`: the raw `struct termios`); a program whose terminal is now another
+    /// size gets SIGWINCH.
+    Terminal {
+        what: String,
+        flags: u32,
+        termios: Vec<u8>,
+        rows: u16,
+        cols: u16,
+    },
     /// A named pipe, reopened by path without waiting for the other side.
     Fifo {
         path: String,

@@ -197,6 +197,9 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
                 format!("chardev {path} (rdev {rdev:#x}) {}", open_flags(*flags))
             }
             FdKind::Inherited { what, flags } => format!("inherited {what} {}", open_flags(*flags)),
+            FdKind::Terminal { what, flags, rows, cols, .. } => {
+                format!("{what} ({cols}x{rows}, settings saved) {}", open_flags(*flags))
+            }
             FdKind::Fifo { path, flags } => format!("fifo {path} {}", open_flags(*flags)),
             FdKind::Pipe { pipe, write_end, flags, data, .. } => format!(
                 "pipe:[{pipe}] {} end, {} bytes in flight {}",

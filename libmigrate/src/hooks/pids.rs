@@ -29,6 +29,9 @@ real_fn!(PRLIMIT, b"prlimit\0");
 real_fn!(PRLIMIT64, b"prlimit64\0");
 real_fn!(PIDFD_OPEN, b"pidfd_open\0");
 real_fn!(SYSCALL, b"syscall\0");
+real_fn!(TCGETPGRP, b"tcgetpgrp\0");
+real_fn!(TCSETPGRP, b"tcsetpgrp\0");
+real_fn!(TCGETSID, b"tcgetsid\0");
 
 pub fn resolve() {
     for r in [
@@ -52,6 +55,9 @@ pub fn resolve() {
         &PRLIMIT64,
         &PIDFD_OPEN,
         &SYSCALL,
+        &TCGETPGRP,
+        &TCSETPGRP,
+        &TCGETSID,
     ] {
         r.get();
     }
@@ -238,6 +244,38 @@ pid_first!(sched_rr_get_interval, SCHED_RR_GET_INTERVAL, (tp: *mut libc::timespe
 pid_first!(prlimit, PRLIMIT, (resource: c_int, new: *const libc::rlimit, old: *mut libc::rlimit) -> c_int);
 pid_first!(prlimit64, PRLIMIT64, (resource: c_int, new: *const libc::rlimit64, old: *mut libc::rlimit64) -> c_int);
 pid_first!(pidfd_open, PIDFD_OPEN, (flags: libc::c_uint) -> c_int);
+
+/// The terminal's foreground group, in the program's ids (job control in shells).
+#[unsafe(no_mangle)]
+pub extern "C" fn tcgetpgrp(fd: c_int) -> pid_t {
+    let real = call_real!(TCGETPGRP: fn(c_int) -> pid_t);
+    // SAFETY: plain integer argument.
+    let r = unsafe { real(fd) };
+    if r > 0 {
+        state::pgid_to_virt(r)
+    } else {
+        r
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn tcsetpgrp(fd: c_int, pgrp: pid_t) -> c_int {
+    let real = call_real!(TCSETPGRP: fn(c_int, pid_t) -> c_int);
+    // SAFETY: plain integer arguments.
+    unsafe { real(fd, if pgrp > 0 { state::pgid_to_real(pgrp) } else { pgrp }) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn tcgetsid(fd: c_int) -> pid_t {
+    let real = call_real!(TCGETSID: fn(c_int) -> pid_t);
+    // SAFETY: plain integer argument.
+    let r = unsafe { real(fd) };
+    if r > 0 {
+        state::sid_to_virt(r)
+    } else {
+        r
+    }
+}
 
 /// getpriority/setpriority name a process only with PRIO_PROCESS (PRIO_PGRP: a group id).
 fn who_arg(which: libc::__priority_which_t, who: libc::id_t) -> libc::id_t {

@@ -73,7 +73,20 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
             }
             libc::S_IFDIR => FdKind::Directory { path, flags: flags as u32, pos },
             libc::S_IFCHR if fd <= 2 && is_tty_rdev(st.st_rdev) => {
-                FdKind::Inherited { what: format!("terminal {path}"), flags: flags as u32 }
+                let mut termios = alloc::vec![0u8; core::mem::size_of::<libc::termios>()];
+                let mut ws = [0u16; 4];
+                // SAFETY: TCGETS fills a struct termios, TIOCGWINSZ a struct winsize (4 u16).
+                unsafe {
+                    let _ = sys::ioctl_ptr(fd, libc::TCGETS, termios.as_mut_ptr());
+                    let _ = sys::ioctl_ptr(fd, libc::TIOCGWINSZ, ws.as_mut_ptr() as *mut u8);
+                }
+                FdKind::Terminal {
+                    what: format!("terminal {path}"),
+                    flags: flags as u32,
+                    termios,
+                    rows: ws[0],
+                    cols: ws[1],
+                }
             }
             libc::S_IFCHR if path.starts_with("/dev/") => {
                 FdKind::CharDevice { path, rdev: st.st_rdev, flags: flags as u32 }
@@ -172,8 +185,10 @@ pub fn restore(
     if let Ok(names) = fs::list_dir(b"/proc/thread-self/fd") {
         for n in names {
             if let Some(fd) = fs::parse_dec(&n).map(|v| v as i32) {
-                let inherited_std =
-                    fd <= 2 && p.fds.iter().any(|f| f.fd == fd && matches!(f.kind, FdKind::Inherited { .. }));
+                let inherited_std = fd <= 2
+                    && p.fds
+                        .iter()
+                        .any(|f| f.fd == fd && matches!(f.kind, FdKind::Inherited { .. } | FdKind::Terminal { .. }));
                 let handed_down = fd == crate::tree::REGISTRY_FD || handed.iter().any(|&(_, from)| from == fd);
                 if !inherited_std && !handed_down {
                     let _ = sys::close(fd);
@@ -258,6 +273,28 @@ pub fn restore(
                 set_status_flags(keep, *flags as i32);
                 Some(keep)
             }
+            FdKind::Terminal { what, flags, termios, rows, cols } => {
+                if sys::fcntl(f.fd, libc::F_GETFD, 0).is_err() {
+                    crate::debug!("descriptor {} ({what}) is not open in migrate-resume; using /dev/null", f.fd);
+                    Some(reopen("/dev/null", *flags as i32)?)
+                } else {
+                    let mut now = alloc::vec![0u8; core::mem::size_of::<libc::termios>()];
+                    let mut ws = [0u16; 4];
+                    // SAFETY: as at dump time; TCSETS reads a struct termios of the saved size.
+                    unsafe {
+                        if sys::ioctl_ptr(f.fd, libc::TCGETS, now.as_mut_ptr()).is_ok() && termios.len() == now.len() {
+                            let mut saved = termios.clone();
+                            let _ = sys::ioctl_ptr(f.fd, libc::TCSETS, saved.as_mut_ptr());
+                        }
+                        if sys::ioctl_ptr(f.fd, libc::TIOCGWINSZ, ws.as_mut_ptr() as *mut u8).is_ok()
+                            && (ws[0], ws[1]) != (*rows, *cols)
+                        {
+                            WINDOW_CHANGED.store(true, core::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    None
+                }
+            }
             FdKind::Inherited { what, flags } => {
                 if sys::fcntl(f.fd, libc::F_GETFD, 0).is_err() {
                     crate::debug!("descriptor {} ({what}) is not open in migrate-resume; using /dev/null", f.fd);
@@ -295,6 +332,9 @@ pub fn restore(
     }
     Ok(())
 }
+
+/// Set when a terminal the program had is now another size (it gets SIGWINCH once running).
+pub static WINDOW_CHANGED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// A file deleted while open, back with its contents: unlinked again (an O_TMPFILE in its old
 /// directory, or the directory of /tmp when that is gone), or — `keep` — visible at its old

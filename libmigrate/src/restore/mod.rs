@@ -182,6 +182,10 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             let _ = sys::futex_wait(word, 1, 10_000_000);
         }
     }
+    if plan.window_changed != 0 {
+        // Delivered when the program's own mask comes back, like a real resize.
+        let _ = sys::kill(sys::getpid(), libc::SIGWINCH);
+    }
     let image = String::from_utf8_lossy(plan.image_path()).into_owned();
     // SAFETY: nothing uses the plan region any more.
     let _ = unsafe { sys::munmap(plan.region_start as usize, plan.region_len as usize) };

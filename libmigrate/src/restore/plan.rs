@@ -76,6 +76,8 @@ pub struct PlanHeader {
     pub leader_exit_word: u32,
     /// Recreate threads with their original tids (migrate-resume --exact-pids, as root).
     pub exact_tids: u32,
+    /// A terminal is now another size: send SIGWINCH once the program runs.
+    pub window_changed: u32,
 }
 
 impl PlanHeader {
@@ -378,6 +380,7 @@ pub fn build(
         stack_top: addr + region_len,
         leader_exit_word: 1,
         exact_tids: crate::env::var("MIGRATE_EXACT_PIDS").is_some_and(|v| v == "1") as u32,
+        window_changed: crate::resources::files::WINDOW_CHANGED.load(core::sync::atomic::Ordering::Relaxed) as u32,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.

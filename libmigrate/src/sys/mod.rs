@@ -375,6 +375,13 @@ pub fn pipe2(fds: &mut [i32; 2], flags: i32) -> SysResult<()> {
 pub fn tee(fd_in: i32, fd_out: i32, len: usize, flags: u32) -> SysResult<usize> {
     sc!(libc::SYS_tee, fd_in, fd_out, len, flags)
 }
+/// `ioctl(2)` with a pointer argument.
+///
+/// # Safety
+/// `arg` must point to memory of the size request `req` reads or writes.
+pub unsafe fn ioctl_ptr(fd: i32, req: u64, arg: *mut u8) -> SysResult<usize> {
+    sc!(libc::SYS_ioctl, fd, req, arg)
+}
 pub fn eventfd(flags: i32) -> SysResult<i32> {
     sc!(libc::SYS_eventfd2, 0, flags).map(|v| v as i32)
 }
