@@ -298,6 +298,16 @@ pub struct TreeMeta {
     /// Descriptor numbers from here up are free in every process: migrate-resume hands the
     /// shared objects down at `shared_fd_base + object index`.
     pub shared_fd_base: i32,
+    /// System V IPC objects the tree uses (shared memory, semaphore sets, message queues).
+    pub sysv: Vec<SysvObject>,
+}
+
+/// A System V IPC object, recreated with its key (its id changes: libmigrate translates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SysvObject {
+    Shm { id: i32, key: i32, mode: u32, size: u64, contents: Vec<u8> },
+    Sem { id: i32, key: i32, mode: u32, values: Vec<u16> },
+    Msg { id: i32, key: i32, mode: u32, messages: Vec<(i64, Vec<u8>)> },
 }
 
 /// A shared object and who holds it: (process index, descriptor number) pairs. For those

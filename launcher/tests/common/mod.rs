@@ -169,6 +169,7 @@ pub fn write_image(path: &Path, meta: &ImageMeta) {
         zombies: vec![],
         shared: vec![],
         shared_fd_base: 3,
+        sysv: vec![],
     };
     w.add_tree(&tree).unwrap();
     w.finish().unwrap();

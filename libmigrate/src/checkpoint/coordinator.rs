@@ -259,7 +259,8 @@ fn write_image(req: &Request, frozen: &mut [Frozen], t0: u64) -> Result<Outcome,
         Ok(w) => w,
         Err(e) => return fail(format!("cannot write image {tmp_path}: {}", member::describe_write_error(&e))),
     };
-    let mut tree = TreeMeta { processes: Vec::new(), zombies: Vec::new(), shared: Vec::new(), shared_fd_base: 3 };
+    let mut tree =
+        TreeMeta { processes: Vec::new(), zombies: Vec::new(), shared: Vec::new(), shared_fd_base: 3, sysv: Vec::new() };
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();
         match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries) {
