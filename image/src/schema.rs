@@ -344,6 +344,9 @@ pub enum SharedObject {
     Pipe { pipe: u64, write_end: bool, flags: u32, capacity: u32, data: Vec<u8> },
     /// A regular file opened once and inherited: one offset for all holders.
     File { path: String, flags: u32, pos: u64 },
+    /// One end of a connected pair of Unix sockets whose both ends are in the tree (`pair`
+    /// names the pair; `end` is 0 or 1); `queued` is what was waiting to be read on this end.
+    Socket { pair: u64, end: u8, sock_type: i32, flags: u32, queued: Vec<u8> },
     /// Shared memory (MAP_SHARED|MAP_ANONYMOUS inherited across fork, a memfd, …) mapped by
     /// several processes: its `size` bytes are in section `Shared { object }`, and each
     /// (process, start address, file offset) in `mappings` maps it there again.

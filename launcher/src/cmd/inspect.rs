@@ -85,6 +85,9 @@ pub fn tree_text(tree: &TreeMeta) -> String {
                 if data.is_empty() { String::new() } else { format!(", {} bytes in flight", data.len()) }
             ),
             SharedObject::File { path, pos, .. } => format!("file {path} pos {pos}"),
+            SharedObject::Socket { pair, end, queued, .. } => {
+                format!("unix socket pair {pair} end {end}, {} bytes queued", queued.len())
+            }
             SharedObject::Memory { size, mappings } => {
                 let at: Vec<String> = mappings.iter().map(|(p, a, _)| format!("{p}@{a:#x}")).collect();
                 format!("shared memory, {} bytes, mapped by {}", size, at.join(" "))

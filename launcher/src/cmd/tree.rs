@@ -99,6 +99,34 @@ pub fn hand_down(tree: &TreeMeta, memory: Vec<(usize, i32)>) -> Result<()> {
     place(fd, REGISTRY_FD)?;
 
     let mut pipes: Vec<(u64, i32, i32)> = Vec::new();
+    // Socket pairs: created once; what was queued for one end is written through the other.
+    let mut pairs: Vec<(u64, [i32; 2])> = Vec::new();
+    for entry in &tree.shared {
+        let SharedObject::Socket { pair, sock_type, .. } = &entry.object else { continue };
+        if pairs.iter().any(|p| p.0 == *pair) {
+            continue;
+        }
+        let mut sv = [0i32; 2];
+        // SAFETY: valid out-array; the result is checked.
+        if unsafe { libc::socketpair(libc::AF_UNIX, *sock_type | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } < 0 {
+            return Err(os_err("cannot create a socket pair"));
+        }
+        pairs.push((*pair, sv));
+    }
+    for entry in &tree.shared {
+        let SharedObject::Socket { pair, end, queued, .. } = &entry.object else { continue };
+        if queued.is_empty() {
+            continue;
+        }
+        let Some(&(_, sv)) = pairs.iter().find(|p| p.0 == *pair) else { continue };
+        let other = sv[1 - (*end as usize).min(1)];
+        // SAFETY: writing our buffer to our own socket; it fits the default buffer sizes
+        // for what one end had queued (checked below).
+        let n = unsafe { libc::send(other, queued.as_ptr() as *const libc::c_void, queued.len(), libc::MSG_DONTWAIT) };
+        if n != queued.len() as isize {
+            return Err(os_err("cannot refill a socket pair"));
+        }
+    }
     for (j, entry) in tree.shared.iter().enumerate() {
         let number = tree.shared_fd_base + j as i32;
         match &entry.object {
@@ -134,6 +162,16 @@ pub fn hand_down(tree: &TreeMeta, memory: Vec<(usize, i32)>) -> Result<()> {
                     libc::fcntl(number, libc::F_SETFL, (*flags as i32) & (libc::O_NONBLOCK | libc::O_APPEND));
                 }
             }
+            SharedObject::Socket { pair, end, flags, .. } => {
+                let Some(&(_, sv)) = pairs.iter().find(|p| p.0 == *pair) else { continue };
+                // SAFETY: duplicating our own descriptor to the agreed number.
+                unsafe {
+                    if libc::dup2(sv[(*end as usize).min(1)], number) < 0 {
+                        return Err(os_err(&format!("cannot place a socket at {number}")));
+                    }
+                    libc::fcntl(number, libc::F_SETFL, (*flags as i32) & libc::O_NONBLOCK);
+                }
+            }
             SharedObject::Memory { .. } => {
                 if let Some(&(_, fd)) = memory.iter().find(|(k, _)| *k == j) {
                     place(fd, number)?;
@@ -154,6 +192,13 @@ pub fn hand_down(tree: &TreeMeta, memory: Vec<(usize, i32)>) -> Result<()> {
                 }
                 place(fd, number)?;
             }
+        }
+    }
+    for (_, sv) in pairs {
+        // SAFETY: the originals; the placed copies stay open.
+        unsafe {
+            libc::close(sv[0]);
+            libc::close(sv[1]);
         }
     }
     for (_, r, w) in pipes {

@@ -7,6 +7,7 @@ pub mod process;
 pub mod shared;
 pub mod signals;
 pub mod threads;
+pub mod unix_sockets;
 
 /// The current working directory, absolute.
 pub fn files_cwd() -> Option<Vec<u8>> {

@@ -78,6 +78,7 @@ pub fn find(processes: &[(u32, i32, Vec<i32>)]) -> Result<(Vec<SharedEntry>, i32
     // pipe inode → (read holders, write holders); (dev, ino) → regular file holders
     let mut pipes: Vec<(u64, Vec<Held>, Vec<Held>)> = Vec::new();
     let mut files: Vec<((u64, u64), String, Vec<Held>)> = Vec::new();
+    let mut sockets: Vec<(u64, Held)> = Vec::new();
     let mut max_fd = 2;
     for (proc, real, own) in processes {
         let names = fs::list_dir(format!("/proc/{real}/fd").as_bytes())
@@ -107,6 +108,10 @@ pub fn find(processes: &[(u32, i32, Vec<i32>)]) -> Result<(Vec<SharedEntry>, i32
                 } else {
                     entry.1.push(held)
                 }
+            } else if let Some(ino) =
+                link.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|r| r.parse::<u64>().ok())
+            {
+                sockets.push((ino, held));
             } else if link.starts_with('/') && !link.ends_with(" (deleted)") {
                 let Ok(st) = sys::stat(&fs::cpath(format!("/proc/{real}/fd/{fd}").as_bytes())) else { continue };
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -140,6 +145,39 @@ pub fn find(processes: &[(u32, i32, Vec<i32>)]) -> Result<(Vec<SharedEntry>, i32
             object: SharedObject::Pipe { pipe: ino, write_end: true, flags: wflags, capacity, data: Vec::new() },
             holders: writers.iter().map(|h| (h.proc, h.fd)).collect(),
         });
+    }
+    // Connected pairs of Unix sockets with both ends in the tree (one process or several).
+    if !sockets.is_empty() {
+        let diag = super::unix_sockets::all().map_err(|e| format!("cannot list Unix sockets (sock_diag): {e}"))?;
+        let held = |ino: u64| sockets.iter().any(|(i, _)| *i == ino);
+        let mut done: Vec<u64> = Vec::new();
+        for (ino, _) in &sockets {
+            if done.contains(ino) {
+                continue;
+            }
+            done.push(*ino);
+            let Some(s) = diag.iter().find(|s| s.ino == *ino) else { continue };
+            if s.peer == 0 || !held(s.peer) {
+                continue; // unconnected, or its peer is outside the tree
+            }
+            let holders: Vec<&Held> = sockets.iter().filter(|(i, _)| i == ino).map(|(_, h)| h).collect();
+            let first = holders[0];
+            let queued = if s.sock_type == libc::SOCK_STREAM {
+                super::unix_sockets::queued(first.real, first.fd)
+            } else {
+                Vec::new()
+            };
+            out.push(SharedEntry {
+                object: SharedObject::Socket {
+                    pair: (*ino).min(s.peer),
+                    end: u8::from(*ino > s.peer),
+                    sock_type: s.sock_type,
+                    flags: fdinfo(first.real, first.fd).1 & KEPT_FLAGS,
+                    queued,
+                },
+                holders: holders.iter().map(|h| (h.proc, h.fd)).collect(),
+            });
+        }
     }
     for (_, path, holders) in files {
         if distinct_procs(&holders) < 2 {

@@ -382,6 +382,27 @@ pub fn tee(fd_in: i32, fd_out: i32, len: usize, flags: u32) -> SysResult<usize> 
 pub unsafe fn ioctl_ptr(fd: i32, req: u64, arg: *mut u8) -> SysResult<usize> {
     sc!(libc::SYS_ioctl, fd, req, arg)
 }
+pub fn pidfd_open(pid: i32) -> SysResult<i32> {
+    sc!(libc::SYS_pidfd_open, pid, 0).map(|v| v as i32)
+}
+/// A copy of descriptor `fd` of the process behind `pidfd` (needs ptrace access to it).
+pub fn pidfd_getfd(pidfd: i32, fd: i32) -> SysResult<i32> {
+    sc!(libc::SYS_pidfd_getfd, pidfd, fd, 0).map(|v| v as i32)
+}
+pub fn getsockopt_int(fd: i32, level: i32, name: i32) -> SysResult<i32> {
+    let mut v: i32 = 0;
+    let mut len = 4u32;
+    sc!(libc::SYS_getsockopt, fd, level, name, &mut v as *mut i32, &mut len as *mut u32).map(|_| v)
+}
+pub fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) -> SysResult<()> {
+    sc!(libc::SYS_setsockopt, fd, level, name, &v as *const i32, 4).map(|_| ())
+}
+pub fn recv(fd: i32, buf: &mut [u8], flags: i32) -> SysResult<usize> {
+    sc!(libc::SYS_recvfrom, fd, buf.as_mut_ptr(), buf.len(), flags, 0, 0)
+}
+pub fn send(fd: i32, buf: &[u8], flags: i32) -> SysResult<usize> {
+    sc!(libc::SYS_sendto, fd, buf.as_ptr(), buf.len(), flags, 0, 0)
+}
 pub fn eventfd(flags: i32) -> SysResult<i32> {
     sc!(libc::SYS_eventfd2, 0, flags).map(|v| v as i32)
 }
