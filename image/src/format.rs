@@ -432,32 +432,57 @@ impl ImageReader {
         Ok(meta)
     }
 
-    /// Verifies the checksum of every section (streaming, 1 MiB at a time).
+    /// Verifies the checksum of every section. Reading and hashing overlap: one thread reads
+    /// the next 4 MiB while this one hashes the last (two buffers passed back and forth).
     pub fn verify_all(&self) -> Result<(), ImageError> {
-        let mut buf = vec![0u8; 1 << 20];
-        for (index, s) in self.sections.iter().enumerate() {
-            let mut hasher = Xxh3::new();
-            let mut off = s.offset;
-            let end = s.offset + s.length;
-            while off < end {
-                let n = ((end - off) as usize).min(buf.len());
-                self.file
-                    .read_exact_at(&mut buf[..n], off)
-                    .map_err(|source| ImageError::Io { path: self.path.clone(), source })?;
-                hasher.update(&buf[..n]);
-                off += n as u64;
+        const CHUNK: usize = 4 << 20;
+        let io_err = |source| ImageError::Io { path: self.path.clone(), source };
+        std::thread::scope(|scope| {
+            let (to_hash, filled) = std::sync::mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(1);
+            let (to_read, empty) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+            let file = &self.file;
+            let sections = &self.sections;
+            scope.spawn(move || {
+                for s in sections {
+                    let mut off = s.offset;
+                    let end = s.offset + s.length;
+                    while off < end {
+                        let Ok(mut buf) = empty.recv() else { return };
+                        let n = ((end - off) as usize).min(CHUNK);
+                        buf.resize(CHUNK, 0);
+                        let r = file.read_exact_at(&mut buf[..n], off).map(|_| (buf, n));
+                        let failed = r.is_err();
+                        if to_hash.send(r).is_err() || failed {
+                            return;
+                        }
+                        off += n as u64;
+                    }
+                }
+            });
+            let _ = to_read.send(vec![0u8; CHUNK]);
+            let _ = to_read.send(vec![0u8; CHUNK]);
+            for (index, s) in self.sections.iter().enumerate() {
+                let mut hasher = Xxh3::new();
+                let mut left = s.length;
+                while left > 0 {
+                    let (buf, n) =
+                        filled.recv().map_err(|_| io_err(io::Error::other("reader stopped")))?.map_err(io_err)?;
+                    hasher.update(&buf[..n]);
+                    left -= n as u64;
+                    let _ = to_read.send(buf);
+                }
+                let computed = hasher.digest();
+                if computed != s.checksum {
+                    return Err(ImageError::Corrupted {
+                        path: self.path.clone(),
+                        what: format!("section {index} ({:?})", s.kind),
+                        stored: s.checksum,
+                        computed,
+                    });
+                }
             }
-            let computed = hasher.digest();
-            if computed != s.checksum {
-                return Err(ImageError::Corrupted {
-                    path: self.path.clone(),
-                    what: format!("section {index} ({:?})", s.kind),
-                    stored: s.checksum,
-                    computed,
-                });
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

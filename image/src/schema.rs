@@ -128,6 +128,10 @@ pub enum VmaKind {
     Stack,
     /// [vdso], [vvar], [vvar_vclock], [vsyscall]: provided by the kernel, never filled.
     Special,
+    /// An attached System V shared memory segment (`/SYSV<key>` in the maps), known to the
+    /// program as `id` (see `SysvObject::Shm`): the tree section holds its contents, a resume
+    /// attaches the recreated segment here. No pages stored.
+    SysvShm { id: i32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

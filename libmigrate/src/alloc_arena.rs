@@ -26,6 +26,10 @@ struct State {
     base: usize,
     bump: usize,
     free_small: [usize; NUM_CLASSES],
+    /// The current chunk of each class, handed out front to back (untouched pages stay
+    /// untouched, so they cost nothing in an image).
+    chunk_next: [usize; NUM_CLASSES],
+    chunk_end: [usize; NUM_CLASSES],
     free_large: [(usize, usize); MAX_LARGE_FREE],
     nfree_large: usize,
 }
@@ -46,6 +50,8 @@ impl Arena {
                 base: 0,
                 bump: 0,
                 free_small: [0; NUM_CLASSES],
+                chunk_next: [0; NUM_CLASSES],
+                chunk_end: [0; NUM_CLASSES],
                 free_large: [(0, 0); MAX_LARGE_FREE],
                 nfree_large: 0,
             }),
@@ -114,20 +120,18 @@ impl Arena {
             return head;
         }
         let block = MIN_CLASS << class;
-        let chunk = (block * 64).max(64 * 1024);
-        let start = Self::bump(st, chunk);
-        if start == 0 {
-            return 0;
+        if st.chunk_next[class] + block > st.chunk_end[class] {
+            let chunk = (block * 64).max(64 * 1024);
+            let start = Self::bump(st, chunk);
+            if start == 0 {
+                return 0;
+            }
+            st.chunk_next[class] = start;
+            st.chunk_end[class] = start + chunk;
         }
-        // Thread the rest of the chunk onto the free list.
-        let mut p = start + block;
-        while p + block <= start + chunk {
-            // SAFETY: p lies in the fresh chunk, which is mapped read-write.
-            unsafe { *(p as *mut usize) = st.free_small[class] };
-            st.free_small[class] = p;
-            p += block;
-        }
-        start
+        let p = st.chunk_next[class];
+        st.chunk_next[class] += block;
+        p
     }
 
     fn alloc_large(st: &mut State, size: usize) -> usize {

@@ -12,7 +12,7 @@
 use super::control::Conn;
 use super::member::{self, WriteOutcome};
 use super::{Outcome, Request, DEFAULT_DIR};
-use crate::resources::{path_string, shared};
+use crate::resources::{ipc, path_string, shared};
 use crate::sys::{self, fs};
 use crate::tree;
 use alloc::format;
@@ -26,6 +26,8 @@ struct Frozen {
     vpid: i32,
     conn: Option<Conn>,
     own_fds: Vec<i32>,
+    /// Its System V id table (resources/ipc.rs), as it reported it when it froze.
+    sysv: Vec<(ipc::Kind, i32, i32)>,
 }
 
 struct FdSink(i32);
@@ -52,8 +54,17 @@ fn freeze_remote(real: i32, vpid: i32) -> Result<Frozen, String> {
     conn.send(b"freeze\n")?;
     let line = conn.read_line(30).map_err(|e| format!("process {vpid} did not freeze: {e}"))?;
     if let Some(rest) = line.strip_prefix(b"frozen") {
-        let own_fds = rest.split(|&c| c == b',' || c == b' ').filter_map(fs::parse_dec).map(|v| v as i32).collect();
-        return Ok(Frozen { real, vpid, conn: Some(conn), own_fds });
+        // `frozen <fd>,<fd>,… sysv=<table>`
+        let mut own_fds = Vec::new();
+        let mut sysv = Vec::new();
+        for word in rest.split(|&c| c == b' ').filter(|w| !w.is_empty()) {
+            if word.starts_with(b"sysv=") {
+                sysv = ipc::parse_report(word);
+            } else {
+                own_fds.extend(word.split(|&c| c == b',').filter_map(fs::parse_dec).map(|v| v as i32));
+            }
+        }
+        return Ok(Frozen { real, vpid, conn: Some(conn), own_fds, sysv });
     }
     let msg = path_string(line.strip_prefix(b"error ").unwrap_or(&line));
     conn.close();
@@ -91,7 +102,13 @@ fn freeze_tree() -> Result<Vec<Frozen>, String> {
     member::freeze()?;
     let me = sys::getpid();
     let mut frozen =
-        alloc::vec![Frozen { real: me, vpid: crate::state::virtual_pid(), conn: None, own_fds: super::own_fds() }];
+        alloc::vec![Frozen {
+            real: me,
+            vpid: crate::state::virtual_pid(),
+            conn: None,
+            own_fds: super::own_fds(),
+            sysv: Vec::new(), // read at the dump
+        }];
     let deadline = sys::monotonic_ns() + 15_000_000_000;
     loop {
         let mut added = false;
@@ -194,7 +211,8 @@ fn write_member(
 pub fn run(req: &Request) -> Result<Outcome, String> {
     let t0 = sys::monotonic_ns();
     let mut frozen = freeze_tree()?;
-    match write_image(req, &mut frozen, t0) {
+    let mut sysv = Vec::new();
+    match write_image(req, &mut frozen, t0, &mut sysv) {
         Ok(Outcome::Restored) => {
             // We are the restored copy of the coordinator: the connections were the old
             // process's descriptors.
@@ -204,6 +222,8 @@ pub fn run(req: &Request) -> Result<Outcome, String> {
             Ok(Outcome::Restored)
         }
         Ok(written) if req.kill => {
+            // The tree's System V objects moved into the image with it.
+            ipc::remove(&sysv);
             // Everyone else dies now; this process dies once the requester has the answer.
             for f in frozen.iter_mut() {
                 if let Some(c) = f.conn.as_ref() {
@@ -237,7 +257,13 @@ pub fn run(req: &Request) -> Result<Outcome, String> {
     }
 }
 
-fn write_image(req: &Request, frozen: &mut [Frozen], t0: u64) -> Result<Outcome, String> {
+/// `sysv` receives the real ids of the System V objects the image holds.
+fn write_image(
+    req: &Request,
+    frozen: &mut [Frozen],
+    t0: u64,
+    sysv: &mut Vec<(ipc::Kind, i32)>,
+) -> Result<Outcome, String> {
     let order = tree_order(frozen);
     let root = &frozen[order[0]];
     let dir = req.dir.clone().or_else(|| DEFAULT_DIR.get().cloned()).unwrap_or_else(|| b".".to_vec());
@@ -259,8 +285,13 @@ fn write_image(req: &Request, frozen: &mut [Frozen], t0: u64) -> Result<Outcome,
         Ok(w) => w,
         Err(e) => return fail(format!("cannot write image {tmp_path}: {}", member::describe_write_error(&e))),
     };
-    let mut tree =
-        TreeMeta { processes: Vec::new(), zombies: Vec::new(), shared: Vec::new(), shared_fd_base: 3, sysv: Vec::new() };
+    let mut tree = TreeMeta {
+        processes: Vec::new(),
+        zombies: Vec::new(),
+        shared: Vec::new(),
+        shared_fd_base: 3,
+        sysv: Vec::new(),
+    };
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();
         match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries) {
@@ -322,6 +353,21 @@ fn write_image(req: &Request, frozen: &mut [Frozen], t0: u64) -> Result<Outcome,
             return fail(format!("cannot write image {tmp_path}: {e}"));
         }
         tree.shared.push(entry);
+    }
+    // System V objects: every member is frozen, so their contents hold still.
+    let members: Vec<ipc::Member> = order
+        .iter()
+        .map(|&i| ipc::Member {
+            real: frozen[i].real,
+            table: if frozen[i].real == me { ipc::entries() } else { frozen[i].sysv.clone() },
+        })
+        .collect();
+    match ipc::dump(&members) {
+        Ok(d) => {
+            tree.sysv = d.objects;
+            *sysv = d.real_ids;
+        }
+        Err(e) => return fail(format!("{e}; the checkpoint needs every System V object the tree uses")),
     }
     // The shared objects' descriptors must stay clear of libmigrate's own.
     if tree.shared_fd_base + tree.shared.len() as i32 > crate::state::OWN_FD_BASE

@@ -6,7 +6,7 @@
 //! holds it in the middle of `write_process`: a restored process's copy of this thread
 //! continues from `park_and_save` with a non-zero value and takes the "restored" branch.
 
-use super::suspend::{self, PARKED, RESTORED_ARRIVED, SLOTS};
+use super::suspend::{self, PARKED, RESTORED_ARRIVED, SLOTS, SLOTS_USED};
 use super::{clear_all_transient, set_transient_any, CHECKPOINT_VTID, LD_PRELOAD};
 use crate::resources::{files, host, memory, process, signals, threads, Files};
 use crate::state::{self, SUSPEND_SIGNAL};
@@ -36,7 +36,10 @@ pub fn freeze() -> Result<(), String> {
     state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let me = sys::gettid();
     let pid = sys::getpid();
-    for s in SLOTS.iter() {
+    // Only the slots the last checkpoint used need clearing (the rest were never touched, and
+    // touching them would cost pages in every image).
+    let last = SLOTS_USED.swap(0, Ordering::AcqRel).min(SLOTS.len());
+    for s in &SLOTS[..last] {
         s.tid.store(0, Ordering::Relaxed);
         s.parked.store(0, Ordering::Relaxed);
     }
@@ -62,6 +65,8 @@ pub fn freeze() -> Result<(), String> {
             slot.npending.store(0, Ordering::Relaxed);
             slot.tid.store(tid, Ordering::Release);
             used += 1;
+            // Published before the signal: the handler looks its slot up among the used ones.
+            SLOTS_USED.store(used, Ordering::Release);
             match sys::tgkill(pid, tid, SUSPEND_SIGNAL) {
                 Ok(()) => {
                     alive += 1;

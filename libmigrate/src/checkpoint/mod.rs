@@ -118,7 +118,8 @@ fn serve_coordinator(mut conn: Conn) {
         return;
     }
     let own: Vec<String> = own_fds().iter().map(|fd| alloc::format!("{fd}")).collect();
-    if conn.send(alloc::format!("frozen {}\n", own.join(",")).as_bytes()).is_err() {
+    let sysv = crate::resources::ipc::report();
+    if conn.send(alloc::format!("frozen {} {sysv}\n", own.join(",")).as_bytes()).is_err() {
         member::release();
         conn.close();
         return;

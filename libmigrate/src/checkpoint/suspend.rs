@@ -164,8 +164,12 @@ fn private_pending_set() -> u64 {
     sys::fs::parse_hex(&rest[start..end]).unwrap_or(0)
 }
 
+/// How many thread slots the current (or last) checkpoint used (the rest stay untouched).
+pub static SLOTS_USED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
 pub fn find_slot(tid: i32) -> Option<&'static ThreadSlot> {
-    SLOTS.iter().find(|s| s.tid.load(Ordering::Acquire) == tid)
+    let used = SLOTS_USED.load(Ordering::Acquire).min(SLOTS.len());
+    SLOTS[..used].iter().find(|s| s.tid.load(Ordering::Acquire) == tid)
 }
 
 fn wait_for_release(slot: &ThreadSlot) {

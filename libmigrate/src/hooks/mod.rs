@@ -3,6 +3,7 @@
 //! take a lock the checkpoint path could need.
 
 pub mod exec;
+pub mod ipc;
 pub mod next;
 pub mod paths;
 pub mod pids;
@@ -17,6 +18,7 @@ pub fn resolve_all() {
     time::resolve();
     pids::resolve();
     paths::resolve();
+    ipc::resolve();
 }
 
 /// Sets errno (the program's, through libc's own accessor).

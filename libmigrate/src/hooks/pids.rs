@@ -330,6 +330,9 @@ pub unsafe extern "C" fn syscall(
         }
         _ => {}
     }
+    if let Some(r) = super::ipc::via_syscall(nr, [a1, a2, a3, a4, a5, a6]) {
+        return r;
+    }
     let (a1, a2) = match nr {
         libc::SYS_getpgid
         | libc::SYS_getsid

@@ -49,7 +49,7 @@ fn generation() -> u64 {
 /// A timed wait's deadline on this host's CLOCK_MONOTONIC, and when the wait (or its last
 /// continuation) began.
 #[derive(Clone, Copy)]
-struct Deadline {
+pub(crate) struct Deadline {
     at: u64,
     began: u64,
 }
@@ -62,13 +62,13 @@ impl Deadline {
     fn after_ms(ms: c_int) -> Self {
         Self::after_ns(ms as u64 * 1_000_000)
     }
-    fn after_ts(ts: &timespec) -> Self {
+    pub(crate) fn after_ts(ts: &timespec) -> Self {
         Self::after_ns(ts.tv_sec.max(0) as u64 * 1_000_000_000 + ts.tv_nsec.max(0) as u64)
     }
     /// Continues after our interruption. If the program was frozen during the wait, what
     /// remained at the freeze is waited from now (the clock may even be another host's);
     /// if it was only woken by the checkpoint signal, the deadline stands.
-    fn continue_after_checkpoint(&mut self) {
+    pub(crate) fn continue_after_checkpoint(&mut self) {
         let freeze = FREEZE_MONOTONIC_NS.load(Ordering::Acquire);
         let now = sys::monotonic_ns();
         if freeze >= self.began {
@@ -82,7 +82,7 @@ impl Deadline {
     fn remaining_ms(&self) -> c_int {
         self.remaining_ns().div_ceil(1_000_000).min(c_int::MAX as u64) as c_int
     }
-    fn remaining_ts(&self) -> timespec {
+    pub(crate) fn remaining_ts(&self) -> timespec {
         let ns = self.remaining_ns();
         timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 }
     }

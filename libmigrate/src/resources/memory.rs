@@ -80,6 +80,36 @@ pub fn read_maps() -> sys::SysResult<Vec<MapLine>> {
     Ok(parse_maps(&fs::read_file(b"/proc/thread-self/maps")?))
 }
 
+/// The frame number of the kernel's shared zero page (visible to root in pagemap), learned by
+/// reading a fresh anonymous page; 0 when unknown. Pages mapped to it hold only zeros.
+fn zero_pfn() -> u64 {
+    static ZERO_PFN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
+    let known = ZERO_PFN.load(core::sync::atomic::Ordering::Relaxed);
+    if known != u64::MAX {
+        return known;
+    }
+    let mut pfn = 0;
+    if let Ok(page) = sys::mmap(0, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) {
+        // SAFETY: reading our own fresh readable page maps the zero page.
+        let _ = unsafe { core::ptr::read_volatile(page as *const u8) };
+        if let Ok(fd) = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+            let mut e = [0u8; 8];
+            if sys::pread(fd, &mut e, (page as u64 / 4096) * 8).is_ok_and(|n| n == 8) {
+                let v = u64::from_ne_bytes(e);
+                if v & PM_PRESENT != 0 {
+                    pfn = v & PM_PFN;
+                }
+            }
+            let _ = sys::close(fd);
+        }
+        // SAFETY: our own scratch page.
+        let _ = unsafe { sys::munmap(page, 4096) };
+    }
+    ZERO_PFN.store(pfn, core::sync::atomic::Ordering::Relaxed);
+    pfn
+}
+
+const PM_PFN: u64 = (1 << 55) - 1;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
@@ -92,6 +122,7 @@ fn stored_runs(pagemap_fd: i32, v: &MapLine, kind: VmaKind, buf: &mut [u64]) -> 
     }
     let pages = (v.end - v.start) / 4096;
     let first_page = v.start / 4096;
+    let zero = zero_pfn();
     let mut done = 0u64;
     while done < pages {
         let n = (pages - done).min(buf.len() as u64) as usize;
@@ -105,6 +136,8 @@ fn stored_runs(pagemap_fd: i32, v: &MapLine, kind: VmaKind, buf: &mut [u64]) -> 
         for (i, &e) in buf[..got].iter().enumerate() {
             let stored = match kind {
                 VmaKind::FilePrivate => (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0,
+                // Present but still the shared zero page: never written, nothing to keep.
+                _ if zero != 0 && e & PM_PRESENT != 0 && e & PM_PFN == zero => false,
                 _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
             };
             if stored {
@@ -161,6 +194,25 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 kind: VmaKind::Registry,
                 file: None,
                 file_offset: 0,
+                name: m.name.clone(),
+                vm_flags: String::new(),
+                runs: Vec::new(),
+                data_section: None,
+            });
+            continue;
+        }
+        if m.shared && m.name.starts_with("/SYSV") {
+            // A System V segment (its inode number is its id): the coordinator stores it once
+            // for the tree (resources/ipc.rs), a resume attaches the recreated one here.
+            let real = m.inode as i32;
+            let id = super::ipc::to_virt(super::ipc::Kind::Shm, real).unwrap_or(real);
+            out.push(VmaEntry {
+                start: m.start,
+                end: m.end,
+                prot: m.prot,
+                kind: VmaKind::SysvShm { id },
+                file: None,
+                file_offset: m.offset,
                 name: m.name.clone(),
                 vm_flags: String::new(),
                 runs: Vec::new(),

@@ -2,6 +2,7 @@
 
 pub mod files;
 pub mod host;
+pub mod ipc;
 pub mod memory;
 pub mod process;
 pub mod shared;

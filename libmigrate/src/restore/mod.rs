@@ -23,6 +23,9 @@ pub fn run(path: &[u8], force: bool) -> ! {
         Ok(never) => match never {},
         Err(e) => e,
     };
+    // Nothing of the program runs: the System V objects migrate-resume recreated for it would
+    // only keep their keys taken and make a retry fail.
+    crate::resources::ipc::remove_recreated(&sysv_ids());
     let mut b = crate::log::StackBuf::<2048>::new();
     b.push_bytes(b"migrate-resume: error: ");
     b.push_bytes(err.as_bytes());
@@ -32,6 +35,12 @@ pub fn run(path: &[u8], force: bool) -> ! {
 }
 
 enum Never {}
+
+/// The System V objects migrate-resume recreated (`MIGRATE_SYSV_IDS`, in this exec's
+/// environment: read before the switch, which brings back the program's own).
+fn sysv_ids() -> alloc::vec::Vec<crate::resources::ipc::Recreated> {
+    crate::resources::ipc::parse_env(&crate::env::var("MIGRATE_SYSV_IDS").unwrap_or_default())
+}
 
 fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let all = !0u64;
@@ -106,7 +115,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     process::restore(p)?;
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(&meta, proc, &sections, path, &current, &shared_maps)?;
+    let built = plan::build(&meta, proc, &sections, path, &current, &shared_maps, &sysv_ids())?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
 }
@@ -117,6 +126,8 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     // SAFETY: the plan region stays mapped until we unmap it below.
     let plan = unsafe { &*(plan_addr as *const plan::PlanHeader) };
     let p = &meta.process;
+    // The System V ids the program knows stand for the recreated objects from now on.
+    crate::resources::ipc::adopt_restored(plan.sysv());
     if let Some(me) = p.threads.iter().find(|t| t.is_checkpoint_thread) {
         sys::set_robust_list(me.robust_list, me.robust_list_len);
         let mut name = [0u8; 16];
@@ -161,6 +172,9 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             }
         });
     }
+    // Every process of the tree has attached its segments: those that had been marked for
+    // removal are marked again.
+    crate::resources::ipc::remove_marked(plan.sysv());
     // Wait for every program thread to be back in its handler (so nothing runs on the plan's
     // stack any more), then drop the plan.
     let expected = (p.threads.len() - 1) as u32;

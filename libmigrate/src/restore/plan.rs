@@ -32,6 +32,9 @@ pub struct PlanVma {
     pub first_run: u32,
     pub nruns: u32,
     pub data_offset: u64,
+    /// A System V segment to attach here (its new id), or -1; `shm_size` is its size.
+    pub shm_id: i32,
+    pub shm_size: u64,
 }
 
 #[repr(C)]
@@ -78,6 +81,10 @@ pub struct PlanHeader {
     pub exact_tids: u32,
     /// A terminal is now another size: send SIGWINCH once the program runs.
     pub window_changed: u32,
+    /// The System V objects migrate-resume recreated (`ipc::Recreated` records): the id table
+    /// is rewritten from them after the switch.
+    pub sysv_off: u64,
+    pub nsysv: u32,
 }
 
 impl PlanHeader {
@@ -108,6 +115,10 @@ impl PlanHeader {
     pub fn fds(&self) -> &[i32] {
         // SAFETY: see `array`.
         unsafe { self.array(self.fds_off, self.nfds) }
+    }
+    pub fn sysv(&self) -> &[crate::resources::ipc::Recreated] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.sysv_off, self.nsysv) }
     }
     pub fn image_path(&self) -> &[u8] {
         // SAFETY: see `array`.
@@ -179,6 +190,7 @@ pub fn build(
     image_path: &[u8],
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
+    sysv: &[crate::resources::ipc::Recreated],
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
@@ -243,6 +255,33 @@ pub fn build(
             // The new registry that migrate-resume handed down, where the old one was.
             VmaKind::Registry => (libc::MAP_SHARED, crate::tree::REGISTRY_FD),
             VmaKind::Special => unreachable!(),
+            // The segment migrate-resume recreated, attached again by the switch.
+            VmaKind::SysvShm { id } => {
+                let new = crate::resources::ipc::new_shm_id(sysv, id).ok_or_else(|| {
+                    format!(
+                        "the System V shared memory segment {id} attached at {:#x} was not recreated; resume the \
+                         image with migrate-resume",
+                        v.start
+                    )
+                })?;
+                let ds = sys::shmctl_stat(new)
+                    .map_err(|e| format!("cannot use the recreated System V shared memory segment {new}: {e}"))?;
+                vmas.push(PlanVma {
+                    start: v.start,
+                    end: v.end,
+                    prot: v.prot as i32,
+                    map_flags: 0,
+                    fd: -1,
+                    keep: 0,
+                    file_offset: v.file_offset,
+                    first_run: runs.len() as u32,
+                    nruns: 0,
+                    data_offset: 0,
+                    shm_id: new,
+                    shm_size: ds.shm_segsz as u64,
+                });
+                continue;
+            }
         };
         // Memory shared with other processes of the tree: the handed-down object, not a copy.
         if let Some(&(_, fd, offset)) = shared_maps.iter().find(|m| m.0 == v.start) {
@@ -257,6 +296,8 @@ pub fn build(
                 first_run: runs.len() as u32,
                 nruns: 0,
                 data_offset: 0,
+                shm_id: -1,
+                shm_size: 0,
             });
             continue;
         }
@@ -277,6 +318,8 @@ pub fn build(
             first_run: runs.len() as u32,
             nruns: v.runs.len() as u32,
             data_offset,
+            shm_id: -1,
+            shm_size: 0,
         });
         runs.extend(v.runs.iter().map(|&(first, count)| Range { start: first, end: first + count }));
     }
@@ -315,7 +358,8 @@ pub fn build(
     let threads_off = align(runs_off + (runs.len() * core::mem::size_of::<Range>()) as u64);
     let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
-    let path_off = align(auxv_off + (p.auxv.len() * 8) as u64);
+    let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
+    let path_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
     let data_len = align(path_off + image_path.len() as u64).next_multiple_of(4096);
     let region_len = data_len + STACK_SIZE as u64;
 
@@ -381,6 +425,8 @@ pub fn build(
         leader_exit_word: 1,
         exact_tids: crate::env::var("MIGRATE_EXACT_PIDS").is_some_and(|v| v == "1") as u32,
         window_changed: crate::resources::files::WINDOW_CHANGED.load(core::sync::atomic::Ordering::Relaxed) as u32,
+        sysv_off,
+        nsysv: sysv.len() as u32,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.
@@ -397,6 +443,11 @@ pub fn build(
         );
         core::ptr::copy_nonoverlapping(fds.as_ptr(), base.add(fds_off as usize) as *mut i32, fds.len());
         core::ptr::copy_nonoverlapping(p.auxv.as_ptr(), base.add(auxv_off as usize) as *mut u64, p.auxv.len());
+        core::ptr::copy_nonoverlapping(
+            sysv.as_ptr(),
+            base.add(sysv_off as usize) as *mut crate::resources::ipc::Recreated,
+            sysv.len(),
+        );
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
     }
     Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize })

@@ -52,6 +52,43 @@ const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_SETTLS) as u64;
 const CLONE_TID_FLAGS: u64 = (libc::CLONE_PARENT_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
 
+const SHM_RDONLY: u64 = 0o10000;
+const SHM_REMAP: u64 = 0o40000;
+const SHM_EXEC: u64 = 0o100000;
+
+/// Attaches a recreated System V segment where the saved mapping was. A whole attachment is
+/// made in place (SHM_REMAP); a piece of one (split by mprotect or munmap) is attached anywhere,
+/// the piece moved into place with mremap and the rest detached.
+fn attach_segment(v: &super::plan::PlanVma) {
+    let len = v.end - v.start;
+    let write = v.prot & libc::PROT_WRITE != 0;
+    let exec = v.prot & libc::PROT_EXEC != 0;
+    let flags = if write { 0 } else { SHM_RDONLY } | if exec { SHM_EXEC } else { 0 };
+    let attached_prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 } | if exec { libc::PROT_EXEC } else { 0 };
+    let size = v.shm_size.next_multiple_of(4096);
+    let id = v.shm_id as u64;
+    if v.file_offset == 0 && len == size {
+        let got = check(raw(libc::SYS_shmat, id, v.start, flags | SHM_REMAP, 0, 0, 0), b"shmat");
+        if got != v.start {
+            fail(b"shmat placed a segment elsewhere", -(libc::EINVAL as isize));
+        }
+    } else {
+        if v.file_offset + len > size {
+            fail(b"a System V segment is smaller than its saved mapping", -(libc::EINVAL as isize));
+        }
+        // A placeholder keeps the kernel from placing the whole attachment over the target.
+        let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
+        check(raw(libc::SYS_mmap, v.start, len, libc::PROT_NONE as u64, anon, u64::MAX, 0), b"mmap");
+        let tmp = check(raw(libc::SYS_shmat, id, 0, flags, 0, 0, 0), b"shmat");
+        let moved = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        check(raw(libc::SYS_mremap, tmp + v.file_offset, len, len, moved, v.start, 0), b"mremap");
+        raw(libc::SYS_munmap, tmp, size, 0, 0, 0, 0);
+    }
+    if v.prot != attached_prot {
+        check(raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
+    }
+}
+
 /// Entry point on the private stack. `plan_addr` is the plan region.
 pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     // SAFETY: the constructor passes the address of a plan it built; the region stays mapped.
@@ -82,10 +119,19 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     let all_runs = plan.runs();
     for v in plan.vmas() {
         let len = v.end - v.start;
+        if v.shm_id >= 0 {
+            attach_segment(v);
+            continue;
+        }
         let runs = &all_runs[v.first_run as usize..(v.first_run + v.nruns) as usize];
         let fill_prot = if runs.is_empty() { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
+        // Densely stored anonymous memory is populated by the kernel in one go rather than by
+        // one fault per page during the reads.
+        let stored: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        let dense = v.fd < 0 && len >= (1 << 20) && stored * 4096 * 4 >= len * 3;
         if v.keep == 0 {
-            let flags = (v.map_flags | libc::MAP_FIXED) as u64;
+            let populate = if dense { libc::MAP_POPULATE } else { 0 };
+            let flags = (v.map_flags | libc::MAP_FIXED | populate) as u64;
             let fd = if v.fd < 0 { u64::MAX } else { v.fd as u64 };
             let got = check(raw(libc::SYS_mmap, v.start, len, fill_prot as u64, flags, fd, v.file_offset), b"mmap");
             if got != v.start {

@@ -533,3 +533,69 @@ pub fn xsave_features() -> (u64, u32) {
         (xcr0, leaf_d.ebx)
     }
 }
+
+// System V IPC. The hooks (hooks/ipc.rs) call the real libc functions; these are for
+// libmigrate's own use: the checkpoint's dump, the restore's mapping of segments.
+
+pub fn shmget(key: i32, size: usize, flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_shmget, key, size, flags).map(|v| v as i32)
+}
+/// Attaches segment `id` at `addr` (0: the kernel chooses) and returns where.
+pub fn shmat(id: i32, addr: usize, flags: i32) -> SysResult<usize> {
+    sc!(libc::SYS_shmat, id, addr, flags)
+}
+/// # Safety
+/// Detaching memory that Rust references point into is undefined behaviour.
+pub unsafe fn shmdt(addr: usize) -> SysResult<()> {
+    sc!(libc::SYS_shmdt, addr).map(|_| ())
+}
+pub fn shmctl_stat(id: i32) -> SysResult<libc::shmid_ds> {
+    // SAFETY: an all-zero shmid_ds is a valid value of this plain C struct.
+    let mut ds: libc::shmid_ds = unsafe { core::mem::zeroed() };
+    sc!(libc::SYS_shmctl, id, libc::IPC_STAT, &mut ds as *mut libc::shmid_ds).map(|_| ds)
+}
+/// shmctl/semctl/msgctl with a command that takes no argument (IPC_RMID).
+pub fn ipc_rmid(kind_nr: c_long, id: i32) -> SysResult<()> {
+    sc!(kind_nr, id, libc::IPC_RMID, 0, 0).map(|_| ())
+}
+pub fn semget(key: i32, nsems: i32, flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_semget, key, nsems, flags).map(|v| v as i32)
+}
+pub fn semctl_stat(id: i32) -> SysResult<libc::semid_ds> {
+    // SAFETY: an all-zero semid_ds is a valid value of this plain C struct.
+    let mut ds: libc::semid_ds = unsafe { core::mem::zeroed() };
+    sc!(libc::SYS_semctl, id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds).map(|_| ds)
+}
+/// semctl(GETALL): every semaphore's value; `values` must hold the set's size.
+pub fn semctl_getall(id: i32, values: &mut [u16]) -> SysResult<()> {
+    sc!(libc::SYS_semctl, id, 0, libc::GETALL, values.as_mut_ptr()).map(|_| ())
+}
+/// semctl(GETPID): the pid of the last process that operated on semaphore `num`.
+pub fn semctl_getpid(id: i32, num: i32) -> SysResult<i32> {
+    sc!(libc::SYS_semctl, id, num, libc::GETPID, 0).map(|v| v as i32)
+}
+pub fn msgget(key: i32, flags: i32) -> SysResult<i32> {
+    sc!(libc::SYS_msgget, key, flags).map(|v| v as i32)
+}
+pub fn msgctl_stat(id: i32) -> SysResult<libc::msqid_ds> {
+    // SAFETY: an all-zero msqid_ds is a valid value of this plain C struct.
+    let mut ds: libc::msqid_ds = unsafe { core::mem::zeroed() };
+    sc!(libc::SYS_msgctl, id, libc::IPC_STAT, &mut ds as *mut libc::msqid_ds).map(|_| ds)
+}
+/// msgrcv(2) into `buf` (a `long` type followed by the text); returns the text's length.
+pub fn msgrcv(id: i32, buf: &mut [u64], msgtyp: i64, flags: i32) -> SysResult<usize> {
+    let text_len = (buf.len().saturating_sub(1)) * 8;
+    sc!(libc::SYS_msgrcv, id, buf.as_mut_ptr(), text_len, msgtyp, flags)
+}
+/// msgsnd(2) of `buf` (a `long` type followed by `text_len` bytes of text).
+pub fn msgsnd(id: i32, buf: &[u64], text_len: usize, flags: i32) -> SysResult<()> {
+    assert!(text_len <= buf.len().saturating_sub(1) * 8);
+    sc!(libc::SYS_msgsnd, id, buf.as_ptr(), text_len, flags).map(|_| ())
+}
+/// mremap(2) with MREMAP_MAYMOVE|MREMAP_FIXED: moves `[old, old+len)` to `new`.
+///
+/// # Safety
+/// Moving memory that Rust references point into is undefined behaviour.
+pub unsafe fn mremap_fixed(old: usize, len: usize, new: usize) -> SysResult<usize> {
+    sc!(libc::SYS_mremap, old, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, new)
+}
