@@ -131,7 +131,9 @@ pub enum VmaKind {
     /// An attached System V shared memory segment (`/SYSV<key>` in the maps), known to the
     /// program as `id` (see `SysvObject::Shm`): the tree section holds its contents, a resume
     /// attaches the recreated segment here. No pages stored.
-    SysvShm { id: i32 },
+    SysvShm {
+        id: i32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +239,35 @@ pub enum FdKind {
         termios: Vec<u8>,
         rows: u16,
         cols: u16,
+    },
+    /// eventfd: its counter and semaphore mode.
+    EventFd {
+        count: u64,
+        semaphore: bool,
+        flags: u32,
+    },
+    /// timerfd: clock, time left until the next expiry, interval, expirations not yet read.
+    TimerFd {
+        clock: i32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+        flags: u32,
+    },
+    /// signalfd: the signal mask it reads.
+    SignalFd {
+        mask: u64,
+        flags: u32,
+    },
+    /// epoll instance: (target descriptor, events incl. EPOLLET/EPOLLONESHOT, user data).
+    Epoll {
+        flags: u32,
+        targets: Vec<(i32, u32, u64)>,
+    },
+    /// pidfd of a process (by its virtual pid).
+    PidFd {
+        vpid: i32,
+        flags: u32,
     },
     /// A named pipe, reopened by path without waiting for the other side.
     Fifo {

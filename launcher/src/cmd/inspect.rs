@@ -3,7 +3,9 @@
 use crate::cli::InspectArgs;
 use crate::signals;
 use crate::text::{bytes, limit, open_flags, prot, rlimit_name, utc_time};
-use migrate_image::{FdKind, ImageMeta, ImageReader, SectionEntry, SectionKind, SharedObject, TreeMeta, PAGE_SIZE};
+use migrate_image::{
+    FdKind, ImageMeta, ImageReader, SectionEntry, SectionKind, SharedObject, SysvObject, TreeMeta, VmaKind, PAGE_SIZE,
+};
 use std::fmt::Write as _;
 use std::io::Write;
 
@@ -21,7 +23,7 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
         s
     } else {
         let mut o = String::new();
-        if metas.len() > 1 || !tree.zombies.is_empty() || !tree.shared.is_empty() {
+        if metas.len() > 1 || !tree.zombies.is_empty() || !tree.shared.is_empty() || !tree.sysv.is_empty() {
             o.push_str(&tree_text(&tree));
         }
         for (k, meta) in metas.iter().enumerate() {
@@ -66,10 +68,11 @@ pub fn tree_text(tree: &TreeMeta) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "tree       {} processes, {} zombies, {} shared objects",
+        "tree       {} processes, {} zombies, {} shared objects, {} System V objects",
         tree.processes.len(),
         tree.zombies.len(),
-        tree.shared.len()
+        tree.shared.len(),
+        tree.sysv.len()
     );
     for (k, p) in tree.processes.iter().enumerate() {
         let _ = writeln!(o, "  process {k}: vpid {} ppid {} pgid {} sid {}", p.vpid, p.vppid, p.vpgid, p.vsid);
@@ -97,7 +100,34 @@ pub fn tree_text(tree: &TreeMeta) -> String {
         let _ =
             writeln!(o, "  shared {j} (fd {}): {what}; held by {}", tree.shared_fd_base + j as i32, holders.join(" "));
     }
+    for s in &tree.sysv {
+        let _ = writeln!(o, "  sysv: {}", sysv_text(s));
+    }
     o
+}
+
+/// One System V object: `message queue key 0x0000beef (id 3) mode 0600: 5 messages (40 bytes)`.
+pub fn sysv_text(s: &SysvObject) -> String {
+    let name = |noun: &str, key: i32, id: i32, mode: u32| {
+        let key = if key == 0 { "private".to_string() } else { format!("key {:#010x}", key as u32) };
+        format!("{noun} {key} (id {id}) mode {:04o}", mode & 0o777)
+    };
+    match s {
+        SysvObject::Shm { id, key, mode, size, .. } => format!(
+            "{}: {size} bytes{}",
+            name("shared memory", *key, *id, *mode),
+            if mode & 0o1000 != 0 { ", marked for removal" } else { "" }
+        ),
+        SysvObject::Sem { id, key, mode, values } => {
+            format!("{}: {} semaphores, values {values:?}", name("semaphore set", *key, *id, *mode), values.len())
+        }
+        SysvObject::Msg { id, key, mode, messages } => format!(
+            "{}: {} messages ({} bytes)",
+            name("message queue", *key, *id, *mode),
+            messages.len(),
+            messages.iter().map(|(_, t)| t.len()).sum::<usize>()
+        ),
+    }
 }
 
 fn kind_text(k: SectionKind) -> String {
@@ -161,7 +191,10 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             v.start,
             v.end,
             prot(v.prot),
-            format!("{:?}", v.kind),
+            match v.kind {
+                VmaKind::SysvShm { id } => format!("SysvShm {id}"),
+                k => format!("{k:?}"),
+            },
             format!("{}/{}", v.stored_pages(), pages),
             v.name
         );
@@ -203,6 +236,22 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             FdKind::Terminal { what, flags, rows, cols, .. } => {
                 format!("{what} ({cols}x{rows}, settings saved) {}", open_flags(*flags))
             }
+            FdKind::EventFd { count, semaphore, flags } => {
+                format!("eventfd count {count}{} {}", if *semaphore { " (semaphore)" } else { "" }, open_flags(*flags))
+            }
+            FdKind::TimerFd { clock, value_ns, interval_ns, ticks, .. } => format!(
+                "timerfd clock {clock}, next in {:.3} s, every {:.3} s, {ticks} unread",
+                *value_ns as f64 / 1e9,
+                *interval_ns as f64 / 1e9
+            ),
+            FdKind::SignalFd { mask, .. } => {
+                format!("signalfd {}", sig_list((1..=64).filter(|s| mask & (1u64 << (s - 1)) != 0)))
+            }
+            FdKind::Epoll { targets, .. } => {
+                let t: Vec<String> = targets.iter().map(|(fd, ev, data)| format!("{fd}:{ev:#x}/{data:#x}")).collect();
+                format!("epoll watching {}", t.join(" "))
+            }
+            FdKind::PidFd { vpid, .. } => format!("pidfd of process {vpid}"),
             FdKind::Fifo { path, flags } => format!("fifo {path} {}", open_flags(*flags)),
             FdKind::Pipe { pipe, write_end, flags, data, .. } => format!(
                 "pipe:[{pipe}] {} end, {} bytes in flight {}",

@@ -116,6 +116,7 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
                 }
             }
             libc::S_IFSOCK => FdKind::Detached { what: path, write_end: false, flags: flags as u32 },
+            _ if path.starts_with("anon_inode:") => anon_inode(fd, &path, flags as u32),
             _ => {
                 FdKind::Unsupported { what: if path.is_empty() { format!("descriptor of mode {fmt:o}") } else { path } }
             }
@@ -127,6 +128,70 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
         out.push(FdEntry { fd, cloexec, shares_with, kind });
     }
     Ok(out)
+}
+
+/// The fields of /proc/thread-self/fdinfo/<fd>: (key, value) lines.
+fn fdinfo_lines(fd: i32) -> Vec<(String, String)> {
+    let text = fs::read_file(format!("/proc/thread-self/fdinfo/{fd}").as_bytes()).unwrap_or_default();
+    text.split(|&c| c == b'\n')
+        .filter_map(|l| {
+            let l = String::from_utf8_lossy(l);
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().into(), v.trim().into()))
+        })
+        .collect()
+}
+
+fn field<'a>(lines: &'a [(String, String)], key: &str) -> &'a str {
+    lines.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())
+}
+
+/// "(sec, nsec)" as nanoseconds.
+fn timespec_ns(v: &str) -> u64 {
+    let v = v.trim_matches(|c| c == '(' || c == ')');
+    let mut it = v.split(',').map(|p| p.trim().parse::<u64>().unwrap_or(0));
+    it.next().unwrap_or(0) * 1_000_000_000 + it.next().unwrap_or(0)
+}
+
+/// eventfd, timerfd, signalfd, epoll and pidfd, from fdinfo.
+fn anon_inode(fd: i32, path: &str, flags: u32) -> FdKind {
+    let info = fdinfo_lines(fd);
+    match path {
+        "anon_inode:[eventfd]" => FdKind::EventFd {
+            count: u64::from_str_radix(field(&info, "eventfd-count"), 16).unwrap_or(0),
+            semaphore: field(&info, "eventfd-semaphore") == "1",
+            flags,
+        },
+        "anon_inode:[timerfd]" => FdKind::TimerFd {
+            clock: field(&info, "clockid").parse().unwrap_or(libc::CLOCK_MONOTONIC),
+            value_ns: timespec_ns(field(&info, "it_value")),
+            interval_ns: timespec_ns(field(&info, "it_interval")),
+            ticks: field(&info, "ticks").parse().unwrap_or(0),
+            flags,
+        },
+        "anon_inode:[signalfd]" => {
+            FdKind::SignalFd { mask: u64::from_str_radix(field(&info, "sigmask"), 16).unwrap_or(0), flags }
+        }
+        "anon_inode:[eventpoll]" => {
+            // Each registration: "tfd: 3 events: 80000019 data: abcdef  pos:0 ino:11 sdev:10".
+            let text = fs::read_file(format!("/proc/thread-self/fdinfo/{fd}").as_bytes()).unwrap_or_default();
+            let targets = text
+                .split(|&c| c == b'\n')
+                .filter_map(|l| {
+                    let l = String::from_utf8_lossy(l);
+                    let rest = l.strip_prefix("tfd:")?;
+                    let mut w = rest.split_whitespace();
+                    let tfd = w.next()?.parse().ok()?;
+                    let events = u32::from_str_radix(w.nth(1)?, 16).ok()?;
+                    let data = u64::from_str_radix(w.nth(1)?, 16).ok()?;
+                    Some((tfd, events, data))
+                })
+                .collect();
+            FdKind::Epoll { flags, targets }
+        }
+        "anon_inode:[pidfd]" => FdKind::PidFd { vpid: state::to_virt(field(&info, "Pid").parse().unwrap_or(0)), flags },
+        _ => FdKind::Unsupported { what: path.into() },
+    }
 }
 
 /// The bytes in a pipe, copied without consuming them: tee() into a scratch pipe, read that.
@@ -200,6 +265,7 @@ pub fn restore(
     // refilled with their in-flight bytes, then placed like any other descriptor.
     let above = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) + 1;
     let mut pipes: Vec<(u64, i32, i32)> = Vec::new();
+    let mut epolls: Vec<(i32, Vec<(i32, u32, u64)>)> = Vec::new();
     for f in &p.fds {
         let FdKind::Pipe { pipe, capacity, data, .. } = &f.kind else { continue };
         if pipes.iter().any(|&(id, _, _)| id == *pipe) {
@@ -255,6 +321,96 @@ pub fn restore(
                 let _ = sys::lseek(fd, *pos as i64, libc::SEEK_SET);
                 Some(fd)
             }
+            FdKind::EventFd { count, semaphore, flags } => {
+                let mut ef = libc::EFD_CLOEXEC;
+                if *semaphore {
+                    ef |= libc::EFD_SEMAPHORE;
+                }
+                // SAFETY: eventfd2 with an initial value that fits its u32 argument.
+                let r = unsafe {
+                    sys::syscall6(libc::SYS_eventfd2, (*count).min(u32::MAX as u64) as usize, ef as usize, 0, 0, 0, 0)
+                };
+                if r < 0 {
+                    return Err(format!("cannot recreate eventfd {}: {}", f.fd, sys::Errno(-r as i32)));
+                }
+                let fd = r as i32;
+                if *count > u32::MAX as u64 {
+                    let _ = sys::write(fd, &(*count - u32::MAX as u64).to_ne_bytes());
+                }
+                set_status_flags(fd, *flags as i32);
+                Some(fd)
+            }
+            FdKind::TimerFd { clock, value_ns, interval_ns, ticks, flags } => {
+                // SAFETY: timerfd_create with a saved clock id.
+                let r = unsafe {
+                    sys::syscall6(libc::SYS_timerfd_create, *clock as usize, libc::TFD_CLOEXEC as usize, 0, 0, 0, 0)
+                };
+                if r < 0 {
+                    return Err(format!("cannot recreate timerfd {} (clock {clock}): {}", f.fd, sys::Errno(-r as i32)));
+                }
+                let fd = r as i32;
+                let ts = |ns: u64| libc::timespec {
+                    tv_sec: (ns / 1_000_000_000) as i64,
+                    tv_nsec: (ns % 1_000_000_000) as i64,
+                };
+                // Armed again with the time that was left (relative), and the same interval.
+                let spec = libc::itimerspec { it_interval: ts(*interval_ns), it_value: ts(*value_ns) };
+                // SAFETY: a valid itimerspec for timerfd_settime.
+                unsafe {
+                    sys::syscall6(
+                        libc::SYS_timerfd_settime,
+                        fd as usize,
+                        0,
+                        &spec as *const libc::itimerspec as usize,
+                        0,
+                        0,
+                        0,
+                    )
+                };
+                if *ticks > 0 {
+                    const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                    let mut t = *ticks;
+                    // SAFETY: the ioctl reads one u64.
+                    let _ = unsafe { sys::ioctl_ptr(fd, TFD_IOC_SET_TICKS, &mut t as *mut u64 as *mut u8) };
+                }
+                set_status_flags(fd, *flags as i32);
+                Some(fd)
+            }
+            FdKind::SignalFd { mask, flags } => {
+                // SAFETY: signalfd4 reads an 8-byte kernel signal set.
+                let r = unsafe {
+                    sys::syscall6(
+                        libc::SYS_signalfd4,
+                        usize::MAX,
+                        mask as *const u64 as usize,
+                        8,
+                        libc::SFD_CLOEXEC as usize,
+                        0,
+                        0,
+                    )
+                };
+                if r < 0 {
+                    return Err(format!("cannot recreate signalfd {}: {}", f.fd, sys::Errno(-r as i32)));
+                }
+                set_status_flags(r as i32, *flags as i32);
+                Some(r as i32)
+            }
+            FdKind::Epoll { targets, .. } => {
+                // SAFETY: epoll_create1 has no pointer arguments.
+                let r = unsafe { sys::syscall6(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC as usize, 0, 0, 0, 0, 0) };
+                if r < 0 {
+                    return Err(format!("cannot recreate epoll instance {}: {}", f.fd, sys::Errno(-r as i32)));
+                }
+                epolls.push((f.fd, targets.clone()));
+                Some(r as i32)
+            }
+            FdKind::PidFd { vpid, .. } => match sys::pidfd_open(*vpid) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    crate::info!("pidfd {} of process {vpid} cannot be recreated ({e}); it reads as /dev/null", f.fd);
+                    Some(reopen("/dev/null", libc::O_RDONLY)?)
+                }
+            },
             FdKind::Fifo { path, flags } => Some(reopen_fifo(path, *flags as i32)?),
             FdKind::CharDevice { path, flags, .. } => Some(reopen(path, *flags as i32)?),
             FdKind::Pipe { pipe, write_end, flags, .. } => {
@@ -329,6 +485,27 @@ pub fn restore(
     for (_, r, w) in pipes {
         let _ = sys::close(r);
         let _ = sys::close(w);
+    }
+    // Registrations last: every target descriptor exists now.
+    for (ep, targets) in epolls {
+        for (tfd, events, data) in targets {
+            let ev = libc::epoll_event { events, u64: data };
+            // SAFETY: a valid epoll_event for EPOLL_CTL_ADD.
+            let r = unsafe {
+                sys::syscall6(
+                    libc::SYS_epoll_ctl,
+                    ep as usize,
+                    libc::EPOLL_CTL_ADD as usize,
+                    tfd as usize,
+                    &ev as *const libc::epoll_event as usize,
+                    0,
+                    0,
+                )
+            };
+            if r < 0 {
+                crate::info!("cannot re-register descriptor {tfd} in epoll instance {ep}: {}", sys::Errno(-r as i32));
+            }
+        }
     }
     Ok(())
 }
