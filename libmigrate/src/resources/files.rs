@@ -130,6 +130,9 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
     Ok(out)
 }
 
+/// An epoll instance's registrations: (target descriptor, events, user data).
+type EpollTargets = Vec<(i32, u32, u64)>;
+
 /// The fields of /proc/thread-self/fdinfo/<fd>: (key, value) lines.
 fn fdinfo_lines(fd: i32) -> Vec<(String, String)> {
     let text = fs::read_file(format!("/proc/thread-self/fdinfo/{fd}").as_bytes()).unwrap_or_default();
@@ -265,7 +268,7 @@ pub fn restore(
     // refilled with their in-flight bytes, then placed like any other descriptor.
     let above = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) + 1;
     let mut pipes: Vec<(u64, i32, i32)> = Vec::new();
-    let mut epolls: Vec<(i32, Vec<(i32, u32, u64)>)> = Vec::new();
+    let mut epolls: Vec<(i32, EpollTargets)> = Vec::new();
     for f in &p.fds {
         let FdKind::Pipe { pipe, capacity, data, .. } = &f.kind else { continue };
         if pipes.iter().any(|&(id, _, _)| id == *pipe) {
