@@ -240,6 +240,22 @@ pub enum FdKind {
         rows: u16,
         cols: u16,
     },
+    /// A network or Unix socket on its own (not a pair inside the tree): a listening or bound
+    /// socket comes back bound at the same address with its options; an established TCP
+    /// connection comes back reset (ECONNRESET on next use) so the program reconnects.
+    Socket {
+        domain: i32,
+        sock_type: i32,
+        protocol: i32,
+        flags: u32,
+        listening: bool,
+        backlog: i32,
+        /// Raw `struct sockaddr` bytes of the local and (if connected) peer address.
+        local: Vec<u8>,
+        peer: Option<Vec<u8>>,
+        /// (level, option, value) of the integer options that were set.
+        options: Vec<(i32, i32, i32)>,
+    },
     /// eventfd: its counter and semaphore mode.
     EventFd {
         count: u64,

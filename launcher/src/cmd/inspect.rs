@@ -236,6 +236,16 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             FdKind::Terminal { what, flags, rows, cols, .. } => {
                 format!("{what} ({cols}x{rows}, settings saved) {}", open_flags(*flags))
             }
+            FdKind::Socket { listening, local, peer, sock_type, .. } => {
+                let kind = if *sock_type == libc::SOCK_DGRAM { "udp/dgram" } else { "stream" };
+                match (listening, peer) {
+                    (true, _) => format!("{kind} socket listening on {}", sockaddr_text(local)),
+                    (false, Some(p)) => {
+                        format!("{kind} socket {} connected to {}", sockaddr_text(local), sockaddr_text(p))
+                    }
+                    (false, None) => format!("{kind} socket bound to {}", sockaddr_text(local)),
+                }
+            }
             FdKind::EventFd { count, semaphore, flags } => {
                 format!("eventfd count {count}{} {}", if *semaphore { " (semaphore)" } else { "" }, open_flags(*flags))
             }
@@ -318,4 +328,29 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
 
 fn sig_list(sigs: impl Iterator<Item = i32>) -> String {
     sigs.map(|n| format!("SIG{}", signals::name(n))).collect::<Vec<_>>().join(" ")
+}
+
+/// A saved `struct sockaddr` as text.
+pub fn sockaddr_text(addr: &[u8]) -> String {
+    if addr.len() < 2 {
+        return "(unnamed)".into();
+    }
+    match u16::from_ne_bytes([addr[0], addr[1]]) as i32 {
+        libc::AF_INET if addr.len() >= 8 => {
+            format!("{}.{}.{}.{}:{}", addr[4], addr[5], addr[6], addr[7], u16::from_be_bytes([addr[2], addr[3]]))
+        }
+        libc::AF_INET6 if addr.len() >= 24 => {
+            let ip = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&addr[8..24]).unwrap_or([0; 16]));
+            format!("[{ip}]:{}", u16::from_be_bytes([addr[2], addr[3]]))
+        }
+        libc::AF_UNIX => {
+            let p = &addr[2..];
+            if p.first() == Some(&0) {
+                format!("@{}", String::from_utf8_lossy(&p[1..]))
+            } else {
+                String::from_utf8_lossy(p.split(|&c| c == 0).next().unwrap_or(&[])).into_owned()
+            }
+        }
+        f => format!("(family {f})"),
+    }
 }

@@ -40,6 +40,16 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         commands.push(prepare(&reader, &tree, meta, k as u32, &image, &args)?);
     }
     let memory = super::tree::build_memory(&reader, &tree)?;
+    // System V objects, with their keys (a key taken here fails the resume); removed again if
+    // the resume fails before the program runs (`sysv` is dropped only then).
+    let sysv = super::ipc::recreate(&tree)?;
+    for cmd in commands.iter_mut() {
+        if sysv.env.is_empty() {
+            cmd.env_remove("MIGRATE_SYSV_IDS");
+        } else {
+            cmd.env("MIGRATE_SYSV_IDS", &sysv.env);
+        }
+    }
     // The reader's descriptor must not sit where a shared object goes. Descriptors are placed
     // before the rlimits: a lower RLIMIT_NOFILE does not close them, but would forbid placing them.
     drop(reader);
@@ -53,7 +63,9 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
             super::exact_pids::Forked::Unavailable => {}
         }
     }
-    super::tree::become_process(0, &tree, &metas, commands, exact)
+    let result = super::tree::become_process(0, &tree, &metas, commands, exact);
+    drop(sysv);
+    result
 }
 
 /// The exec of process `k`: its binary (or the image's copy of it), argv, and the environment
@@ -313,6 +325,20 @@ pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool, handed: &[i32
         Some(_) => {}
     }
 
+    // The addresses the program listens on (or is bound to) must be free here.
+    for fd in p.fds.iter().filter(|f| !handed.contains(&f.fd)) {
+        if let FdKind::Socket { domain, sock_type, local, peer, listening, .. } = &fd.kind {
+            let inet = *domain == libc::AF_INET || *domain == libc::AF_INET6;
+            let port = if local.len() >= 4 { u16::from_be_bytes([local[2], local[3]]) } else { 0 };
+            if inet && port != 0 && (*listening || peer.is_none()) && !can_bind(*domain, *sock_type, local) {
+                errors.push(format!(
+                    "{} is in use on this host (fd {} of the program listens there); stop what holds it, or resume elsewhere",
+                    super::inspect::sockaddr_text(local),
+                    fd.fd
+                ));
+            }
+        }
+    }
     for fd in p.fds.iter().filter(|f| !handed.contains(&f.fd)) {
         if let FdKind::Detached { what, .. } = &fd.kind {
             warnings.push(format!(
@@ -470,6 +496,23 @@ pub fn apply_rlimits(meta: &ImageMeta) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Whether this host lets a socket bind `addr` now (with SO_REUSEADDR, as the restore does).
+fn can_bind(domain: i32, sock_type: i32, addr: &[u8]) -> bool {
+    // SAFETY: a throwaway socket; the saved address bytes with their length.
+    unsafe {
+        let fd = libc::socket(domain, sock_type | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return true; // cannot tell: let the restore report it
+        }
+        let one: libc::c_int = 1;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, 4);
+        let ok = libc::bind(fd, addr.as_ptr() as *const libc::sockaddr, addr.len() as u32) == 0
+            || std::io::Error::last_os_error().raw_os_error() != Some(libc::EADDRINUSE);
+        libc::close(fd);
+        ok
+    }
 }
 
 /// The file the dynamic loader was mapped from: the mapping at auxv's AT_BASE.

@@ -4,6 +4,7 @@
 
 pub mod exec;
 pub mod ipc;
+pub mod net;
 pub mod next;
 pub mod paths;
 pub mod pids;
@@ -15,6 +16,7 @@ pub mod time;
 pub fn resolve_all() {
     signal::resolve();
     exec::resolve();
+    net::resolve();
     time::resolve();
     pids::resolve();
     paths::resolve();

@@ -115,7 +115,7 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
                     FdKind::Pipe { pipe: st.st_ino, write_end, flags: flags as u32, capacity, data }
                 }
             }
-            libc::S_IFSOCK => FdKind::Detached { what: path, write_end: false, flags: flags as u32 },
+            libc::S_IFSOCK => super::sockets::dump(fd, flags as u32),
             _ if path.starts_with("anon_inode:") => anon_inode(fd, &path, flags as u32),
             _ => {
                 FdKind::Unsupported { what: if path.is_empty() { format!("descriptor of mode {fmt:o}") } else { path } }
@@ -324,6 +324,7 @@ pub fn restore(
                 let _ = sys::lseek(fd, *pos as i64, libc::SEEK_SET);
                 Some(fd)
             }
+            FdKind::Socket { .. } => Some(super::sockets::restore(&f.kind)?),
             FdKind::EventFd { count, semaphore, flags } => {
                 let mut ef = libc::EFD_CLOEXEC;
                 if *semaphore {

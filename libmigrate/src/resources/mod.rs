@@ -7,6 +7,7 @@ pub mod memory;
 pub mod process;
 pub mod shared;
 pub mod signals;
+pub mod sockets;
 pub mod threads;
 pub mod unix_sockets;
 

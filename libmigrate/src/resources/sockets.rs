@@ -1,0 +1,238 @@
+//! Sockets on their own (connected pairs inside the tree are shared objects, see shared.rs).
+//! Dump: domain, type, protocol, whether it listens (and its backlog, from the listen hook), its
+//! local and peer addresses, and the integer options that matter to services. Restore: a
+//! listening or bound socket is created and bound again at the same address with its options;
+//! an established TCP connection cannot be carried without TCP repair, so it comes back as a
+//! socket whose next use fails with ECONNRESET — the program sees the peer reset and
+//! reconnects, instead of talking to something else.
+
+use crate::sys;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicI32, Ordering};
+use migrate_image::FdKind;
+
+/// Backlogs given to listen(), by descriptor (the kernel does not report them).
+pub static BACKLOG: [AtomicI32; 4096] = [const { AtomicI32::new(0) }; 4096];
+
+/// The options worth carrying: (level, option); SO_RCVBUF/SO_SNDBUF are halved back (the
+/// kernel doubles what is set).
+const OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+];
+
+fn name_of(fd: i32, peer: bool) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 128];
+    let mut len = buf.len() as u32;
+    let nr = if peer { libc::SYS_getpeername } else { libc::SYS_getsockname };
+    // SAFETY: a 128-byte buffer (larger than any sockaddr) and its length.
+    let r =
+        unsafe { sys::syscall6(nr, fd as usize, buf.as_mut_ptr() as usize, &mut len as *mut u32 as usize, 0, 0, 0) };
+    (r == 0).then(|| buf[..(len as usize).min(buf.len())].to_vec())
+}
+
+/// Describes socket `fd` of this process.
+pub fn dump(fd: i32, flags: u32) -> FdKind {
+    let opt = |level, name| sys::getsockopt_int(fd, level, name);
+    let (Ok(domain), Ok(sock_type), Ok(protocol)) = (
+        opt(libc::SOL_SOCKET, libc::SO_DOMAIN),
+        opt(libc::SOL_SOCKET, libc::SO_TYPE),
+        opt(libc::SOL_SOCKET, libc::SO_PROTOCOL),
+    ) else {
+        return FdKind::Unsupported { what: format!("socket {fd} (its kind cannot be read)") };
+    };
+    if !matches!(domain, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX) {
+        return FdKind::Unsupported { what: format!("socket of family {domain}") };
+    }
+    let listening = opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
+    let is_tcp = matches!(domain, libc::AF_INET | libc::AF_INET6) && sock_type == libc::SOCK_STREAM;
+    let mut options = Vec::new();
+    for &(level, name) in OPTIONS {
+        if (level == libc::IPPROTO_TCP && !is_tcp) || (level == libc::IPPROTO_IPV6 && domain != libc::AF_INET6) {
+            continue;
+        }
+        if let Ok(mut v) = opt(level, name) {
+            if level == libc::SOL_SOCKET && (name == libc::SO_RCVBUF || name == libc::SO_SNDBUF) {
+                v /= 2;
+            }
+            options.push((level, name, v));
+        }
+    }
+    let backlog = BACKLOG.get(fd as usize).map_or(0, |b| b.load(Ordering::Relaxed));
+    FdKind::Socket {
+        domain,
+        sock_type,
+        protocol,
+        flags,
+        listening,
+        backlog: if backlog > 0 { backlog } else { libc::SOMAXCONN },
+        local: name_of(fd, false).unwrap_or_default(),
+        peer: name_of(fd, true),
+        options,
+    }
+}
+
+/// A readable address for messages.
+pub fn describe(addr: &[u8]) -> String {
+    if addr.len() < 2 {
+        return "an unnamed socket".into();
+    }
+    let family = u16::from_ne_bytes([addr[0], addr[1]]) as i32;
+    match family {
+        libc::AF_INET if addr.len() >= 8 => {
+            let port = u16::from_be_bytes([addr[2], addr[3]]);
+            format!("{}.{}.{}.{}:{port}", addr[4], addr[5], addr[6], addr[7])
+        }
+        libc::AF_INET6 if addr.len() >= 24 => {
+            let port = u16::from_be_bytes([addr[2], addr[3]]);
+            let words: Vec<String> =
+                addr[8..24].chunks(2).map(|w| format!("{:x}", u16::from_be_bytes([w[0], w[1]]))).collect();
+            format!("[{}]:{port}", words.join(":"))
+        }
+        libc::AF_UNIX => {
+            let path = &addr[2..];
+            if path.first() == Some(&0) {
+                format!("@{}", String::from_utf8_lossy(&path[1..]))
+            } else {
+                String::from_utf8_lossy(path.split(|&c| c == 0).next().unwrap_or(&[])).into_owned()
+            }
+        }
+        _ => format!("an address of family {family}"),
+    }
+}
+
+fn bind(fd: i32, addr: &[u8]) -> sys::SysResult<()> {
+    // SAFETY: the saved sockaddr bytes and their length.
+    let r = unsafe { sys::syscall6(libc::SYS_bind, fd as usize, addr.as_ptr() as usize, addr.len(), 0, 0, 0) };
+    if r < 0 {
+        Err(sys::Errno(-r as i32))
+    } else {
+        Ok(())
+    }
+}
+
+/// A TCP socket that reports ECONNRESET on its next use: connected over loopback to a
+/// listener of ours whose accepted end is closed with a zero linger (RST).
+fn reset_socket(domain: i32) -> Result<i32, String> {
+    let loopback: Vec<u8> = if domain == libc::AF_INET6 {
+        let mut a = alloc::vec![0u8; 28];
+        a[0..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        a[23] = 1; // ::1
+        a
+    } else {
+        let mut a = alloc::vec![0u8; 16];
+        a[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        a[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        a
+    };
+    let e = |what: &str, err: sys::Errno| format!("cannot build a reset connection ({what}: {err})");
+    let l = sys::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0).map_err(|x| e("socket", x))?;
+    let result = (|| {
+        bind(l, &loopback).map_err(|x| e("bind", x))?;
+        sys::listen(l, 1).map_err(|x| e("listen", x))?;
+        let addr = name_of(l, false).ok_or_else(|| e("getsockname", sys::Errno(libc::EINVAL)))?;
+        let c = sys::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0).map_err(|x| e("socket", x))?;
+        // SAFETY: the listener's own address bytes.
+        let r = unsafe { sys::syscall6(libc::SYS_connect, c as usize, addr.as_ptr() as usize, addr.len(), 0, 0, 0) };
+        if r < 0 {
+            let _ = sys::close(c);
+            return Err(e("connect", sys::Errno(-r as i32)));
+        }
+        let a = sys::accept4(l, libc::SOCK_CLOEXEC).map_err(|x| e("accept", x))?;
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid struct linger.
+        unsafe {
+            sys::syscall6(
+                libc::SYS_setsockopt,
+                a as usize,
+                libc::SOL_SOCKET as usize,
+                libc::SO_LINGER as usize,
+                &linger as *const libc::linger as usize,
+                core::mem::size_of::<libc::linger>(),
+                0,
+            )
+        };
+        let _ = sys::close(a); // sends RST to `c`
+        Ok(c)
+    })();
+    let _ = sys::close(l);
+    result
+}
+
+/// Recreates a socket described by `dump`.
+pub fn restore(kind: &FdKind) -> Result<i32, String> {
+    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options } = kind else {
+        return Err("not a socket".into());
+    };
+    let is_tcp = matches!(*domain, libc::AF_INET | libc::AF_INET6) && *sock_type == libc::SOCK_STREAM;
+    if is_tcp && !*listening && peer.is_some() {
+        let fd = reset_socket(*domain)?;
+        crate::info!(
+            "the connection from {} to {} was reset: TCP connections need TCP repair to move, so the program sees ECONNRESET and can reconnect",
+            describe(local),
+            peer.as_deref().map(describe).unwrap_or_default()
+        );
+        return Ok(fd);
+    }
+    let fd = sys::socket(*domain, *sock_type | libc::SOCK_CLOEXEC, *protocol)
+        .map_err(|e| format!("cannot create a socket: {e}"))?;
+    for &(level, name, v) in options {
+        let _ = sys::setsockopt_int(fd, level, name, v);
+    }
+    let bound = local.len() > 2 && !(*domain == libc::AF_UNIX && local.len() <= 2);
+    let unnamed_inet =
+        matches!(*domain, libc::AF_INET | libc::AF_INET6) && local.len() >= 4 && local[2] == 0 && local[3] == 0;
+    if bound && !unnamed_inet {
+        if *domain == libc::AF_UNIX && local.get(2).is_some_and(|&c| c != 0) {
+            // A path socket's file outlives its process: remove the stale one before binding.
+            let path: Vec<u8> = local[2..].split(|&c| c == 0).next().unwrap_or(&[]).to_vec();
+            if let Ok(st) = sys::stat(&sys::fs::cpath(&path)) {
+                if st.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+                    let _ = sys::unlinkat(libc::AT_FDCWD, &sys::fs::cpath(&path));
+                }
+            }
+        }
+        // Leftover TIME_WAIT connections of the old process must not block the address.
+        let reuse = options.iter().find(|o| o.1 == libc::SO_REUSEADDR && o.0 == libc::SOL_SOCKET).map_or(0, |o| o.2);
+        let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+        if let Err(e) = bind(fd, local) {
+            let _ = sys::close(fd);
+            return Err(if e.0 == libc::EADDRINUSE {
+                format!("{} is in use on this host; stop what holds it, or resume elsewhere", describe(local))
+            } else {
+                format!("cannot bind {}: {e}", describe(local))
+            });
+        }
+        let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
+    }
+    if *listening {
+        sys::listen(fd, *backlog).map_err(|e| format!("cannot listen on {}: {e}", describe(local)))?;
+    } else if let Some(peer) = peer {
+        // A connected datagram socket, or a Unix stream to a server outside: connect again.
+        // SAFETY: the saved peer address bytes.
+        let r = unsafe { sys::syscall6(libc::SYS_connect, fd as usize, peer.as_ptr() as usize, peer.len(), 0, 0, 0) };
+        if r < 0 {
+            crate::info!(
+                "could not reconnect to {} ({}); the socket stays unconnected",
+                describe(peer),
+                sys::Errno(-r as i32)
+            );
+        }
+    }
+    let _ = sys::fcntl(fd, libc::F_SETFL, (*flags as i32 & libc::O_NONBLOCK) as usize);
+    Ok(fd)
+}

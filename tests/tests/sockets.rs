@@ -1,0 +1,142 @@
+//! Network services: a TCP server with in-memory state comes back listening on its port with
+//! its state; a connection that was open at checkpoint time (no TCP repair) comes back reset,
+//! so the server sees ECONNRESET and clients reconnect; a port taken on the target is refused
+//! up front, naming it.
+
+use migrate_tests::*;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const SERVER_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <pthread.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+static long counter;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static void *serve(void *arg) {
+    int c = (int)(long)arg;
+    char buf[256];
+    FILE *in = fdopen(dup(c), "r");
+    while (fgets(buf, sizeof buf, in)) {
+        pthread_mutex_lock(&mu);
+        long v = ++counter;
+        pthread_mutex_unlock(&mu);
+        char out[64];
+        int n = snprintf(out, sizeof out, "count %ld\n", v);
+        if (write(c, out, n) != n) break;
+    }
+    printf("client gone\n");
+    fclose(in);
+    close(c);
+    return NULL;
+}
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(l, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])), .sin_addr.s_addr = htonl(0x7f000001) };
+    if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 17)) { perror("listen"); return 1; }
+    printf("ready pid=%d\n", (int)getpid());
+    for (;;) {
+        int c = accept(l, NULL, NULL);
+        if (c < 0) continue;
+        pthread_t t;
+        pthread_create(&t, NULL, serve, (void *)(long)c);
+        pthread_detach(t);
+    }
+}
+"#;
+
+fn build(dir: &Path) -> PathBuf {
+    fs::write(dir.join("server.c"), SERVER_C).unwrap();
+    let prog = dir.join("server");
+    let cc = std::env::var("MIGRATE_CC").unwrap_or_else(|_| "gcc".into());
+    let ok = Command::new(cc)
+        .args(["-O1", "-pthread", "-o"])
+        .arg(&prog)
+        .arg(dir.join("server.c"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "building server.c failed");
+    prog
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn request(conn: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    conn.write_all(b"incr\n")?;
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+    }
+    Ok(line.trim().to_string())
+}
+
+fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+#[test]
+fn tcp_server_comes_back_listening_with_its_state() {
+    let tmp = temp_dir();
+    let dir = fs::canonicalize(tmp.path()).unwrap();
+    let prog = build(&dir);
+    let port = free_port();
+    let mut p = migrate_run(&dir, &prog, [port.to_string()]);
+    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    let (mut c, mut r) = connect(port);
+    for want in 1..=3 {
+        assert_eq!(request(&mut c, &mut r).unwrap(), format!("count {want}"));
+    }
+    let image = checkpoint(pid, true, &dir);
+    p.read_to_eof(LINE);
+    p.wait_exit(Duration::from_secs(10));
+    let inspect = inspect_output(&[], &image);
+    assert!(inspect.stdout.contains(&format!("listening on 127.0.0.1:{port}")), "{}", inspect.stdout);
+
+    let mut s = resume(&image);
+    // The connection that was open comes back reset on the server's side: its thread ends.
+    s.wait_line("client gone", STARTUP);
+    // The old client sees its connection gone (the original process died), never a stale answer.
+    assert!(request(&mut c, &mut r).is_err(), "the old connection must not silently answer");
+    // A new client: same port, state intact (the counter goes on from 3).
+    let (mut c2, mut r2) = connect(port);
+    assert_eq!(request(&mut c2, &mut r2).unwrap(), "count 4");
+    assert_eq!(request(&mut c2, &mut r2).unwrap(), "count 5");
+    let stderr = s.stderr_so_far().join("\n");
+    assert!(stderr.contains("was reset"), "resume says the connection was reset: {stderr}");
+    s.kill();
+}
+
+#[test]
+fn a_taken_port_is_refused_before_anything_runs() {
+    let tmp = temp_dir();
+    let dir = fs::canonicalize(tmp.path()).unwrap();
+    let prog = build(&dir);
+    let port = free_port();
+    let mut p = migrate_run(&dir, &prog, [port.to_string()]);
+    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    let image = checkpoint(pid, true, &dir);
+    p.wait_exit(Duration::from_secs(10));
+    let squatter = TcpListener::bind(("127.0.0.1", port)).expect("take the port");
+    let out = run_tool("migrate-resume", resume_cmd(&[], &image), STARTUP);
+    out.assert_fails("resume onto a taken port", 4, &[&format!("127.0.0.1:{port}"), "in use"]);
+    drop(squatter);
+}
