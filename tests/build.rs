@@ -19,6 +19,10 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("threadchurn", &["-pthread"]),
     ("pids", &["-pthread"]),
     ("mainexit", &["-pthread"]),
+    ("family", &[]),
+    ("waiter", &[]),
+    ("groups", &[]),
+    ("sysv", &[]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

@@ -398,6 +398,9 @@ pub enum SharedObject {
     /// One end of a connected pair of Unix sockets whose both ends are in the tree (`pair`
     /// names the pair; `end` is 0 or 1); `queued` is what was waiting to be read on this end.
     Socket { pair: u64, end: u8, sock_type: i32, flags: u32, queued: Vec<u8> },
+    /// A socket (listening, bound, …) several processes hold, e.g. the listening socket of a
+    /// pre-forking server: `socket` is its description (an `FdKind::Socket`), recreated once.
+    NetSocket { socket: FdKind },
     /// Shared memory (MAP_SHARED|MAP_ANONYMOUS inherited across fork, a memfd, …) mapped by
     /// several processes: its `size` bytes are in section `Shared { object }`, and each
     /// (process, start address, file offset) in `mappings` maps it there again.

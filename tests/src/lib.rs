@@ -941,6 +941,89 @@ pub fn rewrite_image(src: &Path, dst: &Path, edit: impl FnOnce(&mut migrate_imag
     assert!(back == meta, "rewrite_image: {} does not read back the metadata written", dst.display());
 }
 
+// ---------------------------------------------------------------------------------------------
+// Process trees
+
+/// Whether process `pid`'s command line or environment contains `marker` (false if it is gone,
+/// a zombie, or unreadable).
+pub fn process_mentions(pid: i32, marker: &[u8]) -> bool {
+    if marker.is_empty() {
+        return false;
+    }
+    ["cmdline", "environ"]
+        .iter()
+        .any(|f| std::fs::read(format!("/proc/{pid}/{f}")).is_ok_and(|b| b.windows(marker.len()).any(|w| w == marker)))
+}
+
+/// Every live process (other than this one) whose command line or environment mentions `marker`.
+pub fn processes_mentioning(marker: &[u8]) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && process_mentions(pid, marker))
+        .collect()
+}
+
+/// Kills, when dropped (a failed test included), every process of a tree under test: the pids
+/// the test recorded and every process whose command line or environment mentions the marker
+/// — a test's temporary directory, which migrate-run puts in every managed process's
+/// environment (`MIGRATE_CKPT_DIR`) and migrate-resume in every resumed one's (the image path).
+/// A recorded pid is killed only while it still mentions the marker, so a pid reused by an
+/// unrelated process is left alone. Bounded: gives up (with a warning) after 10 s.
+pub struct TreeGuard {
+    marker: Vec<u8>,
+    pids: Vec<i32>,
+}
+
+impl TreeGuard {
+    pub fn new(marker: &Path) -> TreeGuard {
+        TreeGuard { marker: marker.as_os_str().as_encoded_bytes().to_vec(), pids: Vec::new() }
+    }
+
+    /// Records a pid the test learned (a child a program printed, ...).
+    pub fn add(&mut self, pid: i32) {
+        if pid > 0 && !self.pids.contains(&pid) {
+            self.pids.push(pid);
+        }
+    }
+
+    /// Kills everything now (also done on drop); returns the pids it signalled.
+    pub fn kill_all(&mut self) -> Vec<i32> {
+        let mut killed = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut found: Vec<i32> =
+                self.pids.iter().copied().filter(|&p| process_mentions(p, &self.marker)).collect();
+            for p in processes_mentioning(&self.marker) {
+                if !found.contains(&p) {
+                    found.push(p);
+                }
+            }
+            if found.is_empty() {
+                return killed;
+            }
+            for &p in &found {
+                // SAFETY: kill(2) on a process just checked to belong to this test.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+                if !killed.contains(&p) {
+                    killed.push(p);
+                }
+            }
+            if Instant::now() >= deadline {
+                eprintln!("warning: processes {found:?} of a test tree survived SIGKILL for 10 s");
+                return killed;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,10 @@ extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
 /// process the way the child ended.
 pub fn wait_and_exit(child: i32) -> ! {
     CHILD.store(child, Ordering::Relaxed);
+    // What was handed down (shared sockets, the registry, …) belongs to the program now; a
+    // listening socket held here would outlive it.
+    // SAFETY: closing descriptors of this process above stderr; nothing here uses them.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     for sig in [
         libc::SIGHUP,
         libc::SIGINT,

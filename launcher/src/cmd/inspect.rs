@@ -91,6 +91,13 @@ pub fn tree_text(tree: &TreeMeta) -> String {
             SharedObject::Socket { pair, end, queued, .. } => {
                 format!("unix socket pair {pair} end {end}, {} bytes queued", queued.len())
             }
+            SharedObject::NetSocket { socket } => match socket {
+                FdKind::Socket { local, listening: true, .. } => {
+                    format!("socket listening on {}", sockaddr_text(local))
+                }
+                FdKind::Socket { local, .. } => format!("socket {}", sockaddr_text(local)),
+                _ => "socket".into(),
+            },
             SharedObject::Memory { size, mappings } => {
                 let at: Vec<String> = mappings.iter().map(|(p, a, _)| format!("{p}@{a:#x}")).collect();
                 format!("shared memory, {} bytes, mapped by {}", size, at.join(" "))

@@ -3,6 +3,8 @@
 pub mod checkpoint;
 pub mod exact_pids;
 pub mod inspect;
+pub mod ipc;
+pub mod net;
 pub mod resume;
 pub mod run;
 pub mod tree;

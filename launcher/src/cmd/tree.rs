@@ -172,6 +172,10 @@ pub fn hand_down(tree: &TreeMeta, memory: Vec<(usize, i32)>) -> Result<()> {
                     libc::fcntl(number, libc::F_SETFL, (*flags as i32) & libc::O_NONBLOCK);
                 }
             }
+            SharedObject::NetSocket { socket } => {
+                let fd = super::net::create(socket)?;
+                place(fd, number)?;
+            }
             SharedObject::Memory { .. } => {
                 if let Some(&(_, fd)) = memory.iter().find(|(k, _)| *k == j) {
                     place(fd, number)?;
@@ -275,9 +279,11 @@ pub fn become_process(
             // SAFETY: leaving the forked child without running the parent's destructors.
             unsafe { libc::_exit(4) };
         }
-        // SAFETY: the same group placement from the parent's side (as shells do, to win races).
+        // SAFETY: the same group placement from the parent's side (as shells do, to win races) —
+        // never for a session leader, whose own setsid() must come first.
         unsafe {
-            if p.vpgid == p.vpid {
+            if p.vsid == p.vpid {
+            } else if p.vpgid == p.vpid {
                 libc::setpgid(pid, pid);
             } else if let Some(leader) = group_of(p.vpgid, &known) {
                 libc::setpgid(pid, leader);

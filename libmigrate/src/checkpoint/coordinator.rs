@@ -101,14 +101,13 @@ fn stat_field(pid: i32, field: usize) -> i64 {
 fn freeze_tree() -> Result<Vec<Frozen>, String> {
     member::freeze()?;
     let me = sys::getpid();
-    let mut frozen =
-        alloc::vec![Frozen {
-            real: me,
-            vpid: crate::state::virtual_pid(),
-            conn: None,
-            own_fds: super::own_fds(),
-            sysv: Vec::new(), // read at the dump
-        }];
+    let mut frozen = alloc::vec![Frozen {
+        real: me,
+        vpid: crate::state::virtual_pid(),
+        conn: None,
+        own_fds: super::own_fds(),
+        sysv: Vec::new(), // read at the dump
+    }];
     let deadline = sys::monotonic_ns() + 15_000_000_000;
     loop {
         let mut added = false;

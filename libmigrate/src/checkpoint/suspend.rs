@@ -34,6 +34,9 @@ pub struct ThreadSlot {
     pub pending: PendingBuf,
     /// Set by the thread itself once parked.
     pub parked: AtomicU32,
+    /// Interrupted in wait4/waitid on one process (or group): its virtual id, so that the
+    /// restarted call can wait for its new real id after a resume (0: none; negative: group).
+    pub waiting_for: AtomicI32,
 }
 
 // SAFETY: resume_sp is written by its thread before parking and read after PARKED is seen.
@@ -54,6 +57,7 @@ const EMPTY_SLOT: ThreadSlot = ThreadSlot {
     npending: AtomicU32::new(0),
     pending: PendingBuf(UnsafeCell::new([[0; 128]; MAX_PENDING_PER_THREAD])),
     parked: AtomicU32::new(0),
+    waiting_for: AtomicI32::new(0),
 };
 
 pub static SLOTS: [ThreadSlot; MAX_THREADS] = [EMPTY_SLOT; MAX_THREADS];
@@ -189,11 +193,12 @@ extern "C" fn park(arg: *mut libc::c_void) {
 }
 
 /// The SUSPEND_SIGNAL handler (SA_SIGINFO|SA_RESTART, every signal blocked while it runs).
-pub extern "C" fn suspend_handler(_sig: i32, _info: *mut libc::siginfo_t, _uctx: *mut libc::c_void) {
+pub extern "C" fn suspend_handler(_sig: i32, _info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
     let Some(slot) = find_slot(sys::gettid()) else {
         return; // not asked for by a checkpoint in progress
     };
     slot.record_current_thread();
+    slot.waiting_for.store(interrupted_wait(uctx).map_or(0, |(_, real, _)| pid_arg_to_virt(real)), Ordering::Relaxed);
     slot.take_private_pending();
     // SAFETY: the slot outlives the park; a non-zero return means we are in a restored process,
     // where only memory (not descriptors) of this frame is trusted — we use none.
@@ -203,10 +208,67 @@ pub extern "C" fn suspend_handler(_sig: i32, _info: *mut libc::siginfo_t, _uctx:
         RESTORED_ARRIVED.fetch_add(1, Ordering::AcqRel);
         sys::futex_wake(&RESTORED_ARRIVED);
         wait_for_release(slot);
+        // The kernel restarts an interrupted wait4/waitid with the arguments in our frame: the
+        // process it waits for has a new real id now.
+        let v = slot.waiting_for.load(Ordering::Relaxed);
+        if v != 0 {
+            if let Some((reg, _, positive_group)) = interrupted_wait(uctx) {
+                let real = if v > 0 { state::to_real(v) } else { -state::pgid_to_real(-v) };
+                let value = if positive_group { real.abs() } else { real };
+                // SAFETY: the signal frame's saved register, as interrupted_wait located it.
+                unsafe { *reg = value as i64 };
+            }
+        }
     }
     // Signals still blocked here (the handler blocks all): they are delivered once the
     // program's own mask comes back with sigreturn.
     crate::resources::signals::requeue_for_current_thread(slot.pending());
+}
+
+/// A virtual pid argument (negative: a process group).
+fn pid_arg_to_virt(real: i32) -> i32 {
+    if real > 0 {
+        state::to_virt(real)
+    } else {
+        -state::pgid_to_virt(-real)
+    }
+}
+
+/// If the thread was interrupted in a restartable wait4(pid > 0 or a group) or waitid(P_PID or
+/// P_PGID), the saved register holding that id (in the signal frame), its value as a pid
+/// argument (negative: a group), and whether the register holds a group id as a positive number
+/// (waitid).
+fn interrupted_wait(uctx: *mut libc::c_void) -> Option<(*mut i64, i32, bool)> {
+    if uctx.is_null() {
+        return None;
+    }
+    // SAFETY: the kernel passes our SA_SIGINFO handler a valid ucontext_t on this stack.
+    let gregs = unsafe { &mut (*(uctx as *mut libc::ucontext_t)).uc_mcontext.gregs };
+    let rip = gregs[libc::REG_RIP as usize] as usize;
+    let nr = gregs[libc::REG_RAX as usize];
+    // A restart points the saved rip back at the `syscall` instruction (0f 05) with rax = nr.
+    // SAFETY: rip points into mapped code of this process; two bytes before it are too.
+    let at_syscall = rip >= 2 && unsafe { core::ptr::read_unaligned(rip as *const [u8; 2]) } == [0x0f, 0x05];
+    if !at_syscall {
+        return None;
+    }
+    let (reg, value, positive_group) = match nr {
+        n if n == libc::SYS_wait4 => {
+            let r = libc::REG_RDI as usize;
+            (r, gregs[r] as i32, false)
+        }
+        n if n == libc::SYS_waitid && matches!(gregs[libc::REG_RDI as usize] as u32, libc::P_PID | libc::P_PGID) => {
+            let r = libc::REG_RSI as usize;
+            let id = gregs[r] as i32;
+            let group = gregs[libc::REG_RDI as usize] as u32 == libc::P_PGID;
+            (r, if group { -id } else { id }, group)
+        }
+        _ => return None,
+    };
+    if value == 0 || value == -1 {
+        return None;
+    }
+    Some((&mut gregs[reg] as *mut i64, value, positive_group))
 }
 
 /// Lets every parked thread return from its handler.

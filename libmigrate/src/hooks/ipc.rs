@@ -316,12 +316,9 @@ pub fn via_syscall(nr: c_long, a: [c_long; 6]) -> Option<c_long> {
             libc::SYS_shmctl => shmctl(a[0] as c_int, a[1] as c_int, a[2] as *mut libc::shmid_ds) as c_long,
             libc::SYS_semget => semget(a[0] as key_t, a[1] as c_int, a[2] as c_int) as c_long,
             libc::SYS_semop => semop(a[0] as c_int, a[1] as *mut libc::sembuf, a[2] as size_t) as c_long,
-            libc::SYS_semtimedop => semtimedop(
-                a[0] as c_int,
-                a[1] as *mut libc::sembuf,
-                a[2] as size_t,
-                a[3] as *const timespec,
-            ) as c_long,
+            libc::SYS_semtimedop => {
+                semtimedop(a[0] as c_int, a[1] as *mut libc::sembuf, a[2] as size_t, a[3] as *const timespec) as c_long
+            }
             libc::SYS_semctl => semctl(a[0] as c_int, a[1] as c_int, a[2] as c_int, a[3] as c_ulong) as c_long,
             libc::SYS_msgget => msgget(a[0] as key_t, a[1] as c_int) as c_long,
             libc::SYS_msgsnd => msgsnd(a[0] as c_int, a[1] as *const c_void, a[2] as size_t, a[3] as c_int) as c_long,

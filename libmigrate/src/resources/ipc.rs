@@ -317,10 +317,7 @@ pub fn dump(members: &[Member]) -> Result<Dumped, String> {
     let in_tables = |kind: Kind, real: i32| members.iter().any(|m| m.table.iter().any(|e| e.0 == kind && e.2 == real));
     // The id the tree's programs know the object by.
     let virt_of = |kind: Kind, real: i32| {
-        members
-            .iter()
-            .find_map(|m| m.table.iter().find(|e| e.0 == kind && e.2 == real).map(|e| e.1))
-            .unwrap_or(real)
+        members.iter().find_map(|m| m.table.iter().find(|e| e.0 == kind && e.2 == real).map(|e| e.1)).unwrap_or(real)
     };
     // Segments attached by members (their maps name them /SYSV<key>; the inode is the id).
     let mut attached: Vec<i32> = Vec::new();
@@ -378,8 +375,8 @@ pub fn dump(members: &[Member]) -> Result<Dumped, String> {
         }
         let what = || describe(Kind::Msg, key, id);
         let ds = sys::msgctl_stat(id).map_err(|e| format!("cannot read {}: {e}", what()))?;
-        let messages =
-            msg_contents(id, cbytes.max(0) as usize).map_err(|e| format!("cannot read the messages of {}: {e}", what()))?;
+        let messages = msg_contents(id, cbytes.max(0) as usize)
+            .map_err(|e| format!("cannot read the messages of {}: {e}", what()))?;
         out.objects.push(SysvObject::Msg { id: virt_of(Kind::Msg, id), key, mode: ds.msg_perm.mode as u32, messages });
         out.real_ids.push((Kind::Msg, id));
     }

@@ -156,11 +156,24 @@ pub fn find(processes: &[(u32, i32, Vec<i32>)]) -> Result<(Vec<SharedEntry>, i32
                 continue;
             }
             done.push(*ino);
-            let Some(s) = diag.iter().find(|s| s.ino == *ino) else { continue };
-            if s.peer == 0 || !held(s.peer) {
-                continue; // unconnected, or its peer is outside the tree
-            }
             let holders: Vec<&Held> = sockets.iter().filter(|(i, _)| i == ino).map(|(_, h)| h).collect();
+            let mut procs: Vec<u32> = holders.iter().map(|h| h.proc).collect();
+            procs.sort_unstable();
+            procs.dedup();
+            let pair = diag.iter().find(|s| s.ino == *ino).filter(|s| s.peer != 0 && held(s.peer));
+            let Some(s) = pair else {
+                // Not a pair inside the tree: one socket several processes hold (a pre-forking
+                // server's listener) is created once and handed to all of them.
+                if procs.len() >= 2 {
+                    if let Some(kind) = describe_remote(holders[0].real, holders[0].fd) {
+                        out.push(SharedEntry {
+                            object: SharedObject::NetSocket { socket: kind },
+                            holders: holders.iter().map(|h| (h.proc, h.fd)).collect(),
+                        });
+                    }
+                }
+                continue;
+            };
             let first = holders[0];
             let queued = if s.sock_type == libc::SOCK_STREAM {
                 super::unix_sockets::queued(first.real, first.fd)
@@ -322,6 +335,18 @@ pub fn write_memory<S: migrate_image::Sink>(
     }
     w.end_section();
     Ok(())
+}
+
+/// A socket of another member, described through a copy of its descriptor.
+fn describe_remote(real: i32, fd: i32) -> Option<migrate_image::FdKind> {
+    let pidfd = sys::pidfd_open(real).ok()?;
+    let copy = sys::pidfd_getfd(pidfd, fd);
+    let _ = sys::close(pidfd);
+    let copy = copy.ok()?;
+    let flags = fdinfo(real, fd).1 & KEPT_FLAGS;
+    let kind = super::sockets::dump(copy, flags);
+    let _ = sys::close(copy);
+    matches!(kind, migrate_image::FdKind::Socket { .. }).then_some(kind)
 }
 
 fn path_of(real: i32, fd: i32) -> String {

@@ -64,7 +64,8 @@ fn attach_segment(v: &super::plan::PlanVma) {
     let write = v.prot & libc::PROT_WRITE != 0;
     let exec = v.prot & libc::PROT_EXEC != 0;
     let flags = if write { 0 } else { SHM_RDONLY } | if exec { SHM_EXEC } else { 0 };
-    let attached_prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 } | if exec { libc::PROT_EXEC } else { 0 };
+    let attached_prot =
+        libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 } | if exec { libc::PROT_EXEC } else { 0 };
     let size = v.shm_size.next_multiple_of(4096);
     let id = v.shm_id as u64;
     if v.file_offset == 0 && len == size {
