@@ -83,7 +83,7 @@ fn start_managed() {
 fn spawn_checkpoint_thread() {
     // The thread must never accept a signal meant for the program, not even before its first
     // instruction: it starts with every signal blocked (a new thread inherits the mask).
-    let all = !0u64;
+    let all = state::ALL_BUT_GLIBC_INTERNAL;
     let mut old = 0u64;
     let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), Some(&mut old));
     let spawned =

@@ -83,6 +83,11 @@ pub fn is_own_fd(fd: i32) -> bool {
         || (fd == crate::tree::REGISTRY_FD && crate::tree::registry().is_some())
 }
 
+/// Every signal but glibc's two internal ones (32: thread cancellation, 33: SIGSETXID, with
+/// which setuid/setgid in a threaded process makes every thread change credentials and waits
+/// for each): the checkpoint thread must take those, or a program dropping privileges hangs.
+pub const ALL_BUT_GLIBC_INTERNAL: u64 = !((1u64 << 31) | (1u64 << 32));
+
 /// Signal-set bits (kernel layout: bit n-1 for signal n) of the signals libmigrate owns.
 pub fn own_signal_bits() -> u64 {
     (1u64 << (SUSPEND_SIGNAL - 1)) | (1u64 << (CHECKPOINT_SIGNAL.load(Ordering::Relaxed) - 1))

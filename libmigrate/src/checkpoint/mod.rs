@@ -71,8 +71,8 @@ pub enum Outcome {
 
 /// The checkpoint thread's body.
 pub fn thread_main() -> ! {
-    let all = !0u64;
-    let _ = sys::rt_sigprocmask(libc::SIG_BLOCK, Some(&all), None);
+    let all = crate::state::ALL_BUT_GLIBC_INTERNAL;
+    let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), None);
     CHECKPOINT_VTID.store(sys::gettid(), Ordering::Relaxed);
     loop {
         match control::next_incoming() {
