@@ -17,8 +17,15 @@ use core::sync::atomic::Ordering;
 use migrate_image::ImageMeta;
 use pid_virt::{RealPid, VirtPid};
 
+/// A copy of migrate-resume's stderr, taken before the program's descriptors are restored: a
+/// failure is reported there, never into the program's own files.
+pub static ERROR_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(2);
+
 /// Restores the image at `path` into this process. Never returns.
 pub fn run(path: &[u8], force: bool) -> ! {
+    if let Ok(fd) = sys::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) {
+        ERROR_FD.store(fd as i32, Ordering::Relaxed);
+    }
     let err = match restore(path, force) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -30,7 +37,7 @@ pub fn run(path: &[u8], force: bool) -> ! {
     b.push_bytes(b"migrate-resume: error: ");
     b.push_bytes(err.as_bytes());
     b.push_bytes(b"\n");
-    let _ = sys::write_all(2, b.as_bytes());
+    let _ = sys::write_all(ERROR_FD.load(Ordering::Relaxed), b.as_bytes());
     sys::exit_group(5)
 }
 
@@ -54,6 +61,15 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         (tree, meta, reader.sections().to_vec())
     };
     let p = &meta.process;
+    // Our copy of migrate-resume's stderr must not sit where a saved descriptor goes.
+    let above = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(tree.shared_fd_base + tree.shared.len() as i32) + 1;
+    let err = ERROR_FD.load(Ordering::Relaxed);
+    if err > 2 && err < above {
+        if let Ok(moved) = sys::fcntl(err, libc::F_DUPFD_CLOEXEC, above as usize) {
+            let _ = sys::close(err);
+            ERROR_FD.store(moved as i32, Ordering::Relaxed);
+        }
+    }
     if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
         return Err("no tree registry was handed down; resume with migrate-resume".into());
     }
@@ -94,6 +110,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         out
     };
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
+    handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
     files::restore(p, force, &handed, &deleted, keep_deleted)?;
     // Shared memory is mapped by the switch from the handed-down memfds; other handed-down
     // descriptors are in place now.
@@ -112,10 +129,11 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
             }
         }
     }
-    process::restore(p)?;
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
     let built = plan::build(&meta, proc, &sections, path, &current, &shared_maps, &sysv_ids())?;
+    // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
+    process::restore(p)?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
 }
@@ -195,6 +213,9 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
         while word.load(Ordering::Acquire) != 0 && sys::monotonic_ns() < deadline {
             let _ = sys::futex_wait(word, 1, 10_000_000);
         }
+    }
+    if plan.error_fd > 2 {
+        let _ = sys::close(plan.error_fd);
     }
     if plan.window_changed != 0 {
         // Delivered when the program's own mask comes back, like a real resize.

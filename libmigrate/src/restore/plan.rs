@@ -85,6 +85,8 @@ pub struct PlanHeader {
     /// is rewritten from them after the switch.
     pub sysv_off: u64,
     pub nsysv: u32,
+    /// migrate-resume's stderr, for reporting a failure (the program's fd 2 is its own by now).
+    pub error_fd: i32,
 }
 
 impl PlanHeader {
@@ -194,7 +196,8 @@ pub fn build(
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
-    let min_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(crate::state::OWN_FD_BASE + 16) + 1;
+    // Above every saved descriptor (they are all in place now), under the current limit.
+    let min_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) + 1;
     let image_fd = open_high(&fs::cpath(image_path), libc::O_RDONLY, min_fd)
         .map_err(|e| format!("cannot reopen the image {}: {e}", String::from_utf8_lossy(image_path)))?;
 
@@ -427,6 +430,7 @@ pub fn build(
         window_changed: crate::resources::files::WINDOW_CHANGED.load(core::sync::atomic::Ordering::Relaxed) as u32,
         sysv_off,
         nsysv: sysv.len() as u32,
+        error_fd: super::ERROR_FD.load(core::sync::atomic::Ordering::Relaxed),
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.

@@ -9,10 +9,11 @@ use crate::sys::{self, context};
 
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 
-/// Reports a failure after the point of no return and exits.
-fn fail(what: &[u8], err: isize) -> ! {
-    let _ = sys::write(2, b"migrate-resume: error: restore failed while replacing the address space: ");
-    let _ = sys::write(2, what);
+/// Reports a failure after the point of no return, on migrate-resume's stderr `fd` (from the
+/// plan: no statics here, they are being replaced), and exits.
+fn fail(fd: i32, what: &[u8], err: isize) -> ! {
+    let _ = sys::write(fd, b"migrate-resume: error: restore failed while replacing the address space: ");
+    let _ = sys::write(fd, what);
     let mut num = [0u8; 24];
     let mut n = (-err) as u64;
     let mut i = num.len();
@@ -24,9 +25,9 @@ fn fail(what: &[u8], err: isize) -> ! {
             break;
         }
     }
-    let _ = sys::write(2, b" (errno ");
-    let _ = sys::write(2, &num[i..]);
-    let _ = sys::write(2, b"); the image is intact\n");
+    let _ = sys::write(fd, b" (errno ");
+    let _ = sys::write(fd, &num[i..]);
+    let _ = sys::write(fd, b"); the image is intact\n");
     sys::exit_group(5)
 }
 
@@ -36,9 +37,9 @@ fn raw(nr: libc::c_long, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> isiz
     unsafe { sys::syscall6(nr, a as usize, b as usize, c as usize, d as usize, e as usize, f as usize) }
 }
 
-fn check(r: isize, what: &[u8]) -> u64 {
+fn check(fd: i32, r: isize, what: &[u8]) -> u64 {
     if (-4095..0).contains(&r) {
-        fail(what, r);
+        fail(fd, what, r);
     }
     r as u64
 }
@@ -59,7 +60,7 @@ const SHM_EXEC: u64 = 0o100000;
 /// Attaches a recreated System V segment where the saved mapping was. A whole attachment is
 /// made in place (SHM_REMAP); a piece of one (split by mprotect or munmap) is attached anywhere,
 /// the piece moved into place with mremap and the rest detached.
-fn attach_segment(v: &super::plan::PlanVma) {
+fn attach_segment(efd: i32, v: &super::plan::PlanVma) {
     let len = v.end - v.start;
     let write = v.prot & libc::PROT_WRITE != 0;
     let exec = v.prot & libc::PROT_EXEC != 0;
@@ -69,24 +70,24 @@ fn attach_segment(v: &super::plan::PlanVma) {
     let size = v.shm_size.next_multiple_of(4096);
     let id = v.shm_id as u64;
     if v.file_offset == 0 && len == size {
-        let got = check(raw(libc::SYS_shmat, id, v.start, flags | SHM_REMAP, 0, 0, 0), b"shmat");
+        let got = check(efd, raw(libc::SYS_shmat, id, v.start, flags | SHM_REMAP, 0, 0, 0), b"shmat");
         if got != v.start {
-            fail(b"shmat placed a segment elsewhere", -(libc::EINVAL as isize));
+            fail(efd, b"shmat placed a segment elsewhere", -(libc::EINVAL as isize));
         }
     } else {
         if v.file_offset + len > size {
-            fail(b"a System V segment is smaller than its saved mapping", -(libc::EINVAL as isize));
+            fail(efd, b"a System V segment is smaller than its saved mapping", -(libc::EINVAL as isize));
         }
         // A placeholder keeps the kernel from placing the whole attachment over the target.
         let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
-        check(raw(libc::SYS_mmap, v.start, len, libc::PROT_NONE as u64, anon, u64::MAX, 0), b"mmap");
-        let tmp = check(raw(libc::SYS_shmat, id, 0, flags, 0, 0, 0), b"shmat");
+        check(efd, raw(libc::SYS_mmap, v.start, len, libc::PROT_NONE as u64, anon, u64::MAX, 0), b"mmap");
+        let tmp = check(efd, raw(libc::SYS_shmat, id, 0, flags, 0, 0, 0), b"shmat");
         let moved = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-        check(raw(libc::SYS_mremap, tmp + v.file_offset, len, len, moved, v.start, 0), b"mremap");
+        check(efd, raw(libc::SYS_mremap, tmp + v.file_offset, len, len, moved, v.start, 0), b"mremap");
         raw(libc::SYS_munmap, tmp, size, 0, 0, 0, 0);
     }
     if v.prot != attached_prot {
-        check(raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
+        check(efd, raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
     }
 }
 
@@ -95,8 +96,9 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     // SAFETY: the constructor passes the address of a plan it built; the region stays mapped.
     let plan = unsafe { &mut *(plan_addr as *mut PlanHeader) };
     if plan.magic != PLAN_MAGIC {
-        fail(b"bad plan", -(libc::EINVAL as isize));
+        fail(2, b"bad plan", -(libc::EINVAL as isize));
     }
+    let efd = plan.error_fd;
 
     // 1. Unmap every gap between the kept ranges.
     let mut cursor = 0x1000u64;
@@ -105,14 +107,14 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             break; // [vsyscall] lies above user space
         }
         if k.start > cursor {
-            check(raw(libc::SYS_munmap, cursor, k.start - cursor, 0, 0, 0, 0), b"munmap");
+            check(efd, raw(libc::SYS_munmap, cursor, k.start - cursor, 0, 0, 0, 0), b"munmap");
         }
         if k.end > cursor {
             cursor = k.end;
         }
     }
     if cursor < TASK_SIZE {
-        check(raw(libc::SYS_munmap, cursor, TASK_SIZE - cursor, 0, 0, 0, 0), b"munmap");
+        check(efd, raw(libc::SYS_munmap, cursor, TASK_SIZE - cursor, 0, 0, 0, 0), b"munmap");
     }
 
     // 2. Map and fill every saved region.
@@ -121,7 +123,7 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     for v in plan.vmas() {
         let len = v.end - v.start;
         if v.shm_id >= 0 {
-            attach_segment(v);
+            attach_segment(efd, v);
             continue;
         }
         let runs = &all_runs[v.first_run as usize..(v.first_run + v.nruns) as usize];
@@ -134,12 +136,13 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             let populate = if dense { libc::MAP_POPULATE } else { 0 };
             let flags = (v.map_flags | libc::MAP_FIXED | populate) as u64;
             let fd = if v.fd < 0 { u64::MAX } else { v.fd as u64 };
-            let got = check(raw(libc::SYS_mmap, v.start, len, fill_prot as u64, flags, fd, v.file_offset), b"mmap");
+            let got =
+                check(efd, raw(libc::SYS_mmap, v.start, len, fill_prot as u64, flags, fd, v.file_offset), b"mmap");
             if got != v.start {
-                fail(b"mmap placed a region elsewhere", -(libc::EINVAL as isize));
+                fail(efd, b"mmap placed a region elsewhere", -(libc::EINVAL as isize));
             }
         } else if fill_prot != v.prot {
-            check(raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0), b"mprotect");
+            check(efd, raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0), b"mprotect");
         }
         let mut off = v.data_offset;
         for r in runs {
@@ -147,18 +150,19 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             let end = v.start + r.end * 4096;
             while addr < end {
                 let n = check(
+                    efd,
                     raw(libc::SYS_pread64, image_fd, addr, end - addr, off, 0, 0),
                     b"reading pages from the image",
                 );
                 if n == 0 {
-                    fail(b"the image ended early", -(libc::EIO as isize));
+                    fail(efd, b"the image ended early", -(libc::EIO as isize));
                 }
                 addr += n;
                 off += n;
             }
         }
         if fill_prot != v.prot {
-            check(raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
+            check(efd, raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
         }
     }
     for &fd in plan.fds() {
@@ -210,7 +214,7 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
                 context::clone_onto(flags, t.resume_sp, t.tid_address, t.tid_address, t.fs_base, plan_addr as u64)
             };
         }
-        check(tid as isize, b"clone");
+        check(efd, tid as isize, b"clone");
         t.new_tid = tid as i32;
     }
     let Some(main) = main else {
@@ -225,7 +229,7 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     let t = unsafe { &*threads_ptr.add(main) };
 
     // 5. This thread becomes the saved main thread.
-    check(raw(libc::SYS_arch_prctl, sys::ARCH_SET_FS as u64, t.fs_base, 0, 0, 0, 0), b"arch_prctl");
+    check(efd, raw(libc::SYS_arch_prctl, sys::ARCH_SET_FS as u64, t.fs_base, 0, 0, 0, 0), b"arch_prctl");
     if t.tid_address != 0 {
         let tid = raw(libc::SYS_set_tid_address, t.tid_address, 0, 0, 0, 0, 0);
         // SAFETY: glibc's tid field in the restored thread descriptor.
