@@ -23,6 +23,7 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("waiter", &[]),
     ("groups", &[]),
     ("sysv", &[]),
+    ("sysv_private", &[]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

@@ -84,6 +84,55 @@ impl Drop for IpcGuard {
     }
 }
 
+/// Removes, when dropped, every System V object (private ones included) that a process of the
+/// test created or last used: /proc/sysvipc names their pids (a semaphore's last user comes
+/// from semctl GETPID). For objects without a key.
+struct PidIpcGuard {
+    pids: Vec<i32>,
+}
+
+impl PidIpcGuard {
+    fn add(&mut self, pid: i32) {
+        if pid > 0 && !self.pids.contains(&pid) {
+            self.pids.push(pid);
+        }
+    }
+}
+
+/// (id, the numbers of a /proc/sysvipc row) for every object of that listing.
+fn sysvipc_rows(name: &str) -> Vec<Vec<i64>> {
+    let text = std::fs::read_to_string(format!("/proc/sysvipc/{name}")).unwrap_or_default();
+    text.lines().skip(1).map(|l| l.split_whitespace().map(|w| w.parse().unwrap_or(-1)).collect()).collect()
+}
+
+impl Drop for PidIpcGuard {
+    fn drop(&mut self) {
+        let ours = |p: i64| p > 0 && self.pids.contains(&(p as i32));
+        for row in sysvipc_rows("shm") {
+            // key shmid perms size cpid lpid
+            if row.len() > 5 && (ours(row[4]) || ours(row[5])) {
+                remove(Kind::Shm, row[1] as i32);
+            }
+        }
+        for row in sysvipc_rows("msg") {
+            // key msqid perms cbytes qnum lspid lrpid
+            if row.len() > 6 && (ours(row[5]) || ours(row[6])) {
+                remove(Kind::Msg, row[1] as i32);
+            }
+        }
+        for row in sysvipc_rows("sem") {
+            // key semid perms nsems
+            if row.len() > 3 {
+                let id = row[1] as i32;
+                // SAFETY: GETPID takes no argument.
+                if (0..row[3] as i32).any(|n| ours(unsafe { libc::semctl(id, n, libc::GETPID) } as i64)) {
+                    remove(Kind::Sem, id);
+                }
+            }
+        }
+    }
+}
+
 /// A key of this test process (0x4d, 20 bits of the pid, 4 bits for the test) for sysv.c,
 /// which uses it and the two after it.
 fn unique_key(test: u32) -> i32 {
@@ -371,4 +420,51 @@ fn sysv_resume_refuses_a_taken_key() {
     remove(Kind::Msg, theirs);
     let (after, _) = resume_to_end(&image, &mut tree);
     check_whole_run(&before, &after, COUNT);
+}
+
+/// Private objects (no key), a segment already marked for removal, attached twice (once
+/// read-only) with a page made read-only (the mapping split in three), semtimedop: checkpoint
+/// with --kill, resume, and everything is as it was.
+#[test]
+fn sysv_private_objects_and_a_removed_split_segment() {
+    const TICKS: u64 = 40;
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let mut tree = TreeGuard::new(dir);
+    let mut ipc = PidIpcGuard { pids: Vec::new() };
+
+    let ticks = TICKS.to_string();
+    let mut p = migrate_run(dir, &cbin("sysv_private"), [ticks.as_str(), "50"]);
+    tree.add(p.pid());
+    ipc.add(p.pid());
+    p.wait_line("ready ", STARTUP);
+    p.wait_line(|l: &str| l.starts_with("tick 8 ") || l.starts_with("BAD"), LINE);
+    let (image, before) = checkpoint_kill(&mut p, dir);
+
+    let (summary, sysv) = inspect_sysv(&image);
+    assert!(summary.contains("3 System V objects"), "tree summary: {summary}; sysv lines: {sysv:#?}");
+    let find = |what: &str| sysv.iter().find(|l| l.contains(what)).cloned();
+    let segment = find("shared memory private").unwrap_or_else(|| panic!("no private segment in {sysv:#?}"));
+    assert!(segment.contains("marked for removal"), "{segment}");
+    let queue = find("message queue private").unwrap_or_else(|| panic!("no private queue in {sysv:#?}"));
+    assert_eq!(number_before(&queue, "messages"), Some(3), "three messages are always queued ahead: {queue}");
+    let out = inspect_output(&[], &image);
+    let attachments = out.stdout.lines().filter(|l| l.contains(" SysvShm ")).count();
+    assert_eq!(attachments, 4, "two attachments, one split in three: {}", out.stdout);
+
+    wait_pids_free(&image_pids(&image), Duration::from_secs(10));
+    let mut r = resume(&image);
+    tree.add(r.pid());
+    ipc.add(r.pid());
+    let after = r.read_to_eof(Duration::from_secs(60));
+    let status = r.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "the resumed program failed ({}): {}", describe_status(status), r.report());
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    if let Some(bad) = all.iter().find(|l| l.starts_with("BAD") || (l.starts_with("tick ") && !l.ends_with(" ok"))) {
+        panic!("a check failed: {bad}\nbefore: {before:#?}\nafter: {after:#?}");
+    }
+    assert_consecutive(&numbers_after(&all, "tick "), TICKS, "ticks");
+    let counters: Vec<u64> = all.iter().filter_map(|l| field(l, "counter")?.parse().ok()).collect();
+    assert_eq!(counters, (1..=TICKS).collect::<Vec<_>>(), "the counter in the segment continues");
+    assert_eq!(after.last().map(String::as_str), Some("done"), "after: {after:#?}");
 }

@@ -194,6 +194,9 @@ extern "C" fn park(arg: *mut libc::c_void) {
 
 /// The SUSPEND_SIGNAL handler (SA_SIGINFO|SA_RESTART, every signal blocked while it runs).
 pub extern "C" fn suspend_handler(_sig: i32, _info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // This handler interrupts the thread it runs on: mark it as ours here too, for a hook that
+    // read the generation after the checkpoint's own mark but before this signal arrived.
+    state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let Some(slot) = find_slot(sys::gettid()) else {
         return; // not asked for by a checkpoint in progress
     };

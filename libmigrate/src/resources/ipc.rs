@@ -251,6 +251,9 @@ fn describe(kind: Kind, key: i32, id: i32) -> String {
 }
 
 const MSG_COPY: i32 = 0o40000;
+const SHM_DEST: u32 = 0o1000;
+/// A bound on the receive buffer (in words): a message larger than 64 MiB is refused.
+const MAX_MESSAGE_WORDS: usize = 8 << 20;
 
 /// Copies a segment's bytes through a read-only attachment of our own.
 fn shm_contents(id: i32, size: usize) -> sys::SysResult<Vec<u8>> {
@@ -279,7 +282,7 @@ fn msg_contents(id: i32, cbytes: usize) -> sys::SysResult<Vec<(i64, Vec<u8>)>> {
                 n += 1;
             }
             Err(sys::Errno(libc::ENOMSG)) => return Ok(out),
-            Err(sys::Errno(libc::E2BIG)) => buf.resize(buf.len() * 2, 0),
+            Err(sys::Errno(libc::E2BIG)) if buf.len() < MAX_MESSAGE_WORDS => buf.resize(buf.len() * 2, 0),
             Err(sys::Errno(libc::ENOSYS)) if n == 0 => return drain_and_refill(id, &mut buf),
             Err(e) => return Err(e),
         }
@@ -297,7 +300,7 @@ fn drain_and_refill(id: i32, buf: &mut Vec<u64>) -> sys::SysResult<Vec<(i64, Vec
         match sys::msgrcv(id, buf, 0, libc::IPC_NOWAIT) {
             Ok(len) => out.push((buf[0] as i64, bytes_of(&buf[1..])[..len].to_vec())),
             Err(sys::Errno(libc::ENOMSG)) => break Ok(()),
-            Err(sys::Errno(libc::E2BIG)) => buf.resize(buf.len() * 2, 0),
+            Err(sys::Errno(libc::E2BIG)) if buf.len() < MAX_MESSAGE_WORDS => buf.resize(buf.len() * 2, 0),
             Err(e) => break Err(e),
         }
     };
@@ -335,11 +338,17 @@ pub fn dump(members: &[Member]) -> Result<Dumped, String> {
     for row in listing("shm") {
         let [key, id, _perms, _size, cpid, lpid, ..] = row[..] else { continue };
         let (key, id) = (key as i32, id as i32);
-        if !(in_tables(Kind::Shm, id) || attached.contains(&id) || is_member(cpid) || is_member(lpid)) {
+        let used = attached.contains(&id) || is_member(cpid) || is_member(lpid);
+        if !(used || in_tables(Kind::Shm, id)) {
             continue;
         }
         let what = || describe(Kind::Shm, key, id);
         let ds = sys::shmctl_stat(id).map_err(|e| format!("cannot read {}: {e}", what()))?;
+        // Tables keep a segment's entry after IPC_RMID (it stays usable while attached): a
+        // removed segment no member has attached any more is not the tree's.
+        if !used && ds.shm_perm.mode as u32 & SHM_DEST != 0 {
+            continue;
+        }
         let contents = shm_contents(id, ds.shm_segsz).map_err(|e| format!("cannot read {}: {e}", what()))?;
         out.objects.push(SysvObject::Shm {
             id: virt_of(Kind::Shm, id),
