@@ -24,6 +24,7 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("groups", &[]),
     ("sysv", &[]),
     ("sysv_private", &[]),
+    ("timers", &["-pthread", "-lrt"]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

@@ -1,6 +1,7 @@
 //! The versioned metadata schema: one struct per kind of process resource.
 //!
-//! Format version 1. Fields are only ever appended in new versions (postcard is positional:
+//! Format version 2 (version 1, without timers, was only written by development builds and is
+//! refused as too old). Fields are only ever appended in new versions (postcard is positional:
 //! a new version bumps `FORMAT_VERSION` and old versions stay decodable through their own types).
 //! Addresses are the program's own; PIDs are *virtual* (what the program saw when first started).
 
@@ -83,6 +84,40 @@ pub struct ProcessEntry {
     pub signals: SignalsEntry,
     /// Virtual <-> real PID pairs known to the process (real as at checkpoint).
     pub pids: Vec<(i32, i32)>,
+    /// Interval timers and POSIX timers (format version 2).
+    pub timers: TimersEntry,
+}
+
+/// The process's timers, with the time that remained when it was frozen: a resume arms them
+/// with that remainder (the stopped time does not count, as for interrupted sleeps).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimersEntry {
+    /// setitimer/alarm: ITIMER_REAL (0), ITIMER_VIRTUAL (1), ITIMER_PROF (2), armed ones only.
+    pub itimers: Vec<ItimerEntry>,
+    /// timer_create timers, by their kernel id (glibc's timer_t for signal timers).
+    pub posix: Vec<PosixTimerEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItimerEntry {
+    pub which: i32,
+    pub value_ns: u64,
+    pub interval_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimerEntry {
+    pub id: i32,
+    pub clock: i32,
+    /// sigev_notify as the kernel holds it (SIGEV_SIGNAL, SIGEV_NONE, | SIGEV_THREAD_ID).
+    pub notify: i32,
+    pub signo: i32,
+    pub sival: u64,
+    /// The thread a SIGEV_THREAD_ID timer signals (virtual tid).
+    pub target_vtid: i32,
+    /// Time left (0: disarmed) and period.
+    pub value_ns: u64,
+    pub interval_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -298,6 +298,32 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
         let _ = writeln!(o, "  pending (process): {}", sig_list(s.shared_pending.iter().map(|x| x.signo)));
     }
 
+    let t = &p.timers;
+    if !t.itimers.is_empty() || !t.posix.is_empty() {
+        let _ = writeln!(o, "\ntimers (time left at checkpoint)");
+        for it in &t.itimers {
+            let which = ["ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF"].get(it.which as usize).unwrap_or(&"itimer?");
+            let _ = writeln!(
+                o,
+                "  {which:<14} left {} ms, interval {} ms",
+                it.value_ns / 1_000_000,
+                it.interval_ns / 1_000_000
+            );
+        }
+        for pt in &t.posix {
+            let target = if pt.target_vtid != 0 { format!(" to thread {}", pt.target_vtid) } else { String::new() };
+            let _ = writeln!(
+                o,
+                "  timer {:<8} clock {} SIG{}{target}, left {} ms, interval {} ms",
+                pt.id,
+                pt.clock,
+                signals::name(pt.signo),
+                pt.value_ns / 1_000_000,
+                pt.interval_ns / 1_000_000
+            );
+        }
+    }
+
     let _ = writeln!(o, "\nrlimits");
     for r in &p.rlimits {
         let _ = writeln!(o, "  {:<18} {:>20} {:>20}", rlimit_name(r.resource), limit(r.cur), limit(r.max));

@@ -152,6 +152,7 @@ pub fn sample_meta(exe: &Path, argv: &[&str]) -> ImageMeta {
                 checkpoint_signal: 12,
             },
             pids: vec![(42, 4242)],
+            timers: Default::default(),
         },
     }
 }

@@ -33,6 +33,10 @@ fn is_zombie(tid: i32) -> bool {
 /// Stops every program thread in its suspend handler (a main thread that called pthread_exit
 /// stays a zombie and has nothing to save).
 pub fn freeze() -> Result<(), String> {
+    // Refused before anything is stopped: the program runs on untouched.
+    if let Some(why) = crate::resources::timers::unsupported() {
+        return Err(why);
+    }
     state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let me = sys::gettid();
     let pid = sys::getpid();
@@ -188,6 +192,7 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
     let vmas = memory::dump(&maps, &mut files, basics.mm.start_brk, basics.mm.brk)?;
     let fds = files::dump(&mut files)?;
     let signals = signals::dump(signals::take_shared_pending());
+    let timers = crate::resources::timers::dump();
     let mut thread_entries: Vec<_> = SLOTS
         .iter()
         .filter(|s| s.tid.load(Ordering::Relaxed) > 0 && s.parked.load(Ordering::Acquire) != 0)
@@ -220,6 +225,7 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
             fds,
             signals,
             pids,
+            timers,
         },
     };
     Ok((meta, maps))

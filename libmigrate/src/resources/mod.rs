@@ -9,6 +9,7 @@ pub mod shared;
 pub mod signals;
 pub mod sockets;
 pub mod threads;
+pub mod timers;
 pub mod unix_sockets;
 
 /// The current working directory, absolute.

@@ -214,6 +214,8 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             let _ = sys::futex_wait(word, 1, 10_000_000);
         }
     }
+    // Armed now, with what they had left: no program thread runs before release_all below.
+    crate::resources::timers::restore(&p.timers);
     if plan.error_fd > 2 {
         let _ = sys::close(plan.error_fd);
     }

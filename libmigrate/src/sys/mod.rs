@@ -276,6 +276,40 @@ pub fn clock_gettime(clock: i32) -> u64 {
     let _ = sc!(libc::SYS_clock_gettime, clock, &mut ts as *mut libc::timespec);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+/// getitimer(2) / setitimer(2) on a raw `struct itimerval`.
+pub fn getitimer(which: i32) -> SysResult<libc::itimerval> {
+    let mut v = libc::itimerval {
+        it_interval: libc::timeval { tv_sec: 0, tv_usec: 0 },
+        it_value: libc::timeval { tv_sec: 0, tv_usec: 0 },
+    };
+    sc!(libc::SYS_getitimer, which, &mut v as *mut libc::itimerval).map(|_| v)
+}
+pub fn setitimer(which: i32, v: &libc::itimerval) -> SysResult<()> {
+    sc!(libc::SYS_setitimer, which, v as *const libc::itimerval, 0usize).map(|_| ())
+}
+
+/// timer_gettime(2) for a kernel timer id.
+pub fn timer_gettime(id: i32) -> SysResult<libc::itimerspec> {
+    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut v = libc::itimerspec { it_interval: zero, it_value: zero };
+    sc!(libc::SYS_timer_gettime, id, &mut v as *mut libc::itimerspec).map(|_| v)
+}
+/// timer_create(2) with a raw 64-byte `struct sigevent`; `id` is in/out (the kernel reads it
+/// when PR_TIMER_CREATE_RESTORE_IDS is on).
+pub fn timer_create(clock: i32, sigevent: &[u8; 64], id: &mut i32) -> SysResult<()> {
+    sc!(libc::SYS_timer_create, clock, sigevent.as_ptr(), id as *mut i32).map(|_| ())
+}
+pub fn timer_settime(id: i32, v: &libc::itimerspec) -> SysResult<()> {
+    sc!(libc::SYS_timer_settime, id, 0usize, v as *const libc::itimerspec, 0usize).map(|_| ())
+}
+pub fn timer_delete(id: i32) -> SysResult<()> {
+    sc!(libc::SYS_timer_delete, id).map(|_| ())
+}
+/// prctl(2) with integer arguments only.
+pub fn prctl(option: i32, a2: usize, a3: usize) -> SysResult<usize> {
+    sc!(libc::SYS_prctl, option, a2, a3, 0usize, 0usize)
+}
+
 pub fn monotonic_ns() -> u64 {
     clock_gettime(libc::CLOCK_MONOTONIC)
 }
