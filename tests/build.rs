@@ -25,6 +25,7 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("sysv", &[]),
     ("sysv_private", &[]),
     ("timers", &["-pthread", "-lrt"]),
+    ("clocks", &[]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

@@ -96,6 +96,12 @@ pub struct ResumeArgs {
     #[arg(long)]
     pub virtual_pids: bool,
 
+    /// Let the program read this host's CLOCK_MONOTONIC and CLOCK_BOOTTIME. By default it runs
+    /// in a time namespace whose clocks carry on from the values it read at the checkpoint
+    /// (the stopped time and the host difference do not show)
+    #[arg(long)]
+    pub host_clocks: bool,
+
     /// The image written by migrate-checkpoint
     #[arg(value_name = "IMAGE")]
     pub image: PathBuf,

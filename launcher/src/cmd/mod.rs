@@ -7,4 +7,5 @@ pub mod ipc;
 pub mod net;
 pub mod resume;
 pub mod run;
+pub mod timens;
 pub mod tree;

@@ -55,6 +55,10 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     drop(reader);
     super::tree::hand_down(&tree, memory)?;
     apply_rlimits(&metas[0])?;
+    // The tree forked or exec'd from here on reads the clocks it left off with.
+    if !args.host_clocks {
+        super::timens::enter(&metas[0].host.clocks);
+    }
     let exact = !args.virtual_pids;
     if exact {
         match super::exact_pids::fork_with_pid(metas[0].process.vpid, args.exact_pids) {
