@@ -274,6 +274,10 @@ pub enum FdKind {
         termios: Vec<u8>,
         rows: u16,
         cols: u16,
+        /// The terminal's foreground process group (virtual; 0 if unknown): the member of that
+        /// group makes it the foreground of migrate-resume's terminal again, so Ctrl-C/Ctrl-Z
+        /// reach the job that had the terminal.
+        foreground_vpgid: i32,
     },
     /// A network or Unix socket on its own (not a pair inside the tree): a listening or bound
     /// socket comes back bound at the same address with its options; an established TCP

@@ -153,6 +153,17 @@ pub extern "C" fn kill(pid: pid_t, sig: c_int) -> c_int {
     ok_or_errno(sys::kill(arg(pid), sig))
 }
 
+/// glibc's killpg calls kill internally, past our hook: bash's `fg` and `bg` use it.
+#[unsafe(no_mangle)]
+pub extern "C" fn killpg(pgrp: pid_t, sig: c_int) -> c_int {
+    if pgrp < 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    let real = if pgrp == 0 { 0 } else { -state::pgid_to_real(pgrp) };
+    ok_or_errno(sys::kill(real, sig))
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn tgkill(tgid: pid_t, tid: pid_t, sig: c_int) -> c_int {
     ok_or_errno(sys::tgkill(state::to_real(tgid), state::to_real(tid), sig))

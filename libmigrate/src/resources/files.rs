@@ -75,10 +75,13 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
             libc::S_IFCHR if fd <= 2 && is_tty_rdev(st.st_rdev) => {
                 let mut termios = alloc::vec![0u8; core::mem::size_of::<libc::termios>()];
                 let mut ws = [0u16; 4];
-                // SAFETY: TCGETS fills a struct termios, TIOCGWINSZ a struct winsize (4 u16).
+                let mut foreground: i32 = 0;
+                // SAFETY: TCGETS fills a struct termios, TIOCGWINSZ a struct winsize (4 u16),
+                // TIOCGPGRP a pid_t.
                 unsafe {
                     let _ = sys::ioctl_ptr(fd, libc::TCGETS, termios.as_mut_ptr());
                     let _ = sys::ioctl_ptr(fd, libc::TIOCGWINSZ, ws.as_mut_ptr() as *mut u8);
+                    let _ = sys::ioctl_ptr(fd, libc::TIOCGPGRP, &mut foreground as *mut i32 as *mut u8);
                 }
                 FdKind::Terminal {
                     what: format!("terminal {path}"),
@@ -86,6 +89,7 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
                     termios,
                     rows: ws[0],
                     cols: ws[1],
+                    foreground_vpgid: if foreground > 0 { state::pgid_to_virt(foreground) } else { 0 },
                 }
             }
             libc::S_IFCHR if path.starts_with("/dev/") => {
@@ -433,7 +437,7 @@ pub fn restore(
                 set_status_flags(keep, *flags as i32);
                 Some(keep)
             }
-            FdKind::Terminal { what, flags, termios, rows, cols } => {
+            FdKind::Terminal { what, flags, termios, rows, cols, .. } => {
                 if sys::fcntl(f.fd, libc::F_GETFD, 0).is_err() {
                     crate::debug!("descriptor {} ({what}) is not open in migrate-resume; using /dev/null", f.fd);
                     Some(reopen("/dev/null", *flags as i32)?)
@@ -515,6 +519,30 @@ pub fn restore(
 }
 
 /// Set when a terminal the program had is now another size (it gets SIGWINCH once running).
+/// After the whole tree is restored (its groups exist): the member of the group that had a
+/// terminal's foreground takes it again on migrate-resume's terminal. SIGTTOU is blocked around
+/// the call (we may be in a background group of that terminal until then).
+pub fn retake_foreground(p: &migrate_image::ProcessEntry) {
+    for f in &p.fds {
+        let FdKind::Terminal { foreground_vpgid, .. } = f.kind else { continue };
+        if foreground_vpgid == 0 || foreground_vpgid != p.vpgid {
+            continue;
+        }
+        let Ok(mut pgrp) = sys::getpgid(0) else { continue };
+        let ttou = 1u64 << (libc::SIGTTOU - 1);
+        let mut old = 0u64;
+        if sys::rt_sigprocmask(libc::SIG_BLOCK, Some(&ttou), Some(&mut old)).is_err() {
+            continue;
+        }
+        // SAFETY: TIOCSPGRP reads a pid_t; a descriptor that is not our terminal just fails.
+        if let Err(e) = unsafe { sys::ioctl_ptr(f.fd, libc::TIOCSPGRP, &mut pgrp as *mut i32 as *mut u8) } {
+            crate::debug!("cannot give the terminal on fd {} back to group {}: {e}", f.fd, p.vpgid);
+        }
+        let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&old), None);
+        return;
+    }
+}
+
 pub static WINDOW_CHANGED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// A file deleted while open, back with its contents: unlinked again (an O_TMPFILE in its old

@@ -214,6 +214,8 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             let _ = sys::futex_wait(word, 1, 10_000_000);
         }
     }
+    // The job that had the terminal has it again (all groups exist now).
+    crate::resources::files::retake_foreground(p);
     // Armed now, with what they had left: no program thread runs before release_all below.
     crate::resources::timers::restore(&p.timers);
     if plan.error_fd > 2 {
