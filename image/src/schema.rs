@@ -294,6 +294,9 @@ pub enum FdKind {
         peer: Option<Vec<u8>>,
         /// (level, option, value) of the integer options that were set.
         options: Vec<(i32, i32, i32)>,
+        /// A TCP listener's accept queue at checkpoint time: connections completed by the
+        /// kernel but not yet accepted. They are not carried (resume says so).
+        waiting: u32,
     },
     /// eventfd: its counter and semaphore mode.
     EventFd {

@@ -48,6 +48,7 @@ int main(int argc, char **argv) {
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])), .sin_addr.s_addr = htonl(0x7f000001) };
     if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 17)) { perror("listen"); return 1; }
     printf("ready pid=%d\n", (int)getpid());
+    if (argc > 2) for (;;) pause(); /* "noaccept": connections stay in the accept queue */
     for (;;) {
         int c = accept(l, NULL, NULL);
         if (c < 0) continue;
@@ -139,4 +140,33 @@ fn a_taken_port_is_refused_before_anything_runs() {
     let out = run_tool("migrate-resume", resume_cmd(&[], &image), STARTUP);
     out.assert_fails("resume onto a taken port", 4, &[&format!("127.0.0.1:{port}"), "in use"]);
     drop(squatter);
+}
+
+#[test]
+fn connections_waiting_in_the_accept_queue_are_reported_not_silently_lost() {
+    let tmp = temp_dir();
+    let dir = fs::canonicalize(tmp.path()).unwrap();
+    let prog = build(&dir);
+    let port = free_port();
+    let mut p = migrate_run(&dir, &prog, [port.to_string(), "noaccept".into()]);
+    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    // The kernel completes these handshakes; the program never accepts them.
+    let waiting: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let image = checkpoint(pid, true, &dir);
+    p.wait_exit(Duration::from_secs(10));
+    let inspect = inspect_output(&[], &image);
+    assert!(inspect.stdout.contains("(2 connections waiting, not carried)"), "{}", inspect.stdout);
+    let mut s = resume(&image);
+    let deadline = std::time::Instant::now() + STARTUP;
+    loop {
+        let err = s.stderr_so_far().join("\n");
+        if err.contains("2 connections waiting to be accepted") {
+            assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "resume did not report the lost connections: {err}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(waiting);
+    s.kill();
 }

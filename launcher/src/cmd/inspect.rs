@@ -243,10 +243,12 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             FdKind::Terminal { what, flags, rows, cols, .. } => {
                 format!("{what} ({cols}x{rows}, settings saved) {}", open_flags(*flags))
             }
-            FdKind::Socket { listening, local, peer, sock_type, .. } => {
+            FdKind::Socket { listening, local, peer, sock_type, waiting, .. } => {
                 let kind = if *sock_type == libc::SOCK_DGRAM { "udp/dgram" } else { "stream" };
+                let waiting =
+                    if *waiting > 0 { format!(" ({waiting} connections waiting, not carried)") } else { String::new() };
                 match (listening, peer) {
-                    (true, _) => format!("{kind} socket listening on {}", sockaddr_text(local)),
+                    (true, _) => format!("{kind} socket listening on {}{waiting}", sockaddr_text(local)),
                     (false, Some(p)) => {
                         format!("{kind} socket {} connected to {}", sockaddr_text(local), sockaddr_text(p))
                     }

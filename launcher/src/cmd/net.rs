@@ -7,7 +7,8 @@ use migrate_image::FdKind;
 
 /// Creates the socket `kind` describes (an `FdKind::Socket`).
 pub fn create(kind: &FdKind) -> Result<i32> {
-    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options } = kind else {
+    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options, .. } = kind
+    else {
         return Err(fail(TARGET, "a shared socket without a description"));
     };
     let where_ = super::inspect::sockaddr_text(local);

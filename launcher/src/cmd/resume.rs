@@ -343,6 +343,19 @@ pub fn check_files(meta: &ImageMeta, carried: &[u32], force: bool, handed: &[i32
             }
         }
     }
+    // Connections the kernel had completed but the program not yet accepted died with the old
+    // socket: say so (their clients saw a reset and must retry).
+    for fd in p.fds.iter() {
+        if let FdKind::Socket { listening: true, waiting, local, .. } = &fd.kind {
+            if *waiting > 0 {
+                warnings.push(format!(
+                    "{waiting} connections waiting to be accepted on {} (fd {}) at checkpoint time were not carried; their clients saw a reset",
+                    super::inspect::sockaddr_text(local),
+                    fd.fd
+                ));
+            }
+        }
+    }
     for fd in p.fds.iter().filter(|f| !handed.contains(&f.fd)) {
         if let FdKind::Detached { what, .. } = &fd.kind {
             warnings.push(format!(

@@ -73,6 +73,8 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
         }
     }
     let backlog = BACKLOG.get(fd as usize).map_or(0, |b| b.load(Ordering::Relaxed));
+    // For a listener, tcpi_unacked is the accept queue's length.
+    let waiting = if listening && is_tcp { sys::tcp_info(fd).map_or(0, |i| i.tcpi_unacked) } else { 0 };
     FdKind::Socket {
         domain,
         sock_type,
@@ -83,6 +85,7 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
         local: name_of(fd, false).unwrap_or_default(),
         peer: name_of(fd, true),
         options,
+        waiting,
     }
 }
 
@@ -175,7 +178,8 @@ fn reset_socket(domain: i32) -> Result<i32, String> {
 
 /// Recreates a socket described by `dump`.
 pub fn restore(kind: &FdKind) -> Result<i32, String> {
-    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options } = kind else {
+    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options, .. } = kind
+    else {
         return Err("not a socket".into());
     };
     let is_tcp = matches!(*domain, libc::AF_INET | libc::AF_INET6) && *sock_type == libc::SOCK_STREAM;

@@ -428,6 +428,21 @@ pub fn getsockopt_int(fd: i32, level: i32, name: i32) -> SysResult<i32> {
     let mut len = 4u32;
     sc!(libc::SYS_getsockopt, fd, level, name, &mut v as *mut i32, &mut len as *mut u32).map(|_| v)
 }
+/// getsockopt(TCP_INFO).
+pub fn tcp_info(fd: i32) -> SysResult<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data; all-zero is a valid value.
+    let mut v: libc::tcp_info = unsafe { core::mem::zeroed() };
+    let mut len = core::mem::size_of::<libc::tcp_info>() as u32;
+    sc!(
+        libc::SYS_getsockopt,
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        &mut v as *mut libc::tcp_info,
+        &mut len as *mut u32
+    )
+    .map(|_| v)
+}
 pub fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) -> SysResult<()> {
     sc!(libc::SYS_setsockopt, fd, level, name, &v as *const i32, 4).map(|_| ())
 }
