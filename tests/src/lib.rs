@@ -667,6 +667,60 @@ pub fn field_hex(line: &str, key: &str) -> u64 {
     }
 }
 
+/// The numbers `N` of the lines `<prefix>N...` (the token right after the prefix).
+#[track_caller]
+pub fn numbers_after(lines: &[String], prefix: &str) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(|r| {
+            r.split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no number after {prefix:?} in {r:?}"))
+        })
+        .collect()
+}
+
+/// Panics with the whole output if any line seen so far reports a failed check (`BAD ...`).
+#[track_caller]
+pub fn assert_no_bad(p: &mut Managed, when: &str) {
+    let lines = p.lines_so_far();
+    if let Some(b) = lines.iter().find(|l| l.starts_with("BAD")) {
+        let r = p.report();
+        panic!("{when}: a process reported a failed check: {b}\n{r}");
+    }
+}
+
+/// Waits for the next line starting with `prefix`; a `BAD` line on the way fails the test.
+#[track_caller]
+pub fn next_unless_bad(p: &mut Managed, prefix: &str, timeout: Duration) -> String {
+    let line = p.wait_line(|l: &str| l.starts_with(prefix) || l.starts_with("BAD"), timeout);
+    if line.starts_with("BAD") {
+        let r = p.report();
+        panic!("{}: a process reported a failed check while waiting for {prefix:?}: {line}\n{r}", p.name());
+    }
+    line
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Compiles the C program `source` into `dir/<name>` with `$MIGRATE_CC` (default gcc), `-O1`
+/// and `flags`; returns the executable's path.
+#[track_caller]
+pub fn compile_c(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let prog = dir.join(name);
+    let cc = std::env::var("MIGRATE_CC").unwrap_or_else(|_| "gcc".into());
+    let ok = Command::new(cc).arg("-O1").args(flags).arg("-o").arg(&prog).arg(&src).status().unwrap().success();
+    assert!(ok, "building {name}.c failed");
+    prog
+}
+
 /// The n of a `tick <n> ...` line.
 #[track_caller]
 pub fn tick_number(line: &str) -> u64 {

@@ -4,7 +4,6 @@
 use migrate_tests::*;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const PROG_C: &str = r#"
 #include <stdio.h>
@@ -34,12 +33,7 @@ int main(int argc, char **argv) {
 "#;
 
 fn build(dir: &Path) -> PathBuf {
-    fs::write(dir.join("tempfile.c"), PROG_C).unwrap();
-    let prog = dir.join("tempfile");
-    let cc = std::env::var("MIGRATE_CC").unwrap_or_else(|_| "gcc".into());
-    let ok = Command::new(cc).args(["-O1", "-o"]).arg(&prog).arg(dir.join("tempfile.c")).status().unwrap().success();
-    assert!(ok, "building tempfile.c failed");
-    prog
+    compile_c(dir, "tempfile", PROG_C, &[])
 }
 
 /// Runs the program until tick 4 and checkpoints it with --kill; returns the image, the last

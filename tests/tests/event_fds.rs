@@ -5,7 +5,6 @@
 use migrate_tests::*;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const PROG_C: &str = r#"
 #include <stdio.h>
@@ -61,12 +60,7 @@ int main(void) {
 "#;
 
 fn build(dir: &Path) -> PathBuf {
-    fs::write(dir.join("eventloop.c"), PROG_C).unwrap();
-    let prog = dir.join("eventloop");
-    let cc = std::env::var("MIGRATE_CC").unwrap_or_else(|_| "gcc".into());
-    let ok = Command::new(cc).args(["-O1", "-o"]).arg(&prog).arg(dir.join("eventloop.c")).status().unwrap().success();
-    assert!(ok, "building eventloop.c failed");
-    prog
+    compile_c(dir, "eventloop", PROG_C, &[])
 }
 
 #[test]

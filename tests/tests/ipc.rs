@@ -254,20 +254,6 @@ fn resume_to_end(image: &Path, guard: &mut TreeGuard) -> (Vec<String>, Vec<Strin
     (lines, err)
 }
 
-/// The numbers `N` of the lines `<prefix>N ...`.
-fn numbers_after(lines: &[String], prefix: &str) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix(prefix))
-        .map(|r| {
-            r.split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no number after {prefix:?} in {r:?}"))
-        })
-        .collect()
-}
-
 #[track_caller]
 fn assert_consecutive(got: &[u64], to: u64, what: &str) {
     let want: Vec<u64> = (1..=to).collect();

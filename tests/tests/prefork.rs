@@ -8,7 +8,6 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const SERVER_C: &str = r#"
@@ -51,12 +50,7 @@ int main(int argc, char **argv) {
 "#;
 
 fn build(dir: &Path) -> PathBuf {
-    fs::write(dir.join("prefork.c"), SERVER_C).unwrap();
-    let prog = dir.join("prefork");
-    let cc = std::env::var("MIGRATE_CC").unwrap_or_else(|_| "gcc".into());
-    let ok = Command::new(cc).args(["-O1", "-o"]).arg(&prog).arg(dir.join("prefork.c")).status().unwrap().success();
-    assert!(ok, "building prefork.c failed");
-    prog
+    compile_c(dir, "prefork", SERVER_C, &[])
 }
 
 fn ask(port: u16) -> (u64, i32) {

@@ -9,7 +9,7 @@ use migrate_tests::*;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,10 +20,6 @@ fn installed(name: &str) -> Option<PathBuf> {
         eprintln!("SKIP: {name} is not installed (.ci/run installs it)");
     }
     found
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Connects to the port, retrying until `timeout` (the resumed listener appears when

@@ -8,7 +8,6 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const SERVER_C: &str = r#"
@@ -60,22 +59,7 @@ int main(int argc, char **argv) {
 "#;
 
 fn build(dir: &Path) -> PathBuf {
-    fs::write(dir.join("server.c"), SERVER_C).unwrap();
-    let prog = dir.join("server");
-    let cc = std::env::var("MIGRATE_CC").unwrap_or_else(|_| "gcc".into());
-    let ok = Command::new(cc)
-        .args(["-O1", "-pthread", "-o"])
-        .arg(&prog)
-        .arg(dir.join("server.c"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building server.c failed");
-    prog
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    compile_c(dir, "server", SERVER_C, &["-pthread"])
 }
 
 fn request(conn: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {

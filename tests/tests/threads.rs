@@ -20,27 +20,6 @@ fn start(dir: &Path, program: &Path) -> (Managed, i32) {
     (p, pid)
 }
 
-/// Panics with the whole output if any line seen so far reports a failed check (`BAD ...`).
-#[track_caller]
-fn assert_no_bad(p: &mut Managed, when: &str) {
-    let lines = p.lines_so_far();
-    if let Some(b) = lines.iter().find(|l| l.starts_with("BAD")) {
-        let r = p.report();
-        panic!("{when}: the program reported a failed check: {b}\n{r}");
-    }
-}
-
-/// Waits for the next line starting with `prefix`; a `BAD` line on the way fails the test.
-#[track_caller]
-fn next(p: &mut Managed, prefix: &str, timeout: Duration) -> String {
-    let line = p.wait_line(|l: &str| l.starts_with(prefix) || l.starts_with("BAD"), timeout);
-    if line.starts_with("BAD") {
-        let r = p.report();
-        panic!("{}: the program reported a failed check while waiting for {prefix:?}: {line}\n{r}", p.name());
-    }
-    line
-}
-
 /// `migrate-checkpoint --kill`, then the original's remaining stdout (to EOF, checked for `BAD`)
 /// and its exit. Returns the image and the lines printed after the last wait. The target is
 /// the process's real pid (after a resume it differs from the virtual one the program prints).
@@ -63,7 +42,7 @@ fn checkpoint_kill(p: &mut Managed, dir: &Path) -> (PathBuf, Vec<String>) {
 /// Sends `stop`, expects `joined ok=1` and exit status 0.
 fn stop_and_join(p: &mut Managed) -> String {
     p.send_line("stop");
-    let joined = next(p, "joined ", LINE);
+    let joined = next_unless_bad(p, "joined ", LINE);
     if field(&joined, "ok") != Some("1") {
         let r = p.report();
         panic!("joining the threads after the resume failed: {joined}\n{r}");
@@ -143,7 +122,7 @@ impl PoolTick {
 }
 
 fn next_pool_tick(p: &mut Managed, pid: i32, timeout: Duration, context: &str) -> PoolTick {
-    let line = next(p, "tick ", timeout);
+    let line = next_unless_bad(p, "tick ", timeout);
     let t = PoolTick::parse(&line);
     t.check(pid, context);
     t
@@ -217,8 +196,8 @@ fn threads_created_after_resume_run_and_join() {
     let dir = temp_dir();
     let (mut orig, pid, _) = start_threadpool(dir.path(), 1);
     orig.send_line("spawn");
-    let before = next(&mut orig, "spawned ", LINE);
-    let ok = next(&mut orig, "spawn ", LINE);
+    let before = next_unless_bad(&mut orig, "spawned ", LINE);
+    let ok = next_unless_bad(&mut orig, "spawn ", LINE);
     assert_eq!(field(&ok, "ok"), Some("1"), "spawn before the checkpoint: {ok}");
     let last = next_pool_tick(&mut orig, pid, LINE, "before the checkpoint");
     let (image, last) = kill_threadpool(&mut orig, pid, dir.path(), last);
@@ -226,12 +205,12 @@ fn threads_created_after_resume_run_and_join() {
     let (mut r, _) = resume_threadpool(&image, pid, &last, "after the resume");
     for k in 0..3 {
         r.send_line("spawn");
-        let spawned = next(&mut r, "spawned ", LINE);
+        let spawned = next_unless_bad(&mut r, "spawned ", LINE);
         let tid: i32 = field_num(&spawned, "tid");
         let sys: i32 = field_num(&spawned, "sys");
         assert!(tid > 0 && tid != pid, "spawn {k} after the resume: gettid() in a new thread: {spawned}");
         assert!(sys > 0, "spawn {k} after the resume: {spawned}");
-        let ok = next(&mut r, "spawn ", LINE);
+        let ok = next_unless_bad(&mut r, "spawn ", LINE);
         assert_eq!(field(&ok, "ok"), Some("1"), "spawn {k} after the resume (before: {before}): {ok}\n{}", r.report());
     }
     let t = next_pool_tick(&mut r, pid, LINE, "after spawning threads");
@@ -247,7 +226,7 @@ fn mutexes_held_across_resume_keep_their_owner() {
     let dir = temp_dir();
     let (mut orig, pid, _) = start_threadpool(dir.path(), 1);
     orig.send_line("hold");
-    let held = next(&mut orig, "held ", LINE);
+    let held = next_unless_bad(&mut orig, "held ", LINE);
     assert_eq!((field(&held, "robust"), field(&held, "errchk")), (Some("0"), Some("0")), "taking the mutexes: {held}");
     let last = next_pool_tick(&mut orig, pid, LINE, "while holding");
     let (image, last) = kill_threadpool(&mut orig, pid, dir.path(), last);
@@ -328,7 +307,7 @@ fn rust_threads_continue_after_resume() {
     };
     let mut last = String::new();
     for n in 1..=3 {
-        last = next(&mut orig, "tick ", LINE);
+        last = next_unless_bad(&mut orig, "tick ", LINE);
         assert_eq!(tick_number(&last), n, "{last}");
         check(&last, "before the checkpoint");
     }
@@ -340,12 +319,12 @@ fn rust_threads_continue_after_resume() {
     }
 
     let mut r = resume(&image);
-    let first = next(&mut r, "tick ", STARTUP);
+    let first = next_unless_bad(&mut r, "tick ", STARTUP);
     assert_eq!(tick_number(&first), tick_number(&last) + 1, "last before: {last}; first after: {first}");
     check(&first, "after the resume");
     let mut prev = first.clone();
     for _ in 0..3 {
-        let line = next(&mut r, "tick ", LINE);
+        let line = next_unless_bad(&mut r, "tick ", LINE);
         assert_eq!(tick_number(&line), tick_number(&prev) + 1, "{prev} then {line}");
         check(&line, "after the resume");
         prev = line;
@@ -377,7 +356,7 @@ fn round_number(line: &str) -> u64 {
 fn thread_churn_survives_checkpoints() {
     let dir = temp_dir();
     let (mut p, pid) = start(dir.path(), &cbin("threadchurn"));
-    let mut last = round_number(&next(&mut p, "round ", LINE));
+    let mut last = round_number(&next_unless_bad(&mut p, "round ", LINE));
     for k in 1..=10 {
         let out = checkpoint_output(pid, false, dir.path());
         if !out.status.success() {
@@ -385,7 +364,7 @@ fn thread_churn_survives_checkpoints() {
             panic!("left-running checkpoint {k}/10 of threadchurn failed: {}\nprogram: {r}", out.describe());
         }
         // The program keeps churning after each checkpoint.
-        let line = next(&mut p, "round ", LINE);
+        let line = next_unless_bad(&mut p, "round ", LINE);
         let n = round_number(&line);
         assert_eq!(field_num::<i32>(&line, "pid"), pid, "{line}");
         assert!(n > last, "rounds must advance after checkpoint {k}: {last} then {line}");
@@ -402,7 +381,7 @@ fn thread_churn_survives_checkpoints() {
     }
 
     let mut r = resume(&image);
-    let first = next(&mut r, "round ", STARTUP);
+    let first = next_unless_bad(&mut r, "round ", STARTUP);
     let n = round_number(&first);
     assert!(
         n > last && n <= last + 100,
@@ -411,7 +390,7 @@ fn thread_churn_survives_checkpoints() {
     assert_eq!(field_num::<i32>(&first, "pid"), pid, "{first}");
     let mut prev = n;
     for _ in 0..5 {
-        let line = next(&mut r, "round ", LINE);
+        let line = next_unless_bad(&mut r, "round ", LINE);
         let m = round_number(&line);
         assert_eq!(m, prev + 100, "rounds after the resume: {prev} then {line}");
         prev = m;
@@ -592,7 +571,7 @@ fn main_thread_exit_then_checkpoint_and_resume() {
     let (mut orig, pid) = start(dir.path(), &cbin("mainexit"));
     let mut last = String::new();
     for n in 1..=3 {
-        last = next(&mut orig, "tick ", LINE);
+        last = next_unless_bad(&mut orig, "tick ", LINE);
         assert_eq!(tick_number(&last), n, "{last}");
         assert_eq!(field_num::<i32>(&last, "pid"), pid, "{last}");
     }
@@ -604,13 +583,13 @@ fn main_thread_exit_then_checkpoint_and_resume() {
     }
 
     let mut r = resume(&image);
-    let first = next(&mut r, "tick ", STARTUP);
+    let first = next_unless_bad(&mut r, "tick ", STARTUP);
     assert_eq!(tick_number(&first), tick_number(&last) + 1, "last before: {last}; first after: {first}");
     assert_eq!(field_num::<i32>(&first, "pid"), pid, "getpid() after the resume: {first}");
     assert_eq!(field_num::<i32>(&first, "tid"), tid, "the ticker's gettid() after the resume: {first}");
     let mut prev = first.clone();
     for _ in 0..3 {
-        let line = next(&mut r, "tick ", LINE);
+        let line = next_unless_bad(&mut r, "tick ", LINE);
         assert_eq!(tick_number(&line), tick_number(&prev) + 1, "{prev} then {line}");
         prev = line;
     }

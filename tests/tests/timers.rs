@@ -6,10 +6,6 @@
 use migrate_tests::*;
 use std::time::Duration;
 
-fn tick_value(line: &str) -> i64 {
-    line.strip_prefix("tick ").and_then(|v| v.trim().parse().ok()).unwrap_or(-1)
-}
-
 fn ticks_field(line: &str) -> i64 {
     field_num(line, "ticks")
 }
@@ -25,7 +21,7 @@ fn alarm_and_posix_timers_continue_with_their_remaining_time() {
     let image = checkpoint(pid, true, dir);
     let before = p.read_to_eof(LINE);
     p.wait_exit(Duration::from_secs(10));
-    let last = before.iter().map(|l| tick_value(l)).max().unwrap_or(5).max(5);
+    let last = last_tick(&before).max(5);
     assert!(last < 20, "checkpointed before the one-shot timer: {before:?}");
     let inspect = inspect_output(&[], &image);
     assert!(inspect.stdout.contains("ITIMER_REAL"), "inspect lists the alarm: {}", inspect.stdout);
@@ -34,7 +30,7 @@ fn alarm_and_posix_timers_continue_with_their_remaining_time() {
 
     let mut s = resume(&image);
     let first = s.wait_line("tick ", STARTUP);
-    let first = tick_value(&first);
+    let first = tick_number(&first);
     assert!(first > last && first <= last + 3, "ticks resume after {last}: got {first}");
     let oneshot = ticks_field(&s.wait_line("oneshot ", QUICK));
     let alarm = ticks_field(&s.wait_line("alarm ", QUICK));
@@ -58,6 +54,6 @@ fn sigev_thread_timers_are_refused_and_the_program_runs_on() {
     out.assert_fails("checkpoint with a SIGEV_THREAD timer", 6, &["SIGEV_THREAD", "not supported"]);
     assert!(images_in(dir).is_empty(), "no image left behind");
     // Still running, ticking on.
-    p.wait_line(|l: &str| tick_value(l) >= 4, LINE);
+    p.wait_line(|l: &str| is_tick(l) && tick_number(l) >= 4, LINE);
     p.kill();
 }

@@ -25,27 +25,6 @@ fn start(dir: &Path, program: &Path, args: &[&str]) -> (Managed, String) {
     (p, ready)
 }
 
-/// Panics with the whole output if any line seen so far reports a failed check (`BAD ...`).
-#[track_caller]
-fn assert_no_bad(p: &mut Managed, when: &str) {
-    let lines = p.lines_so_far();
-    if let Some(b) = lines.iter().find(|l| l.starts_with("BAD")) {
-        let r = p.report();
-        panic!("{when}: a process of the tree reported a failed check: {b}\n{r}");
-    }
-}
-
-/// Waits for the next line starting with `prefix`; a `BAD` line on the way fails the test.
-#[track_caller]
-fn next(p: &mut Managed, prefix: &str, timeout: Duration) -> String {
-    let line = p.wait_line(|l: &str| l.starts_with(prefix) || l.starts_with("BAD"), timeout);
-    if line.starts_with("BAD") {
-        let r = p.report();
-        panic!("{}: a process of the tree reported a failed check while waiting for {prefix:?}: {line}\n{r}", p.name());
-    }
-    line
-}
-
 /// Waits until no live process mentions the test directory any more (every member of the tree
 /// is gone); panics with the survivors' command lines after `timeout`.
 #[track_caller]
@@ -94,20 +73,6 @@ fn checkpoint_kill(p: &mut Managed, dir: &Path) -> (PathBuf, Vec<String>) {
     assert_no_bad(p, "before the checkpoint");
     p.wait_exit(Duration::from_secs(5));
     (image, rest)
-}
-
-/// The numbers `N` of the lines `<prefix>N...` (the token right after the prefix).
-fn numbers_after(lines: &[String], prefix: &str) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix(prefix))
-        .map(|r| {
-            r.split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no number after {prefix:?} in {r:?}"))
-        })
-        .collect()
 }
 
 /// Asserts `got` is exactly `from..=to`, naming the first difference.
@@ -490,7 +455,7 @@ fn family_continues(mode: Pids) {
     for p in [pid, consumer, zombie] {
         guard.add(p);
     }
-    next(&mut orig, "parent wrote 8", LINE);
+    next_unless_bad(&mut orig, "parent wrote 8", LINE);
     let (image, _) = checkpoint_kill(&mut orig, dir);
     let before = orig.lines_so_far();
     check_consumer_lines(&before, pid, "before the checkpoint");
@@ -511,7 +476,7 @@ fn family_continues(mode: Pids) {
 
     let (mut r, _) = resume_tree(&image, mode);
     guard.add(r.pid());
-    next(&mut r, "parent wrote ", STARTUP);
+    next_unless_bad(&mut r, "parent wrote ", STARTUP);
     assert_original_pids(dir, mode, &image, &mut r);
     let done = wait_child_done(&mut r, dir, consumer, Duration::from_secs(10));
     let status = r.wait_exit(LINE);
@@ -569,7 +534,7 @@ fn signal_to_a_member_checkpoints_the_whole_tree() {
     for p in [pid, consumer, zombie] {
         guard.add(p);
     }
-    next(&mut orig, "child got 2 ", LINE);
+    next_unless_bad(&mut orig, "child got 2 ", LINE);
     // SAFETY: kill(2) on the consumer, a live child of our child (unreaped by its parent).
     let rc = unsafe { libc::kill(consumer, libc::SIGUSR2) };
     assert_eq!(rc, 0, "kill({consumer}, SIGUSR2): {}", std::io::Error::last_os_error());
@@ -592,7 +557,7 @@ fn signal_to_a_member_checkpoints_the_whole_tree() {
     let want = format!("parent wrote {}", wrote + 5);
     orig.wait_line(|l: &str| l == want || l.starts_with("BAD"), LINE);
     let got = numbers_after(&orig.lines_so_far(), "child got ").last().copied().unwrap_or(0);
-    next(&mut orig, &format!("child got {} ", got + 2), LINE);
+    next_unless_bad(&mut orig, &format!("child got {} ", got + 2), LINE);
     assert_no_bad(&mut orig, "after the checkpoint");
     let lines = orig.lines_so_far();
     check_consumer_lines(&lines, pid, "after the signal");
@@ -673,7 +638,7 @@ fn waiter_continues(mode: Pids) {
     let (pid, child) = waiter_ids(&ready);
     guard.add(pid);
     guard.add(child);
-    next(&mut orig, "child tick 5 ", LINE);
+    next_unless_bad(&mut orig, "child tick 5 ", LINE);
     let (image, _) = checkpoint_kill(&mut orig, dir);
     let before = orig.lines_so_far();
     let last = check_child_ticks(&before, child, pid, 1, "before the checkpoint");
@@ -709,7 +674,7 @@ fn tree_checkpoint_repeated() {
     let (pid, child) = waiter_ids(&ready);
     guard.add(pid);
     guard.add(child);
-    next(&mut p, "child tick 2 ", LINE);
+    next_unless_bad(&mut p, "child tick 2 ", LINE);
     let mut from = 1;
     for cycle in 1..=5 {
         let what = format!("cycle {cycle}");
@@ -725,14 +690,14 @@ fn tree_checkpoint_repeated() {
             finish_waiter(&mut p, child, pid, last, TOTAL, &format!("{what}, after the resume"));
             return;
         }
-        let first = next(&mut p, "child tick ", STARTUP);
+        let first = next_unless_bad(&mut p, "child tick ", STARTUP);
         assert!(
             first.starts_with(&format!("child tick {} ", last + 1)),
             "{what}: the first child tick after the resume must be {}: got `{first}`\n{}",
             last + 1,
             p.report()
         );
-        next(&mut p, &format!("child tick {} ", last + 2), LINE);
+        next_unless_bad(&mut p, &format!("child tick {} ", last + 2), LINE);
         from = last + 1;
     }
 }
@@ -763,7 +728,7 @@ fn wait_all_ids2(p: &mut Managed, timeout: Duration) -> BTreeMap<String, (Ids, S
     let mut seen: BTreeMap<String, (Ids, String)> = BTreeMap::new();
     while seen.len() < 4 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = next(p, "ids2 ", left.max(Duration::from_millis(1)));
+        let line = next_unless_bad(p, "ids2 ", left.max(Duration::from_millis(1)));
         let name = field(&line, "name").unwrap_or("?").to_string();
         seen.insert(name, (ids_of(&line), line));
     }

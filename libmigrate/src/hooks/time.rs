@@ -83,8 +83,7 @@ impl Deadline {
         self.remaining_ns().div_ceil(1_000_000).min(c_int::MAX as u64) as c_int
     }
     pub(crate) fn remaining_ts(&self) -> timespec {
-        let ns = self.remaining_ns();
-        timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 }
+        sys::timespec_from_ns(self.remaining_ns())
     }
 }
 
@@ -172,7 +171,7 @@ pub unsafe extern "C" fn clock_nanosleep(
 }
 
 fn sleep_ns(ns: u64) -> (c_int, timespec) {
-    let req = timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 };
+    let req = sys::timespec_from_ns(ns);
     let mut rem = timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: pointers to locals.
     let r = unsafe { nanosleep(&req, &mut rem) };

@@ -357,12 +357,11 @@ pub fn restore(
                     return Err(format!("cannot recreate timerfd {} (clock {clock}): {}", f.fd, sys::Errno(-r as i32)));
                 }
                 let fd = r as i32;
-                let ts = |ns: u64| libc::timespec {
-                    tv_sec: (ns / 1_000_000_000) as i64,
-                    tv_nsec: (ns % 1_000_000_000) as i64,
-                };
                 // Armed again with the time that was left (relative), and the same interval.
-                let spec = libc::itimerspec { it_interval: ts(*interval_ns), it_value: ts(*value_ns) };
+                let spec = libc::itimerspec {
+                    it_interval: sys::timespec_from_ns(*interval_ns),
+                    it_value: sys::timespec_from_ns(*value_ns),
+                };
                 // SAFETY: a valid itimerspec for timerfd_settime.
                 unsafe {
                     sys::syscall6(

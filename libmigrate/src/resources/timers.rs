@@ -19,14 +19,8 @@ const SIGEV_THREAD_ID: i32 = 4;
 fn timeval_ns(t: &libc::timeval) -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000
 }
-fn timespec_ns(t: &libc::timespec) -> u64 {
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
 fn ns_timeval(ns: u64) -> libc::timeval {
     libc::timeval { tv_sec: (ns / 1_000_000_000) as i64, tv_usec: ((ns % 1_000_000_000) / 1000) as i64 }
-}
-fn ns_timespec(ns: u64) -> libc::timespec {
-    libc::timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 }
 }
 
 pub fn dump() -> TimersEntry {
@@ -43,8 +37,8 @@ pub fn dump() -> TimersEntry {
     t.posix = parse_proc_timers(&text);
     for p in &mut t.posix {
         if let Ok(v) = sys::timer_gettime(p.id) {
-            p.value_ns = timespec_ns(&v.it_value);
-            p.interval_ns = timespec_ns(&v.it_interval);
+            p.value_ns = sys::ns_from_timespec(&v.it_value);
+            p.interval_ns = sys::ns_from_timespec(&v.it_interval);
         }
         if p.notify & SIGEV_THREAD_ID != 0 {
             p.target_vtid = state::to_virt(p.target_vtid);
@@ -152,7 +146,10 @@ pub fn restore(t: &TimersEntry) {
             continue;
         }
         if p.value_ns > 0 {
-            let v = libc::itimerspec { it_interval: ns_timespec(p.interval_ns), it_value: ns_timespec(p.value_ns) };
+            let v = libc::itimerspec {
+                it_interval: sys::timespec_from_ns(p.interval_ns),
+                it_value: sys::timespec_from_ns(p.value_ns),
+            };
             if let Err(e) = sys::timer_settime(id, &v) {
                 crate::info!("cannot re-arm POSIX timer {}: {e}", p.id);
             }

@@ -271,10 +271,19 @@ pub fn rt_tgsigqueueinfo(pid: i32, tid: i32, sig: i32, info: &[u8; 128]) -> SysR
     sc!(libc::SYS_rt_tgsigqueueinfo, pid, tid, sig, info.as_ptr()).map(|_| ())
 }
 
+/// A duration in nanoseconds as a `struct timespec`.
+pub fn timespec_from_ns(ns: u64) -> libc::timespec {
+    libc::timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 }
+}
+/// A (non-negative) `struct timespec` in nanoseconds.
+pub fn ns_from_timespec(ts: &libc::timespec) -> u64 {
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn clock_gettime(clock: i32) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     let _ = sc!(libc::SYS_clock_gettime, clock, &mut ts as *mut libc::timespec);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    ns_from_timespec(&ts)
 }
 /// getitimer(2) / setitimer(2) on a raw `struct itimerval`.
 pub fn getitimer(which: i32) -> SysResult<libc::itimerval> {
@@ -319,15 +328,13 @@ pub const FUTEX_WAKE_PRIVATE: i32 = 129;
 
 /// Waits while `*word == expected`, at most `timeout_ns` (0: forever).
 pub fn futex_wait(word: &core::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) -> SysResult<()> {
-    let ts =
-        libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as i64, tv_nsec: (timeout_ns % 1_000_000_000) as i64 };
+    let ts = timespec_from_ns(timeout_ns);
     let tsp = if timeout_ns == 0 { core::ptr::null() } else { &ts as *const libc::timespec };
     sc!(libc::SYS_futex, word.as_ptr(), FUTEX_WAIT_PRIVATE, expected, tsp).map(|_| ())
 }
 /// Like `futex_wait`, on a word in memory shared between processes.
 pub fn futex_wait_shared(word: &core::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) -> SysResult<()> {
-    let ts =
-        libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as i64, tv_nsec: (timeout_ns % 1_000_000_000) as i64 };
+    let ts = timespec_from_ns(timeout_ns);
     sc!(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec).map(|_| ())
 }
 pub fn futex_wake_shared(word: &core::sync::atomic::AtomicU32) {
