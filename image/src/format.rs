@@ -23,9 +23,9 @@ pub const MAGIC: [u8; 8] = *b"MIGRATE\x7f";
 /// Last bytes of every image (end of trailer).
 pub const TRAILER_MAGIC: [u8; 8] = *b"\x7fETARGIM";
 /// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads.
-pub const OLDEST_READABLE_VERSION: u32 = 2;
+pub const OLDEST_READABLE_VERSION: u32 = 3;
 /// Size of the header block; sections start here.
 pub const HEADER_LEN: u64 = 4096;
 /// Memory sections are aligned to this so they can be mapped.

@@ -1,7 +1,7 @@
 //! The versioned metadata schema: one struct per kind of process resource.
 //!
-//! Format version 2 (version 1, without timers, was only written by development builds and is
-//! refused as too old). Fields are only ever appended in new versions (postcard is positional:
+//! Format version 3 (versions 1 and 2, without timers or TCP repair state, were only written by
+//! development builds and are refused as too old). Fields are only ever appended in new versions (postcard is positional:
 //! a new version bumps `FORMAT_VERSION` and old versions stay decodable through their own types).
 //! Addresses are the program's own; PIDs are *virtual* (what the program saw when first started).
 
@@ -281,7 +281,8 @@ pub enum FdKind {
     },
     /// A network or Unix socket on its own (not a pair inside the tree): a listening or bound
     /// socket comes back bound at the same address with its options; an established TCP
-    /// connection comes back reset (ECONNRESET on next use) so the program reconnects.
+    /// connection comes back from its repair state (`tcp`) so the peer notices nothing, or,
+    /// without it, reset (ECONNRESET on next use) so the program reconnects.
     Socket {
         domain: i32,
         sock_type: i32,
@@ -297,6 +298,8 @@ pub enum FdKind {
         /// A TCP listener's accept queue at checkpoint time: connections completed by the
         /// kernel but not yet accepted. They are not carried (resume says so).
         waiting: u32,
+        /// An established TCP connection's state, read with TCP repair (needs CAP_NET_ADMIN).
+        tcp: Option<TcpConnection>,
     },
     /// eventfd: its counter and semaphore mode.
     EventFd {
@@ -393,6 +396,35 @@ pub struct TreeMeta {
     pub shared_fd_base: i32,
     /// System V IPC objects the tree uses (shared memory, semaphore sets, message queues).
     pub sysv: Vec<SysvObject>,
+    /// The nftables table (`inet <name>`) that holds the tree's TCP traffic from the
+    /// checkpoint until the resume (migrate-checkpoint --kill); empty if none. migrate-resume
+    /// deletes it once the tree runs again.
+    pub network_lock: String,
+}
+
+/// An established TCP connection as TCP repair reads it: enough to rebuild it so that the
+/// peer notices nothing (sequence numbers, both queues, negotiated options, window).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnection {
+    /// The sequence number after the last byte of the send queue (write_seq).
+    pub send_seq: u32,
+    /// The sequence number after the last byte of the receive queue (rcv_nxt).
+    pub recv_seq: u32,
+    /// Bytes sent but not acknowledged, then bytes not sent yet (the last `unsent` of them).
+    pub send_queue: Vec<u8>,
+    pub unsent: u32,
+    /// Bytes received but not read by the program.
+    pub recv_queue: Vec<u8>,
+    /// The negotiated maximum segment size and window scales, and which options the
+    /// handshake agreed on (TCPI_OPT_* bits: timestamps, SACK, window scaling).
+    pub mss: u32,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub options: u8,
+    /// The TCP timestamp clock as the peer sees it.
+    pub timestamp: u32,
+    /// struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
 }
 
 /// A System V IPC object, recreated with its key (its id changes: libmigrate translates).

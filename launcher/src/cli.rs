@@ -38,6 +38,11 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub kill: bool,
 
+    /// With --kill: do not hold the program's TCP traffic until the resume (by default an
+    /// nftables table drops it, so peers retransmit instead of being reset)
+    #[arg(long)]
+    pub no_network_lock: bool,
+
     /// Also store the executable, its libraries and libmigrate in the image, for hosts that
     /// lack them (the dynamic loader must still be the same)
     #[arg(long)]
@@ -101,6 +106,11 @@ pub struct ResumeArgs {
     /// (the stopped time and the host difference do not show)
     #[arg(long)]
     pub host_clocks: bool,
+
+    /// Bring established TCP connections back reset (ECONNRESET on next use) instead of
+    /// rebuilding them with TCP repair, e.g. when their peers are gone
+    #[arg(long)]
+    pub tcp_reset: bool,
 
     /// The image written by migrate-checkpoint
     #[arg(value_name = "IMAGE")]

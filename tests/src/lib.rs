@@ -1078,6 +1078,25 @@ impl Drop for TreeGuard {
     }
 }
 
+/// Connects to the port, retrying until `timeout` (the resumed listener appears when
+/// migrate-resume has recreated it).
+pub fn connect_within(port: u16, timeout: Duration) -> std::net::TcpStream {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                return s;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,25 +22,6 @@ fn installed(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// Connects to the port, retrying until `timeout` (the resumed listener appears when
-/// migrate-resume has recreated it).
-fn connect_within(port: u16, timeout: Duration) -> TcpStream {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => {
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                return s;
-            }
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}: {e}"),
-        }
-    }
-}
-
 /// One inline command, one reply line (redis and memcached both speak lines).
 fn line_request(r: &mut BufReader<TcpStream>, cmd: &str) -> String {
     r.get_mut().write_all(cmd.as_bytes()).unwrap();
@@ -122,11 +103,20 @@ fn redis_keeps_its_keys_and_its_run() {
     let before = redis_info(&mut r);
     let run_id = info_field(&before, "run_id");
     let uptime: u64 = info_field(&before, "uptime_in_seconds").parse().unwrap();
-    drop(r);
+    let client_id = line_request(&mut r, "CLIENT ID\r\n");
 
     let image = checkpoint(pid, true, &dir);
     p.wait_exit(Duration::from_secs(10));
+    // The client connection stays open across the checkpoint (TCP repair; its traffic is held
+    // meanwhile): a request sent while redis is gone is answered once it is back.
+    let mut kept = r;
+    kept.get_mut().set_read_timeout(Some(STARTUP)).unwrap();
+    kept.get_mut().write_all(b"GET key:7\r\n").unwrap();
     let mut s = resume(&image);
+    assert_eq!(read_exact_line(&mut kept), "$7", "the request sent during the checkpoint is answered");
+    assert_eq!(read_exact_line(&mut kept), "value-7");
+    assert_eq!(line_request(&mut kept, "CLIENT ID\r\n"), client_id, "redis sees the same client connection");
+    assert_eq!(line_request(&mut kept, "PING\r\n"), "+PONG");
     let mut r = BufReader::new(connect_within(port, STARTUP));
     assert_eq!(line_request(&mut r, "PING\r\n"), "+PONG");
     assert_eq!(line_request(&mut r, "DBSIZE\r\n"), format!(":{KEYS}"), "every key is back");

@@ -1,7 +1,8 @@
 //! Network services: a TCP server with in-memory state comes back listening on its port with
-//! its state; a connection that was open at checkpoint time (no TCP repair) comes back reset,
-//! so the server sees ECONNRESET and clients reconnect; a port taken on the target is refused
-//! up front, naming it.
+//! its state; a connection that was open at checkpoint time is rebuilt with TCP repair (the
+//! client notices nothing, not even a request it sent while the server was gone), or, with
+//! --tcp-reset, comes back reset so the server sees ECONNRESET and clients reconnect; a port
+//! taken on the target is refused up front, naming it.
 
 use migrate_tests::*;
 use std::fs;
@@ -78,10 +79,26 @@ fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
     (s, r)
 }
 
-#[test]
-fn tcp_server_comes_back_listening_with_its_state() {
-    let tmp = temp_dir();
-    let dir = fs::canonicalize(tmp.path()).unwrap();
+/// Whether nftables table `inet <name>` exists (a network lock in place).
+fn lock_held(name: &str) -> bool {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", name])
+        .output()
+        .expect("nft (nftables) is installed");
+    out.status.success()
+}
+
+struct Connected {
+    port: u16,
+    image: PathBuf,
+    c: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+/// The server with one client that made three requests, checkpointed with --kill and gone;
+/// the client's connection is still open.
+fn checkpoint_with_a_connection(tmp: &Path) -> Connected {
+    let dir = fs::canonicalize(tmp).unwrap();
     let prog = build(&dir);
     let port = free_port();
     let mut p = migrate_run(&dir, &prog, [port.to_string()]);
@@ -93,10 +110,44 @@ fn tcp_server_comes_back_listening_with_its_state() {
     let image = checkpoint(pid, true, &dir);
     p.read_to_eof(LINE);
     p.wait_exit(Duration::from_secs(10));
+    Connected { port, image, c, r }
+}
+
+#[test]
+fn an_open_connection_survives_with_tcp_repair() {
+    let tmp = temp_dir();
+    let Connected { port, image, mut c, mut r } = checkpoint_with_a_connection(tmp.path());
+    let inspect = inspect_output(&[], &image);
+    assert!(inspect.stdout.contains("TCP repair"), "the connection's state is in the image: {}", inspect.stdout);
+    let lock = inspect.stdout.split("nft table inet ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_else(|| {
+        panic!("the image names its network lock: {}", inspect.stdout);
+    });
+    assert!(lock_held(lock), "the connection's traffic is held until the resume");
+    // Sent while the server is gone: the lock drops it, the client's kernel retransmits.
+    c.write_all(b"incr\n").unwrap();
+
+    let mut s = resume(&image);
+    let mut line = String::new();
+    r.read_line(&mut line).expect("the request sent during the checkpoint is answered, not reset");
+    assert_eq!(line.trim(), "count 4");
+    assert_eq!(request(&mut c, &mut r).unwrap(), "count 5", "the same connection goes on");
+    // A new client too; the counter is shared.
+    let (mut c2, mut r2) = connect(port);
+    assert_eq!(request(&mut c2, &mut r2).unwrap(), "count 6");
+    assert!(!lock_held(lock), "the lock is lifted once the program runs again");
+    let stderr = s.stderr_so_far().join("\n");
+    assert!(!stderr.contains("was reset"), "{stderr}");
+    s.kill();
+}
+
+#[test]
+fn with_tcp_reset_an_open_connection_comes_back_reset() {
+    let tmp = temp_dir();
+    let Connected { port, image, mut c, mut r } = checkpoint_with_a_connection(tmp.path());
     let inspect = inspect_output(&[], &image);
     assert!(inspect.stdout.contains(&format!("listening on 127.0.0.1:{port}")), "{}", inspect.stdout);
 
-    let mut s = resume(&image);
+    let mut s = resume_with(&["--tcp-reset"], &image);
     // The connection that was open comes back reset on the server's side: its thread ends.
     s.wait_line("client gone", STARTUP);
     // The old client sees its connection gone (the original process died), never a stale answer.
@@ -123,7 +174,14 @@ fn a_taken_port_is_refused_before_anything_runs() {
     let squatter = TcpListener::bind(("127.0.0.1", port)).expect("take the port");
     let out = run_tool("migrate-resume", resume_cmd(&[], &image), STARTUP);
     out.assert_fails("resume onto a taken port", 4, &[&format!("127.0.0.1:{port}"), "in use"]);
+    assert!(out.stderr.contains("nft delete table inet"), "the kept network lock is explained: {}", out.stderr);
+    // Once the port is free, the same image resumes (and lifts the lock).
     drop(squatter);
+    let mut s = resume(&image);
+    let mut c = connect_within(port, STARTUP);
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    assert_eq!(request(&mut c, &mut r).unwrap(), "count 1");
+    s.kill();
 }
 
 #[test]

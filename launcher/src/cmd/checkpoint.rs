@@ -25,9 +25,10 @@ pub fn control_socket_name(pid: i32) -> String {
 }
 
 /// The request line for a checkpoint.
-pub fn request_line(kill: bool, with_binaries: bool, dir: Option<&Path>) -> String {
+pub fn request_line(kill: bool, with_binaries: bool, lock: Option<&str>, dir: Option<&Path>) -> String {
     let dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
-    format!("checkpoint kill={} bins={} dir={dir}\n", u8::from(kill), u8::from(with_binaries))
+    let lock = lock.map(|l| format!("lock={l} ")).unwrap_or_default();
+    format!("checkpoint kill={} bins={} {lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
 }
 
 /// A parsed reply.
@@ -90,15 +91,30 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
 
     check_process(pid)?;
     let mut stream = connect(pid, deadline)?;
-    let request = request_line(args.kill, args.with_binaries, dir.as_deref());
-    set_timeout(&stream, pid, deadline, args.timeout)?;
-    stream.write_all(request.as_bytes()).map_err(|e| io_failure(pid, e, args.timeout, "sending the request"))?;
-    let line = read_reply(&mut stream, pid, deadline, args.timeout)?;
-    let image = match parse_reply(&line) {
-        Ok(Reply::Ok(path)) => PathBuf::from(path),
-        Ok(Reply::Error(msg)) => return Err(fail(CHECKPOINT, msg)),
-        Err(why) => {
-            return Err(fail(CHECKPOINT, format!("process {pid} gave an {why}; is it the same migrate version?")))
+    // The program dies with the checkpoint: its TCP traffic is held until the resume.
+    let lock = if args.kill && !args.no_network_lock { super::netlock::lock(pid) } else { None };
+    let request = request_line(args.kill, args.with_binaries, lock.as_ref().map(|l| l.name.as_str()), dir.as_deref());
+    let reply = set_timeout(&stream, pid, deadline, args.timeout)
+        .and_then(|_| {
+            stream.write_all(request.as_bytes()).map_err(|e| io_failure(pid, e, args.timeout, "sending the request"))
+        })
+        .and_then(|_| read_reply(&mut stream, pid, deadline, args.timeout));
+    let parsed = match reply {
+        Ok(line) => match parse_reply(&line) {
+            Ok(Reply::Ok(path)) => Ok(PathBuf::from(path)),
+            Ok(Reply::Error(msg)) => Err(fail(CHECKPOINT, msg)),
+            Err(why) => Err(fail(CHECKPOINT, format!("process {pid} gave an {why}; is it the same migrate version?"))),
+        },
+        Err(e) => Err(e),
+    };
+    let image = match parsed {
+        Ok(image) => image,
+        Err(e) => {
+            // The program goes on: so does its traffic.
+            if let Some(l) = lock {
+                l.release();
+            }
+            return Err(e);
         }
     };
     drop(stream);
@@ -119,6 +135,7 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
             "image": image.display().to_string(),
             "pid": pid,
             "killed": args.kill,
+            "network_lock": lock.as_ref().map(|l| l.name.clone()),
             "seconds": seconds,
         });
         writeln!(out, "{v}")?;
@@ -322,8 +339,11 @@ mod tests {
 
     #[test]
     fn request_and_reply() {
-        assert_eq!(request_line(false, false, None), "checkpoint kill=0 bins=0 dir=\n");
-        assert_eq!(request_line(true, true, Some(Path::new("/tmp/a b"))), "checkpoint kill=1 bins=1 dir=/tmp/a b\n");
+        assert_eq!(request_line(false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
+        assert_eq!(
+            request_line(true, true, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
+            "checkpoint kill=1 bins=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
+        );
         assert_eq!(parse_reply("ok /tmp/x.img"), Ok(Reply::Ok("/tmp/x.img".into())));
         assert_eq!(parse_reply("error disk full"), Ok(Reply::Error("disk full".into())));
         assert!(parse_reply("ok ").is_err());

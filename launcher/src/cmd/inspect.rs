@@ -33,6 +33,13 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
             }
             o.push_str(&text(&reader, meta, !args.no_verify));
         }
+        if !tree.network_lock.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nnetwork lock: the TCP traffic is held (nft table inet {}) until migrate-resume lifts it",
+                tree.network_lock
+            );
+        }
         o
     };
     let mut stdout = std::io::stdout().lock();
@@ -243,14 +250,23 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             FdKind::Terminal { what, flags, rows, cols, .. } => {
                 format!("{what} ({cols}x{rows}, settings saved) {}", open_flags(*flags))
             }
-            FdKind::Socket { listening, local, peer, sock_type, waiting, .. } => {
+            FdKind::Socket { listening, local, peer, sock_type, waiting, tcp, .. } => {
                 let kind = if *sock_type == libc::SOCK_DGRAM { "udp/dgram" } else { "stream" };
                 let waiting =
                     if *waiting > 0 { format!(" ({waiting} connections waiting, not carried)") } else { String::new() };
                 match (listening, peer) {
                     (true, _) => format!("{kind} socket listening on {}{waiting}", sockaddr_text(local)),
                     (false, Some(p)) => {
-                        format!("{kind} socket {} connected to {}", sockaddr_text(local), sockaddr_text(p))
+                        let state = match tcp {
+                            Some(c) => format!(
+                                " (TCP repair: {} bytes to send, {} unread)",
+                                c.send_queue.len(),
+                                c.recv_queue.len()
+                            ),
+                            None if *sock_type == libc::SOCK_STREAM => " (comes back reset)".to_string(),
+                            None => String::new(),
+                        };
+                        format!("{kind} socket {} connected to {}{state}", sockaddr_text(local), sockaddr_text(p))
                     }
                     (false, None) => format!("{kind} socket bound to {}", sockaddr_text(local)),
                 }

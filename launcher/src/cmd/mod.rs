@@ -5,6 +5,7 @@ pub mod exact_pids;
 pub mod inspect;
 pub mod ipc;
 pub mod net;
+pub mod netlock;
 pub mod resume;
 pub mod run;
 pub mod timens;

@@ -1,5 +1,6 @@
 //! Sockets that several processes of a tree share (a pre-forking server's listener): created
 //! here once — bound again at their address, with their options, listening — and handed down.
+//! A shared established TCP connection is rebuilt with TCP repair, or comes back reset.
 
 use crate::exit::{fail, TARGET};
 use anyhow::Result;
@@ -7,11 +8,39 @@ use migrate_image::FdKind;
 
 /// Creates the socket `kind` describes (an `FdKind::Socket`).
 pub fn create(kind: &FdKind) -> Result<i32> {
-    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options, .. } = kind
+    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options, tcp, .. } = kind
     else {
         return Err(fail(TARGET, "a shared socket without a description"));
     };
     let where_ = super::inspect::sockaddr_text(local);
+    let is_tcp = matches!(*domain, libc::AF_INET | libc::AF_INET6) && *sock_type == libc::SOCK_STREAM;
+    if let (true, false, Some(peer)) = (is_tcp, *listening, peer) {
+        let what = format!("the connection from {where_} to {}", super::inspect::sockaddr_text(peer));
+        let reset = std::env::var_os("MIGRATE_TCP_RESET").is_some_and(|v| v == "1");
+        let fd = match tcp {
+            Some(c) if !reset => match migrate_tcprepair::restore(*domain, local, peer, options, c) {
+                Ok(fd) => Ok(fd),
+                Err(e) => {
+                    crate::exit::warn(
+                        "resume",
+                        &format!("{what} was reset: it could not be rebuilt with TCP repair: {e}"),
+                    );
+                    migrate_tcprepair::reset_socket(*domain)
+                }
+            },
+            _ => {
+                crate::exit::warn(
+                    "resume",
+                    &format!("{what} was reset: the program sees ECONNRESET and can reconnect"),
+                );
+                migrate_tcprepair::reset_socket(*domain)
+            }
+        }
+        .map_err(|e| fail(TARGET, format!("cannot recreate {what}: {e}")))?;
+        // SAFETY: our own descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, (*flags as i32) & libc::O_NONBLOCK) };
+        return Ok(fd);
+    }
     // SAFETY: plain socket calls on a descriptor we own, with the saved address bytes.
     unsafe {
         let fd = libc::socket(*domain, *sock_type | libc::SOCK_CLOEXEC, *protocol);

@@ -23,8 +23,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
+    // Read by libmigrate in the resumed processes and by net.rs for sockets handed down.
+    if args.tcp_reset {
+        std::env::set_var("MIGRATE_TCP_RESET", "1");
+    } else {
+        std::env::remove_var("MIGRATE_TCP_RESET");
+    }
     let reader = ImageReader::open(&args.image)?;
     let tree = reader.tree()?;
+    // Every return from here on is a failed resume (success execs the program).
+    let _notice = (!tree.network_lock.is_empty()).then(|| super::netlock::KeptNotice(tree.network_lock.clone()));
     let metas: Vec<ImageMeta> =
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
     reader.verify_all()?;
@@ -55,6 +63,28 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     drop(reader);
     super::tree::hand_down(&tree, memory)?;
     apply_rlimits(&metas[0])?;
+    // The tree's TCP traffic was held at the checkpoint: lifted once the tree is restored.
+    // Kept open until the exec, which the tree inherits (its processes are forked from here).
+    let ready = if tree.network_lock.is_empty() {
+        None
+    } else {
+        match super::netlock::spawn_unlocker(&tree.network_lock, tree.processes.len()) {
+            Ok(fd) => {
+                std::env::set_var("MIGRATE_READY_FD", super::netlock::env_value(&fd));
+                Some(fd)
+            }
+            Err(e) => {
+                warn(
+                    "resume",
+                    &format!(
+                        "cannot start the helper that lifts network lock {} ({e}); lift it with: nft delete table inet {}",
+                        tree.network_lock, tree.network_lock
+                    ),
+                );
+                None
+            }
+        }
+    };
     // The tree forked or exec'd from here on reads the clocks it left off with.
     if !args.host_clocks {
         super::timens::enter(&metas[0].host.clocks);
@@ -63,11 +93,15 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     if exact {
         match super::exact_pids::fork_with_pid(metas[0].process.vpid, args.exact_pids) {
             super::exact_pids::Forked::Child => {}
-            super::exact_pids::Forked::Parent(child) => super::exact_pids::wait_and_exit(child),
+            super::exact_pids::Forked::Parent(child) => {
+                drop(ready); // only the tree tells the helper
+                super::exact_pids::wait_and_exit(child)
+            }
             super::exact_pids::Forked::Unavailable => {}
         }
     }
     let result = super::tree::become_process(0, &tree, &metas, commands, exact);
+    drop(ready);
     drop(sysv);
     result
 }

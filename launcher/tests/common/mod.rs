@@ -171,6 +171,7 @@ pub fn write_image(path: &Path, meta: &ImageMeta) {
         shared: vec![],
         shared_fd_base: 3,
         sysv: vec![],
+        network_lock: String::new(),
     };
     w.add_tree(&tree).unwrap();
     w.finish().unwrap();

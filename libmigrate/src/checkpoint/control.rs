@@ -7,7 +7,7 @@
 //!
 //! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
 //! ```text
-//! user → any member:      checkpoint kill=<0|1> bins=<0|1> dir=<path>   → ok <image> | error <msg>
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [lock=<table>] dir=<path>   → ok <image> | error <msg>
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
 //!                         write <proc> <pos> bins=<0|1>   [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
 //!                         release                                         → released
@@ -78,7 +78,7 @@ pub fn open_channel() -> sys::SysResult<()> {
 pub fn parse_request(line: &[u8]) -> Option<Request> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let rest = line.strip_prefix(b"checkpoint ")?;
-    let mut req = Request { kill: false, with_binaries: false, dir: None };
+    let mut req = Request { kill: false, with_binaries: false, dir: None, lock: String::new() };
     let (head, dir) = match rest.windows(4).position(|w| w == b"dir=") {
         Some(p) => (&rest[..p], Some(&rest[p + 4..])),
         None => (rest, None),
@@ -88,6 +88,14 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
             b"kill=1" => req.kill = true,
             b"bins=1" => req.with_binaries = true,
             b"kill=0" | b"bins=0" | b"" => {}
+            w if w.starts_with(b"lock=") => {
+                let name = &w[5..];
+                // An nftables identifier: it ends up in an `nft` command line.
+                if !name.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_') {
+                    return None;
+                }
+                req.lock = String::from_utf8_lossy(name).into_owned();
+            }
             _ => return None,
         }
     }
@@ -118,7 +126,7 @@ pub fn next_incoming() -> Incoming {
         if fds[1].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
-            return Incoming::User(Request { kill: false, with_binaries: false, dir: None }, None);
+            return Incoming::User(Request { kill: false, with_binaries: false, dir: None, lock: String::new() }, None);
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
@@ -273,5 +281,9 @@ mod tests {
         let r = parse_request(b"checkpoint kill=0 dir=\n").unwrap();
         assert!(!r.kill && r.dir.is_none());
         assert!(parse_request(b"hello\n").is_none());
+        let r = parse_request(b"checkpoint kill=1 bins=0 lock=migrate_lock_7_ff dir=/x\n").unwrap();
+        assert_eq!(r.lock, "migrate_lock_7_ff");
+        // The name ends up in an nft command line: nothing but an identifier.
+        assert!(parse_request(b"checkpoint kill=1 lock=a;b dir=\n").is_none());
     }
 }

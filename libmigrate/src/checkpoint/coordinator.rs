@@ -290,6 +290,7 @@ fn write_image(
         shared: Vec::new(),
         shared_fd_base: 3,
         sysv: Vec::new(),
+        network_lock: req.lock.clone(),
     };
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();

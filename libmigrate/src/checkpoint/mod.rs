@@ -20,6 +20,9 @@ pub struct Request {
     /// Store the contents of the mapped executable, libraries and libmigrate too.
     pub with_binaries: bool,
     pub dir: Option<Vec<u8>>,
+    /// The network lock migrate-checkpoint set up for this checkpoint (an nftables table),
+    /// recorded in the image for migrate-resume to lift.
+    pub lock: String,
 }
 
 /// Descriptors a checkpoint holds while it runs (connections, the image, /proc/self/mem):
@@ -99,6 +102,7 @@ fn serve_user(req: Request, conn: Option<Conn>) {
                 ),
             }
             if kill {
+                crate::resources::sockets::silence_connections();
                 let _ = sys::kill(sys::getpid(), libc::SIGKILL);
             }
         }
@@ -174,6 +178,7 @@ fn serve_coordinator(mut conn: Conn) {
                 return;
             }
             Some(b"kill") => {
+                crate::resources::sockets::silence_connections();
                 let _ = sys::kill(sys::getpid(), libc::SIGKILL);
             }
             _ => {

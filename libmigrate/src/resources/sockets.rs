@@ -1,10 +1,12 @@
 //! Sockets on their own (connected pairs inside the tree are shared objects, see shared.rs).
 //! Dump: domain, type, protocol, whether it listens (and its backlog, from the listen hook), its
 //! local and peer addresses, and the integer options that matter to services. Restore: a
-//! listening or bound socket is created and bound again at the same address with its options;
-//! an established TCP connection cannot be carried without TCP repair, so it comes back as a
-//! socket whose next use fails with ECONNRESET — the program sees the peer reset and
-//! reconnects, instead of talking to something else.
+//! listening or bound socket is created and bound again at the same address with its options.
+//! An established TCP connection is read with TCP repair (migrate-tcprepair, CAP_NET_ADMIN)
+//! and rebuilt so the peer notices nothing; where repair is not allowed, or the image lacks
+//! its state, or migrate-resume --tcp-reset asks, it comes back as a socket whose next use
+//! fails with ECONNRESET — the program sees the peer reset and reconnects, instead of talking
+//! to something else.
 
 use crate::sys;
 use alloc::format;
@@ -75,6 +77,22 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
     let backlog = BACKLOG.get(fd as usize).map_or(0, |b| b.load(Ordering::Relaxed));
     // For a listener, tcpi_unacked is the accept queue's length.
     let waiting = if listening && is_tcp { sys::tcp_info(fd).map_or(0, |i| i.tcpi_unacked) } else { 0 };
+    let peer = name_of(fd, true);
+    let tcp = if is_tcp && !listening && peer.is_some() && migrate_tcprepair::is_established(fd) {
+        match migrate_tcprepair::dump(fd) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                if !e.not_permitted() {
+                    crate::info!(
+                        "cannot save TCP connection on fd {fd} with TCP repair ({e}); it will come back reset"
+                    );
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
     FdKind::Socket {
         domain,
         sock_type,
@@ -83,9 +101,10 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
         listening,
         backlog: if backlog > 0 { backlog } else { libc::SOMAXCONN },
         local: name_of(fd, false).unwrap_or_default(),
-        peer: name_of(fd, true),
+        peer,
         options,
         waiting,
+        tcp,
     }
 }
 
@@ -128,68 +147,56 @@ fn bind(fd: i32, addr: &[u8]) -> sys::SysResult<()> {
     }
 }
 
-/// A TCP socket that reports ECONNRESET on its next use: connected over loopback to a
-/// listener of ours whose accepted end is closed with a zero linger (RST).
-fn reset_socket(domain: i32) -> Result<i32, String> {
-    let loopback: Vec<u8> = if domain == libc::AF_INET6 {
-        let mut a = alloc::vec![0u8; 28];
-        a[0..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
-        a[23] = 1; // ::1
-        a
-    } else {
-        let mut a = alloc::vec![0u8; 16];
-        a[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        a[4..8].copy_from_slice(&[127, 0, 0, 1]);
-        a
-    };
-    let e = |what: &str, err: sys::Errno| format!("cannot build a reset connection ({what}: {err})");
-    let l = sys::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0).map_err(|x| e("socket", x))?;
-    let result = (|| {
-        bind(l, &loopback).map_err(|x| e("bind", x))?;
-        sys::listen(l, 1).map_err(|x| e("listen", x))?;
-        let addr = name_of(l, false).ok_or_else(|| e("getsockname", sys::Errno(libc::EINVAL)))?;
-        let c = sys::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0).map_err(|x| e("socket", x))?;
-        // SAFETY: the listener's own address bytes.
-        let r = unsafe { sys::syscall6(libc::SYS_connect, c as usize, addr.as_ptr() as usize, addr.len(), 0, 0, 0) };
-        if r < 0 {
-            let _ = sys::close(c);
-            return Err(e("connect", sys::Errno(-r as i32)));
+/// Puts every established TCP connection of this process into repair mode, so that its
+/// death after a checkpoint with --kill closes them silently: no FIN, no RST, and the peers
+/// wait for the resume (the network lock holds their packets meanwhile).
+pub fn silence_connections() {
+    let names = sys::fs::list_dir(b"/proc/self/fd").unwrap_or_default();
+    for fd in names.iter().filter_map(|n| sys::fs::parse_dec(n)).map(|n| n as i32) {
+        let is_tcp = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) == Ok(libc::IPPROTO_TCP);
+        if is_tcp && migrate_tcprepair::is_established(fd) {
+            let _ = migrate_tcprepair::silence(fd);
         }
-        let a = sys::accept4(l, libc::SOCK_CLOEXEC).map_err(|x| e("accept", x))?;
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        // SAFETY: a valid struct linger.
-        unsafe {
-            sys::syscall6(
-                libc::SYS_setsockopt,
-                a as usize,
-                libc::SOL_SOCKET as usize,
-                libc::SO_LINGER as usize,
-                &linger as *const libc::linger as usize,
-                core::mem::size_of::<libc::linger>(),
-                0,
-            )
-        };
-        let _ = sys::close(a); // sends RST to `c`
-        Ok(c)
-    })();
-    let _ = sys::close(l);
-    result
+    }
+}
+
+/// An established connection: rebuilt with TCP repair, or reset.
+fn restore_connection(
+    domain: i32,
+    local: &[u8],
+    peer: &[u8],
+    options: &[(i32, i32, i32)],
+    tcp: Option<&migrate_image::TcpConnection>,
+) -> Result<i32, String> {
+    let what = || format!("the connection from {} to {}", describe(local), describe(peer));
+    let why = match tcp {
+        _ if crate::env::var("MIGRATE_TCP_RESET").is_some_and(|v| v == "1") => {
+            String::from("migrate-resume --tcp-reset")
+        }
+        Some(c) => match migrate_tcprepair::restore(domain, local, peer, options, c) {
+            Ok(fd) => {
+                crate::debug!("{} continues (TCP repair)", what());
+                return Ok(fd);
+            }
+            Err(e) => format!("it could not be rebuilt with TCP repair: {e}"),
+        },
+        None => String::from("its state was not saved (TCP repair needs CAP_NET_ADMIN at checkpoint)"),
+    };
+    let fd = migrate_tcprepair::reset_socket(domain).map_err(|e| format!("cannot build a reset connection ({e})"))?;
+    crate::info!("{} was reset ({why}): the program sees ECONNRESET and can reconnect", what());
+    Ok(fd)
 }
 
 /// Recreates a socket described by `dump`.
 pub fn restore(kind: &FdKind) -> Result<i32, String> {
-    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options, .. } = kind
+    let FdKind::Socket { domain, sock_type, protocol, flags, listening, backlog, local, peer, options, tcp, .. } = kind
     else {
         return Err("not a socket".into());
     };
     let is_tcp = matches!(*domain, libc::AF_INET | libc::AF_INET6) && *sock_type == libc::SOCK_STREAM;
-    if is_tcp && !*listening && peer.is_some() {
-        let fd = reset_socket(*domain)?;
-        crate::info!(
-            "the connection from {} to {} was reset: TCP connections need TCP repair to move, so the program sees ECONNRESET and can reconnect",
-            describe(local),
-            peer.as_deref().map(describe).unwrap_or_default()
-        );
+    if let (true, false, Some(peer)) = (is_tcp, *listening, peer) {
+        let fd = restore_connection(*domain, local, peer, options, tcp.as_ref())?;
+        let _ = sys::fcntl(fd, libc::F_SETFL, (*flags as i32 & libc::O_NONBLOCK) as usize);
         return Ok(fd);
     }
     let fd = sys::socket(*domain, *sock_type | libc::SOCK_CLOEXEC, *protocol)

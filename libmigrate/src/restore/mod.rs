@@ -21,10 +21,21 @@ use pid_virt::{RealPid, VirtPid};
 /// failure is reported there, never into the program's own files.
 pub static ERROR_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(2);
 
+/// migrate-resume's readiness pipe (MIGRATE_READY_FD), or -1: each process of the tree writes
+/// one byte to it once the whole tree is restored and about to run, then closes it; a failed
+/// restore closes it without writing. migrate-resume lifts the network lock on that signal.
+pub static READY_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-1);
+
 /// Restores the image at `path` into this process. Never returns.
 pub fn run(path: &[u8], force: bool) -> ! {
     if let Ok(fd) = sys::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) {
         ERROR_FD.store(fd as i32, Ordering::Relaxed);
+    }
+    if let Some(fd) = crate::env::var("MIGRATE_READY_FD").and_then(|v| v.parse::<i32>().ok()) {
+        if let Ok(moved) = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) {
+            let _ = sys::close(fd);
+            READY_FD.store(moved as i32, Ordering::Relaxed);
+        }
     }
     let err = match restore(path, force) {
         Ok(never) => match never {},
@@ -63,11 +74,13 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let p = &meta.process;
     // Our copy of migrate-resume's stderr must not sit where a saved descriptor goes.
     let above = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(tree.shared_fd_base + tree.shared.len() as i32) + 1;
-    let err = ERROR_FD.load(Ordering::Relaxed);
-    if err > 2 && err < above {
-        if let Ok(moved) = sys::fcntl(err, libc::F_DUPFD_CLOEXEC, above as usize) {
-            let _ = sys::close(err);
-            ERROR_FD.store(moved as i32, Ordering::Relaxed);
+    for slot in [&ERROR_FD, &READY_FD] {
+        let fd = slot.load(Ordering::Relaxed);
+        if fd > 2 && fd < above {
+            if let Ok(moved) = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, above as usize) {
+                let _ = sys::close(fd);
+                slot.store(moved as i32, Ordering::Relaxed);
+            }
         }
     }
     if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
@@ -111,6 +124,9 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     };
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
+    if READY_FD.load(Ordering::Relaxed) >= 0 {
+        handed.push((-1, READY_FD.load(Ordering::Relaxed)));
+    }
     files::restore(p, force, &handed, &deleted, keep_deleted)?;
     // Shared memory is mapped by the switch from the handed-down memfds; other handed-down
     // descriptors are in place now.
@@ -214,6 +230,17 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             let _ = sys::futex_wait(word, 1, 10_000_000);
         }
     }
+    if plan.ready_fd >= 0 {
+        // The whole tree is restored: migrate-resume's helper lifts the network lock, and the
+        // program goes on once it has (bounded: a helper that died must not hold it).
+        let _ = sys::write_all(plan.ready_fd, b"1");
+        let mut pfd = [libc::pollfd { fd: plan.ready_fd, events: libc::POLLIN, revents: 0 }];
+        if sys::poll(&mut pfd, 5000).is_ok_and(|n| n > 0) {
+            let mut b = [0u8; 1];
+            let _ = sys::read(plan.ready_fd, &mut b);
+        }
+        let _ = sys::close(plan.ready_fd);
+    }
     // The job that had the terminal has it again (all groups exist now).
     crate::resources::files::retake_foreground(p);
     // Armed now, with what they had left: no program thread runs before release_all below.
@@ -221,6 +248,7 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     if plan.error_fd > 2 {
         let _ = sys::close(plan.error_fd);
     }
+
     if plan.window_changed != 0 {
         // Delivered when the program's own mask comes back, like a real resize.
         let _ = sys::kill(sys::getpid(), libc::SIGWINCH);

@@ -87,6 +87,8 @@ pub struct PlanHeader {
     pub nsysv: u32,
     /// migrate-resume's stderr, for reporting a failure (the program's fd 2 is its own by now).
     pub error_fd: i32,
+    /// migrate-resume's readiness pipe (MIGRATE_READY_FD), or -1: told once the tree runs.
+    pub ready_fd: i32,
 }
 
 impl PlanHeader {
@@ -431,6 +433,7 @@ pub fn build(
         sysv_off,
         nsysv: sysv.len() as u32,
         error_fd: super::ERROR_FD.load(core::sync::atomic::Ordering::Relaxed),
+        ready_fd: super::READY_FD.load(core::sync::atomic::Ordering::Relaxed),
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.
