@@ -212,3 +212,68 @@ fn connections_waiting_in_the_accept_queue_are_reported_not_silently_lost() {
     drop(waiting);
     s.kill();
 }
+
+const NETLINK_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+/* A NETLINK_ROUTE socket bound to a group below 32 and joined to one above: after a resume
+   it still answers a link dump and has the same groups. */
+static int links(int s) {
+    struct { struct nlmsghdr h; struct ifinfomsg i; } req = {
+        .h = { .nlmsg_len = sizeof req, .nlmsg_type = RTM_GETLINK, .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP, .nlmsg_seq = 1 },
+        .i = { .ifi_family = AF_UNSPEC } };
+    if (send(s, &req, sizeof req, 0) < 0) return -1;
+    static char buf[65536];
+    int n = 0;
+    for (;;) {
+        int len = recv(s, buf, sizeof buf, 0);
+        if (len <= 0) return -1;
+        for (struct nlmsghdr *h = (void *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_type == NLMSG_DONE) return n;
+            if (h->nlmsg_type == NLMSG_ERROR) return -1;
+            if (h->nlmsg_type == RTM_NEWLINK) n++;
+        }
+    }
+}
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int s = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    struct sockaddr_nl a = { .nl_family = AF_NETLINK, .nl_groups = RTMGRP_LINK };
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a)) { perror("netlink"); return 1; }
+    int g = RTNLGRP_BRVLAN; /* 33: only reachable with NETLINK_ADD_MEMBERSHIP */
+    if (setsockopt(s, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &g, sizeof g)) { perror("membership"); return 1; }
+    for (long tick = 1;; tick++) {
+        unsigned words[2] = {0, 0};
+        socklen_t len = sizeof words;
+        getsockopt(s, SOL_NETLINK, NETLINK_LIST_MEMBERSHIPS, words, &len);
+        printf("tick %ld links=%d groups=%x,%x\n", tick, links(s), words[0], words[1]);
+        usleep(100000);
+    }
+}
+"#;
+
+#[test]
+fn a_netlink_socket_keeps_its_groups_and_answers() {
+    let tmp = temp_dir();
+    let dir = fs::canonicalize(tmp.path()).unwrap();
+    let prog = compile_c(&dir, "netlink", NETLINK_C, &[]);
+    let mut p = migrate_run(&dir, &prog, Vec::<String>::new());
+    let before = p.wait_line("tick ", STARTUP);
+    let groups = field(&before, "groups").expect("groups").to_string();
+    assert_eq!(groups, "1,1", "RTMGRP_LINK (group 1) and group 33: {before}");
+    let image = checkpoint(p.pid(), true, &dir);
+    let last = p.read_to_eof(LINE).iter().rev().find(|l| l.starts_with("tick ")).cloned().unwrap_or(before);
+    p.wait_exit(Duration::from_secs(10));
+
+    let mut s = resume(&image);
+    let next = s.wait_line("tick ", STARTUP);
+    assert_eq!(tick_number(&next), tick_number(&last) + 1, "continues: {last} then {next}");
+    assert_eq!(field(&next, "groups"), Some(groups.as_str()), "same groups: {next}");
+    let links: i32 = field_num(&next, "links");
+    assert!(links >= 1, "the restored socket answers a link dump: {next}");
+    s.kill();
+}

@@ -57,7 +57,7 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
     ) else {
         return FdKind::Unsupported { what: format!("socket {fd} (its kind cannot be read)") };
     };
-    if !matches!(domain, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX) {
+    if !matches!(domain, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX | libc::AF_NETLINK) {
         return FdKind::Unsupported { what: format!("socket of family {domain}") };
     }
     let listening = opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
@@ -73,6 +73,10 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
             }
             options.push((level, name, v));
         }
+    }
+    if domain == libc::AF_NETLINK {
+        // Multicast groups beyond the 32 that fit in the bound address's nl_groups.
+        options.extend(netlink_groups(fd).into_iter().map(|g| (libc::SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g)));
     }
     let backlog = BACKLOG.get(fd as usize).map_or(0, |b| b.load(Ordering::Relaxed));
     // For a listener, tcpi_unacked is the accept queue's length.
@@ -108,6 +112,32 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
     }
 }
 
+const NETLINK_ADD_MEMBERSHIP: i32 = 1;
+const NETLINK_LIST_MEMBERSHIPS: i32 = 9;
+
+/// The multicast groups a netlink socket joined (NETLINK_LIST_MEMBERSHIPS: a bitmap).
+fn netlink_groups(fd: i32) -> Vec<i32> {
+    let mut words = [0u32; 32];
+    let mut len = core::mem::size_of_val(&words) as u32;
+    // SAFETY: a 128-byte buffer and its length; the kernel writes at most that.
+    let r = unsafe {
+        sys::syscall6(
+            libc::SYS_getsockopt,
+            fd as usize,
+            libc::SOL_NETLINK as usize,
+            NETLINK_LIST_MEMBERSHIPS as usize,
+            words.as_mut_ptr() as usize,
+            &mut len as *mut u32 as usize,
+            0,
+        )
+    };
+    if r < 0 {
+        return Vec::new();
+    }
+    let n = (len as usize / 4).min(words.len());
+    (0..n * 32).filter(|&g| words[g / 32] & (1 << (g % 32)) != 0).map(|g| g as i32 + 1).collect()
+}
+
 /// A readable address for messages.
 pub fn describe(addr: &[u8]) -> String {
     if addr.len() < 2 {
@@ -124,6 +154,10 @@ pub fn describe(addr: &[u8]) -> String {
             let words: Vec<String> =
                 addr[8..24].chunks(2).map(|w| format!("{:x}", u16::from_be_bytes([w[0], w[1]]))).collect();
             format!("[{}]:{port}", words.join(":"))
+        }
+        libc::AF_NETLINK if addr.len() >= 12 => {
+            let groups = u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]);
+            format!("netlink (groups {groups:#x})")
         }
         libc::AF_UNIX => {
             let path = &addr[2..];
@@ -203,6 +237,22 @@ pub fn restore(kind: &FdKind) -> Result<i32, String> {
         .map_err(|e| format!("cannot create a socket: {e}"))?;
     for &(level, name, v) in options {
         let _ = sys::setsockopt_int(fd, level, name, v);
+    }
+    if *domain == libc::AF_NETLINK {
+        // Its port id was the old process's: the kernel assigns a new one. Queued messages are
+        // lost, as if the socket had overrun.
+        let mut addr = local.clone();
+        if addr.len() >= 8 {
+            addr[4..8].fill(0);
+        }
+        if addr.len() >= 12 {
+            if let Err(e) = bind(fd, &addr) {
+                let _ = sys::close(fd);
+                return Err(format!("cannot bind a netlink socket: {e}"));
+            }
+        }
+        let _ = sys::fcntl(fd, libc::F_SETFL, (*flags as i32 & libc::O_NONBLOCK) as usize);
+        return Ok(fd);
     }
     let bound = local.len() > 2 && !(*domain == libc::AF_UNIX && local.len() <= 2);
     let unnamed_inet =
