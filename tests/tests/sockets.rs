@@ -277,3 +277,97 @@ fn a_netlink_socket_keeps_its_groups_and_answers() {
     assert!(links >= 1, "the restored socket answers a link dump: {next}");
     s.kill();
 }
+
+const UDP_C: &str = r#"
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+/* A UDP server (bound: answers "incr" with a counter) and a connected UDP sender that sends
+   "tick N" to a fixed peer: both must come back with their addresses. */
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int srv = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])), .sin_addr.s_addr = htonl(0x7f000001) };
+    if (bind(srv, (struct sockaddr *)&a, sizeof a)) { perror("bind"); return 1; }
+    int out = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in p = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])), .sin_addr.s_addr = htonl(0x7f000001) };
+    if (connect(out, (struct sockaddr *)&p, sizeof p)) { perror("connect"); return 1; }
+    printf("ready pid=%d\n", (int)getpid());
+    long count = 0;
+    for (long tick = 1;; tick++) {
+        char msg[64];
+        int n = snprintf(msg, sizeof msg, "tick %ld", tick);
+        send(out, msg, n, 0);
+        struct pollfd f = { .fd = srv, .events = POLLIN };
+        if (poll(&f, 1, 100) == 1) {
+            char buf[64];
+            struct sockaddr_in from;
+            socklen_t len = sizeof from;
+            if (recvfrom(srv, buf, sizeof buf, 0, (struct sockaddr *)&from, &len) > 0) {
+                n = snprintf(msg, sizeof msg, "count %ld", ++count);
+                sendto(srv, msg, n, 0, (struct sockaddr *)&from, len);
+            }
+        }
+    }
+}
+"#;
+
+fn udp_request(u: &std::net::UdpSocket, port: u16) -> String {
+    // UDP is lossy by contract (the port is closed until the resume binds it): ask again.
+    for _ in 0..100 {
+        let _ = u.send_to(b"incr", ("127.0.0.1", port));
+        let mut buf = [0u8; 64];
+        if let Ok((n, _)) = u.recv_from(&mut buf) {
+            return String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    panic!("no answer from the UDP server on port {port}");
+}
+
+/// The next "tick N" datagram and where it came from, if one comes within the read timeout.
+fn try_udp_tick(r: &std::net::UdpSocket) -> Option<(u64, std::net::SocketAddr)> {
+    let mut buf = [0u8; 64];
+    let (n, from) = r.recv_from(&mut buf).ok()?;
+    Some((tick_number(&String::from_utf8_lossy(&buf[..n])), from))
+}
+
+fn udp_tick(r: &std::net::UdpSocket) -> (u64, std::net::SocketAddr) {
+    try_udp_tick(r).expect("a tick datagram within the timeout")
+}
+
+#[test]
+fn udp_sockets_come_back_bound_and_connected() {
+    let tmp = temp_dir();
+    let dir = fs::canonicalize(tmp.path()).unwrap();
+    let prog = compile_c(&dir, "udp", UDP_C, &[]);
+    let port = free_port();
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_read_timeout(Some(STARTUP)).unwrap();
+    let mut p = migrate_run(&dir, &prog, [port.to_string(), receiver.local_addr().unwrap().port().to_string()]);
+    p.wait_line("ready ", STARTUP);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert_eq!(udp_request(&client, port), "count 1");
+    assert_eq!(udp_request(&client, port), "count 2");
+    let (_, sender) = udp_tick(&receiver);
+    let image = checkpoint(p.pid(), true, &dir);
+    p.wait_exit(Duration::from_secs(10));
+    // The last tick sent before the checkpoint.
+    receiver.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut last = 0;
+    while let Some((n, _)) = try_udp_tick(&receiver) {
+        last = n;
+    }
+    receiver.set_read_timeout(Some(STARTUP)).unwrap();
+
+    let mut s = resume(&image);
+    let (next, from) = udp_tick(&receiver);
+    assert_eq!(next, last + 1, "the connected socket sends on from where it was");
+    assert_eq!(from, sender, "from the same address and port");
+    assert_eq!(udp_request(&client, port), "count 3", "the bound socket serves with its state");
+    s.kill();
+}
