@@ -85,7 +85,9 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // The tree forked or exec'd from here on reads the clocks it left off with.
+    // The tree forked or exec'd from here on reads the clocks it left off with. Unprivileged,
+    // this joins a user namespace of our own (timens.rs): only ever when we hold no capability,
+    // so nothing above or below (exact pids, ports) loses a privilege it had.
     if !args.host_clocks {
         super::timens::enter(&metas[0].host.clocks);
     }
