@@ -296,10 +296,14 @@ pub enum FdKind {
         /// (level, option, value) of the integer options that were set.
         options: Vec<(i32, i32, i32)>,
         /// A TCP listener's accept queue at checkpoint time: connections completed by the
-        /// kernel but not yet accepted. They are not carried (resume says so).
+        /// kernel but not yet accepted, and not carried in `queued` (resume reports them).
         waiting: u32,
         /// An established TCP connection's state, read with TCP repair (needs CAP_NET_ADMIN).
         tcp: Option<TcpConnection>,
+        /// A listener's waiting connections that were taken out of its accept queue at a
+        /// checkpoint with --kill and saved with TCP repair: after the resume, the program's
+        /// next accept() calls return them.
+        queued: Vec<QueuedConnection>,
     },
     /// eventfd: its counter and semaphore mode.
     EventFd {
@@ -356,6 +360,24 @@ pub enum FdKind {
     Unsupported {
         what: String,
     },
+    /// An inotify instance (`flags`: O_NONBLOCK) and its watches, by ascending number: each
+    /// comes back on its path with the number the program knows. Queued events are not carried.
+    Inotify {
+        flags: u32,
+        watches: Vec<InotifyWatch>,
+    },
+}
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    /// The watch descriptor the program holds.
+    pub wd: i32,
+    /// Absolute path of the watched file or directory.
+    pub path: String,
+    /// The mask as the kernel holds it (IN_* events, IN_ONESHOT, IN_EXCL_UNLINK), plus
+    /// IN_DONT_FOLLOW when the watch is on a symbolic link itself.
+    pub mask: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,6 +447,15 @@ pub struct TcpConnection {
     pub timestamp: u32,
     /// struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
     pub window: [u32; 5],
+}
+
+/// A connection that was waiting in a listener's accept queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedConnection {
+    /// Raw `struct sockaddr` bytes of its local and peer address.
+    pub local: Vec<u8>,
+    pub peer: Vec<u8>,
+    pub tcp: TcpConnection,
 }
 
 /// A System V IPC object, recreated with its key (its id changes: libmigrate translates).
@@ -544,10 +575,42 @@ impl ImageMeta {
             if f.shares_with.is_some_and(|s| s as usize >= p.fds.len()) {
                 return Err(format!("fd {} shares with a descriptor that does not exist", f.fd));
             }
+            // Restoring numbers watches in ascending order, each number once.
+            if let FdKind::Inotify { watches, .. } = &f.kind {
+                let mut prev = 0;
+                for w in watches {
+                    if w.wd <= prev {
+                        return Err(format!("inotify fd {} has watch {} out of order", f.fd, w.wd));
+                    }
+                    prev = w.wd;
+                }
+            }
         }
         if p.threads.is_empty() || p.threads.len() > 65536 {
             return Err(format!("{} threads", p.threads.len()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inotify_is_appended_after_every_older_descriptor_kind() {
+        // postcard encodes a variant by its index: older variants must keep theirs.
+        let old = postcard::to_allocvec(&FdKind::Unsupported { what: String::new() }).unwrap();
+        assert_eq!(old[0], 15);
+        let kind = FdKind::Inotify {
+            flags: 0o4000,
+            watches: vec![
+                InotifyWatch { wd: 1, path: "/tmp/a".into(), mask: 0x100 },
+                InotifyWatch { wd: 3, path: "/tmp/b c".into(), mask: 0x8000_0200 },
+            ],
+        };
+        let bytes = postcard::to_allocvec(&kind).unwrap();
+        assert_eq!(bytes[0], 16);
+        assert_eq!(postcard::from_bytes::<FdKind>(&bytes).unwrap(), kind);
     }
 }

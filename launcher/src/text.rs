@@ -110,6 +110,39 @@ pub fn open_flags(flags: u32) -> String {
     parts.join("|")
 }
 
+/// An inotify watch mask as text (`IN_CREATE|IN_MOVED_TO|IN_ONESHOT`); unknown bits in hex.
+pub fn inotify_mask(mask: u32) -> String {
+    const NAMES: [(u32, &str); 17] = [
+        (libc::IN_ACCESS, "IN_ACCESS"),
+        (libc::IN_MODIFY, "IN_MODIFY"),
+        (libc::IN_ATTRIB, "IN_ATTRIB"),
+        (libc::IN_CLOSE_WRITE, "IN_CLOSE_WRITE"),
+        (libc::IN_CLOSE_NOWRITE, "IN_CLOSE_NOWRITE"),
+        (libc::IN_OPEN, "IN_OPEN"),
+        (libc::IN_MOVED_FROM, "IN_MOVED_FROM"),
+        (libc::IN_MOVED_TO, "IN_MOVED_TO"),
+        (libc::IN_CREATE, "IN_CREATE"),
+        (libc::IN_DELETE, "IN_DELETE"),
+        (libc::IN_DELETE_SELF, "IN_DELETE_SELF"),
+        (libc::IN_MOVE_SELF, "IN_MOVE_SELF"),
+        (libc::IN_ONLYDIR, "IN_ONLYDIR"),
+        (libc::IN_DONT_FOLLOW, "IN_DONT_FOLLOW"),
+        (libc::IN_EXCL_UNLINK, "IN_EXCL_UNLINK"),
+        (libc::IN_MASK_ADD, "IN_MASK_ADD"),
+        (libc::IN_ONESHOT, "IN_ONESHOT"),
+    ];
+    let mut parts: Vec<String> = NAMES.iter().filter(|(b, _)| mask & b != 0).map(|(_, n)| n.to_string()).collect();
+    let rest = NAMES.iter().fold(mask, |m, (b, _)| m & !b);
+    if rest != 0 {
+        parts.push(format!("{rest:#x}"));
+    }
+    if parts.is_empty() {
+        "0".into()
+    } else {
+        parts.join("|")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +166,8 @@ mod tests {
         assert_eq!(rlimit_name(99), "rlimit 99");
         assert_eq!(open_flags((libc::O_WRONLY | libc::O_APPEND) as u32), "O_WRONLY|O_APPEND");
         assert_eq!(open_flags(libc::O_SYNC as u32), "O_RDONLY|O_SYNC");
+        assert_eq!(inotify_mask(0x8400_0100), "IN_CREATE|IN_EXCL_UNLINK|IN_ONESHOT");
+        assert_eq!(inotify_mask(0x0200_0002), "IN_MODIFY|IN_DONT_FOLLOW");
+        assert_eq!(inotify_mask(0x1000_0000), "0x10000000");
     }
 }

@@ -48,7 +48,8 @@ int main(int argc, char **argv) {
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])), .sin_addr.s_addr = htonl(0x7f000001) };
     if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 17)) { perror("listen"); return 1; }
     printf("ready pid=%d\n", (int)getpid());
-    if (argc > 2) for (;;) pause(); /* "noaccept": connections stay in the accept queue */
+    /* With a path: connections stay in the accept queue until that file exists. */
+    if (argc > 2) while (access(argv[2], F_OK) != 0) usleep(10000);
     for (;;) {
         int c = accept(l, NULL, NULL);
         if (c < 0) continue;
@@ -61,6 +62,26 @@ int main(int argc, char **argv) {
 
 fn build(dir: &Path) -> PathBuf {
     compile_c(dir, "server", SERVER_C, &["-pthread"])
+}
+
+/// The server, started under migrate-run on a free port in `tmp`; with `go`, it accepts only
+/// once that file (in `tmp`) exists.
+struct Server {
+    dir: PathBuf,
+    port: u16,
+    p: Managed,
+    pid: i32,
+}
+
+fn start_server(tmp: &Path, go: Option<&str>) -> Server {
+    let dir = fs::canonicalize(tmp).unwrap();
+    let prog = build(&dir);
+    let port = free_port();
+    let mut args = vec![port.to_string()];
+    args.extend(go.map(|g| dir.join(g).display().to_string()));
+    let mut p = migrate_run(&dir, &prog, args);
+    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    Server { dir, port, p, pid }
 }
 
 fn request(conn: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
@@ -98,11 +119,7 @@ struct Connected {
 /// The server with one client that made three requests, checkpointed with --kill and gone;
 /// the client's connection is still open.
 fn checkpoint_with_a_connection(tmp: &Path) -> Connected {
-    let dir = fs::canonicalize(tmp).unwrap();
-    let prog = build(&dir);
-    let port = free_port();
-    let mut p = migrate_run(&dir, &prog, [port.to_string()]);
-    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    let Server { dir, port, mut p, pid } = start_server(tmp, None);
     let (mut c, mut r) = connect(port);
     for want in 1..=3 {
         assert_eq!(request(&mut c, &mut r).unwrap(), format!("count {want}"));
@@ -164,11 +181,7 @@ fn with_tcp_reset_an_open_connection_comes_back_reset() {
 #[test]
 fn a_taken_port_is_refused_before_anything_runs() {
     let tmp = temp_dir();
-    let dir = fs::canonicalize(tmp.path()).unwrap();
-    let prog = build(&dir);
-    let port = free_port();
-    let mut p = migrate_run(&dir, &prog, [port.to_string()]);
-    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    let Server { dir, port, mut p, pid } = start_server(tmp.path(), None);
     let image = checkpoint(pid, true, &dir);
     p.wait_exit(Duration::from_secs(10));
     let squatter = TcpListener::bind(("127.0.0.1", port)).expect("take the port");
@@ -184,18 +197,64 @@ fn a_taken_port_is_refused_before_anything_runs() {
     s.kill();
 }
 
+/// `n` clients whose connections the server has not accepted yet, each with a request sent.
+fn waiting_clients(port: u16, n: usize) -> Vec<(TcpStream, BufReader<TcpStream>)> {
+    let mut waiting: Vec<(TcpStream, BufReader<TcpStream>)> = (0..n).map(|_| connect(port)).collect();
+    for (c, _) in waiting.iter_mut() {
+        c.write_all(b"incr\n").unwrap();
+    }
+    waiting
+}
+
+/// The answer each waiting client gets once its connection is accepted, sorted.
+fn sorted_replies(waiting: &mut [(TcpStream, BufReader<TcpStream>)]) -> Vec<String> {
+    let mut counts: Vec<String> = waiting
+        .iter_mut()
+        .map(|(_, r)| {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("a waiting connection is accepted and served");
+            line.trim().to_string()
+        })
+        .collect();
+    counts.sort();
+    counts
+}
+
 #[test]
-fn connections_waiting_in_the_accept_queue_are_reported_not_silently_lost() {
+fn connections_waiting_in_the_accept_queue_are_carried() {
     let tmp = temp_dir();
-    let dir = fs::canonicalize(tmp.path()).unwrap();
-    let prog = build(&dir);
-    let port = free_port();
-    let mut p = migrate_run(&dir, &prog, [port.to_string(), "noaccept".into()]);
-    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
-    // The kernel completes these handshakes; the program never accepts them.
-    let waiting: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let Server { dir, port, mut p, pid } = start_server(tmp.path(), Some("go"));
+    let go = dir.join("go");
+    // The kernel completes these handshakes; the program has not accepted them yet. Their
+    // requests wait in the connections' receive queues.
+    let mut waiting = waiting_clients(port, 2);
     let image = checkpoint(pid, true, &dir);
     p.wait_exit(Duration::from_secs(10));
+    let inspect = inspect_output(&[], &image);
+    assert!(inspect.stdout.contains("(2 waiting connections carried)"), "{}", inspect.stdout);
+
+    let mut s = resume(&image);
+    fs::write(&go, "").unwrap(); // the program accepts from now on
+    let counts = sorted_replies(&mut waiting);
+    assert_eq!(counts, ["count 1", "count 2"], "both requests answered once");
+    for (c, r) in waiting.iter_mut() {
+        assert!(request(c, r).unwrap().starts_with("count "), "the connection goes on");
+    }
+    let stderr = s.stderr_so_far().join("\n");
+    assert!(!stderr.contains("not carried"), "{stderr}");
+    s.kill();
+}
+
+#[test]
+fn connections_waiting_at_a_checkpoint_that_leaves_the_program_running_are_reported() {
+    let tmp = temp_dir();
+    let Server { dir, port, mut p, pid } = start_server(tmp.path(), Some("never"));
+    // The kernel completes these handshakes; the program never accepts them.
+    let waiting: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    // The program goes on, so its queue stays its own; then it crashes, and the image is all
+    // that is left.
+    let image = checkpoint(pid, false, &dir);
+    p.kill();
     let inspect = inspect_output(&[], &image);
     assert!(inspect.stdout.contains("(2 connections waiting, not carried)"), "{}", inspect.stdout);
     let mut s = resume(&image);
@@ -370,4 +429,24 @@ fn udp_sockets_come_back_bound_and_connected() {
     assert_eq!(from, sender, "from the same address and port");
     assert_eq!(udp_request(&client, port), "count 3", "the bound socket serves with its state");
     s.kill();
+}
+
+#[test]
+fn a_failed_checkpoint_hands_the_waiting_connections_back() {
+    if !is_root() {
+        println!("SKIP: a_failed_checkpoint_hands_the_waiting_connections_back needs root to mount a tiny tmpfs");
+        return;
+    }
+    let tmp = temp_dir();
+    let Server { dir, port, mut p, pid } = start_server(tmp.path(), Some("go"));
+    let full = TmpfsMount::new(&dir.join("full"), "size=64k").expect("mount a 64 KiB tmpfs");
+    let go = dir.join("go");
+    let mut waiting = waiting_clients(port, 2);
+    // The checkpoint takes them out of the queue, then fails writing: they go back.
+    checkpoint_output(pid, true, full.path()).assert_fails("checkpoint into a full tmpfs", 6, &[]);
+    assert!(p.try_exit().is_none(), "the program keeps running\n{}", p.report());
+    fs::write(&go, "").unwrap();
+    let counts = sorted_replies(&mut waiting);
+    assert_eq!(counts, ["count 1", "count 2"]);
+    p.kill();
 }

@@ -2,7 +2,7 @@
 
 use crate::cli::InspectArgs;
 use crate::signals;
-use crate::text::{bytes, limit, open_flags, prot, rlimit_name, utc_time};
+use crate::text::{bytes, inotify_mask, limit, open_flags, prot, rlimit_name, utc_time};
 use migrate_image::{
     FdKind, ImageMeta, ImageReader, SectionEntry, SectionKind, SharedObject, SysvObject, TreeMeta, VmaKind, PAGE_SIZE,
 };
@@ -250,10 +250,13 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
             FdKind::Terminal { what, flags, rows, cols, .. } => {
                 format!("{what} ({cols}x{rows}, settings saved) {}", open_flags(*flags))
             }
-            FdKind::Socket { listening, local, peer, sock_type, waiting, tcp, .. } => {
+            FdKind::Socket { listening, local, peer, sock_type, waiting, tcp, queued, .. } => {
                 let kind = if *sock_type == libc::SOCK_DGRAM { "udp/dgram" } else { "stream" };
-                let waiting =
+                let mut waiting =
                     if *waiting > 0 { format!(" ({waiting} connections waiting, not carried)") } else { String::new() };
+                if !queued.is_empty() {
+                    waiting.push_str(&format!(" ({} waiting connections carried)", queued.len()));
+                }
                 match (listening, peer) {
                     (true, _) => format!("{kind} socket listening on {}{waiting}", sockaddr_text(local)),
                     (false, Some(p)) => {
@@ -298,12 +301,20 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
                 format!("detached {what} (peer outside the checkpoint) {}", open_flags(*flags))
             }
             FdKind::Unsupported { what } => format!("UNSUPPORTED {what}"),
+            FdKind::Inotify { flags, watches } => {
+                format!("inotify, {} watches (queued events not carried) {}", watches.len(), open_flags(*flags))
+            }
         };
         let shared = match f.shares_with.and_then(|s| p.fds.get(s as usize)) {
             Some(other) => format!(", shared with fd {}", other.fd),
             None => String::new(),
         };
         let _ = writeln!(o, "  {:>4}  {what}{}{shared}", f.fd, if f.cloexec { " cloexec" } else { "" });
+        if let FdKind::Inotify { watches, .. } = &f.kind {
+            for w in watches {
+                let _ = writeln!(o, "          wd {:<4} {} {}", w.wd, w.path, inotify_mask(w.mask));
+            }
+        }
     }
 
     let s = &p.signals;

@@ -9,7 +9,7 @@
 //! ```text
 //! user → any member:      checkpoint kill=<0|1> bins=<0|1> [lock=<table>] dir=<path>   → ok <image> | error <msg>
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
-//!                         write <proc> <pos> bins=<0|1>   [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
+//!                         write <proc> <pos> bins=<0|1> kill=<0|1> [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
 //!                         release                                         → released
 //!                         kill                                            → (the member dies)
 //! ```

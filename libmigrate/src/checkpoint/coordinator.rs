@@ -183,14 +183,18 @@ fn write_member(
     proc: u32,
     pos: u64,
     bins: bool,
+    kill: bool,
 ) -> Result<Option<member::Written>, String> {
     let Some(conn) = f.conn.as_mut() else {
-        return match member::write_process(image_fd, proc, pos, bins)? {
+        return match member::write_process(image_fd, proc, pos, bins, kill)? {
             WriteOutcome::Written(w) => Ok(Some(w)),
             WriteOutcome::Restored => Ok(None),
         };
     };
-    conn.send_with_fd(format!("write {proc} {pos} bins={}\n", u8::from(bins)).as_bytes(), image_fd)?;
+    conn.send_with_fd(
+        format!("write {proc} {pos} bins={} kill={}\n", u8::from(bins), u8::from(kill)).as_bytes(),
+        image_fd,
+    )?;
     let line = conn.read_line(600).map_err(|e| format!("process {} did not write its part: {e}", f.vpid))?;
     let Some(rest) = line.strip_prefix(b"written ") else {
         let msg = path_string(line.strip_prefix(b"error ").unwrap_or(&line));
@@ -294,7 +298,7 @@ fn write_image(
     };
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();
-        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries) {
+        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries, req.kill) {
             Ok(Some(w)) => {
                 writer.adopt_sections(&w.sections, w.end);
                 // The members wrote with pwrite: our own writes continue after their part.

@@ -116,6 +116,8 @@ pub fn freeze() -> Result<(), String> {
 
 /// Lets the program run again (signals dequeued by the dump are re-queued by the threads).
 pub fn release() {
+    // Connections a failed checkpoint took out of accept queues go back to the program.
+    crate::resources::accept_queue::hand_back_taken();
     suspend::release_all();
 }
 
@@ -255,8 +257,19 @@ pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
 
 /// Describes this (frozen) process and writes its sections, as process `proc` of the image,
 /// into `image_fd` from `pos` on.
-pub fn write_process(image_fd: i32, proc: u32, pos: u64, with_binaries: bool) -> Result<WriteOutcome, String> {
-    let (mut meta, maps) = dump()?;
+/// With `kill` the process dies after a successful checkpoint: its listeners' waiting
+/// connections are taken out of their queues and carried (resources/accept_queue.rs).
+pub fn write_process(
+    image_fd: i32,
+    proc: u32,
+    pos: u64,
+    with_binaries: bool,
+    kill: bool,
+) -> Result<WriteOutcome, String> {
+    crate::resources::accept_queue::TAKE_WAITING.store(kill, Ordering::Release);
+    let dumped = dump();
+    crate::resources::accept_queue::TAKE_WAITING.store(false, Ordering::Release);
+    let (mut meta, maps) = dumped?;
     let mem_fd = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
     set_transient_any(mem_fd);
     let close_mem = |mem_fd: i32| {

@@ -144,11 +144,12 @@ fn serve_coordinator(mut conn: Conn) {
                 let num = |w: &[u8]| crate::sys::fs::parse_dec(w).unwrap_or(-1);
                 let (proc, pos) = (num(words[1]), num(words[2]));
                 let bins = words[3] == b"bins=1";
+                let kill = words.get(4).is_some_and(|w| *w == b"kill=1");
                 let Some(image_fd) = conn.received_fd.take() else {
                     let _ = conn.send(b"error no image descriptor came with the write command\n");
                     continue;
                 };
-                let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins);
+                let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins, kill);
                 match outcome {
                     Ok(member::WriteOutcome::Restored) => {
                         core::mem::forget(conn); // its descriptor belonged to the old process

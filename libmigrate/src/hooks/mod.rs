@@ -3,6 +3,7 @@
 //! take a lock the checkpoint path could need.
 
 pub mod exec;
+pub mod inotify;
 pub mod ipc;
 pub mod net;
 pub mod next;
@@ -21,6 +22,7 @@ pub fn resolve_all() {
     pids::resolve();
     paths::resolve();
     ipc::resolve();
+    inotify::resolve();
 }
 
 /// Sets errno (the program's, through libc's own accessor).

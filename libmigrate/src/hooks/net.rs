@@ -1,15 +1,21 @@
-//! Socket calls whose arguments the kernel does not report later: the listen() backlog.
+//! Socket calls whose arguments the kernel does not report later (the listen() backlog), and
+//! accept(), which hands out the connections carried from a listener's accept queue
+//! (resources/accept_queue.rs).
 
 use super::next::{call_real, real_fn};
 use core::sync::atomic::Ordering;
 use libc::c_int;
 
 real_fn!(LISTEN, b"listen\0");
+real_fn!(ACCEPT, b"accept\0");
+real_fn!(ACCEPT4, b"accept4\0");
 real_fn!(FCNTL, b"fcntl\0");
 real_fn!(FCNTL64, b"fcntl64\0");
 
 pub fn resolve() {
     LISTEN.get();
+    ACCEPT.get();
+    ACCEPT4.get();
     FCNTL.get();
     FCNTL64.get();
 }
@@ -92,4 +98,37 @@ pub extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         }
     }
     r
+}
+
+/// After a real accept: a carried connection replaces its stand-in, and the caller's address
+/// buffer gets the carried connection's peer.
+fn after_accept(fd: c_int, flags: c_int, addr: *mut libc::sockaddr, len: *mut libc::socklen_t) -> c_int {
+    if fd >= 0 && crate::resources::accept_queue::substitute(fd, flags) && !addr.is_null() && !len.is_null() {
+        // SAFETY: the program's own address buffer and length, as it passed them to accept.
+        unsafe { libc::getpeername(fd, addr, len) };
+    }
+    fd
+}
+
+/// # Safety
+/// accept(2)'s contract.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut libc::sockaddr, len: *mut libc::socklen_t) -> c_int {
+    let real = call_real!(ACCEPT: fn(c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> c_int);
+    // SAFETY: pass-through of the program's arguments.
+    after_accept(unsafe { real(fd, addr, len) }, 0, addr, len)
+}
+
+/// # Safety
+/// accept4(2)'s contract.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut libc::sockaddr,
+    len: *mut libc::socklen_t,
+    flags: c_int,
+) -> c_int {
+    let real = call_real!(ACCEPT4: fn(c_int, *mut libc::sockaddr, *mut libc::socklen_t, c_int) -> c_int);
+    // SAFETY: pass-through of the program's arguments.
+    after_accept(unsafe { real(fd, addr, len, flags) }, flags, addr, len)
 }

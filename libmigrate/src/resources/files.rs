@@ -32,7 +32,9 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
     let names = fs::list_dir(b"/proc/thread-self/fd").map_err(|e| format!("cannot list /proc/thread-self/fd: {e}"))?;
     let mut fds: Vec<i32> = names.iter().filter_map(|n| fs::parse_dec(n)).map(|n| n as i32).collect();
     fds.sort_unstable();
-    fds.retain(|&fd| !state::is_own_fd(fd) && !crate::checkpoint::is_transient_fd(fd));
+    fds.retain(|&fd| {
+        !state::is_own_fd(fd) && !crate::checkpoint::is_transient_fd(fd) && !super::accept_queue::is_parked_fd(fd)
+    });
     // (fd, inode, access mode) of every pipe end, to tell self-pipes from pipes to the outside.
     let pipe_ends: Vec<(i32, u64, i32)> = fds
         .iter()
@@ -45,6 +47,10 @@ pub fn dump(files: &mut Files) -> Result<Vec<FdEntry>, String> {
     let mut pipes_seen: Vec<u64> = Vec::new();
     let mut out: Vec<FdEntry> = Vec::with_capacity(fds.len());
     for fd in fds {
+        // A connection taken from a listener's queue just now may sit on the listing's old number.
+        if super::accept_queue::is_taken_fd(fd) {
+            continue;
+        }
         let Ok(st) = sys::fstat(fd) else { continue }; // closed meanwhile (the listing's own fd)
         let link = fs::read_link(format!("/proc/thread-self/fd/{fd}").as_bytes()).unwrap_or_default();
         let path = path_string(&link);
@@ -160,7 +166,7 @@ fn timespec_ns(v: &str) -> u64 {
     it.next().unwrap_or(0) * 1_000_000_000 + it.next().unwrap_or(0)
 }
 
-/// eventfd, timerfd, signalfd, epoll and pidfd, from fdinfo.
+/// eventfd, timerfd, signalfd, epoll and pidfd, from fdinfo; inotify in inotify.rs.
 fn anon_inode(fd: i32, path: &str, flags: u32) -> FdKind {
     let info = fdinfo_lines(fd);
     match path {
@@ -197,6 +203,7 @@ fn anon_inode(fd: i32, path: &str, flags: u32) -> FdKind {
             FdKind::Epoll { flags, targets }
         }
         "anon_inode:[pidfd]" => FdKind::PidFd { vpid: state::to_virt(field(&info, "Pid").parse().unwrap_or(0)), flags },
+        "anon_inode:inotify" => super::inotify::dump(fd, flags),
         _ => FdKind::Unsupported { what: path.into() },
     }
 }
@@ -418,6 +425,11 @@ pub fn restore(
                     Some(reopen("/dev/null", libc::O_RDONLY)?)
                 }
             },
+            FdKind::Inotify { flags, watches } => {
+                let fd = super::inotify::restore(f.fd, watches)?;
+                set_status_flags(fd, *flags as i32);
+                Some(fd)
+            }
             FdKind::Fifo { path, flags } => Some(reopen_fifo(path, *flags as i32)?),
             FdKind::CharDevice { path, flags, .. } => Some(reopen(path, *flags as i32)?),
             FdKind::Pipe { pipe, write_end, flags, .. } => {

@@ -1,7 +1,9 @@
 //! One module per kind of process resource, each with its dump and restore side by side.
 
+pub mod accept_queue;
 pub mod files;
 pub mod host;
+pub mod inotify;
 pub mod ipc;
 pub mod memory;
 pub mod process;

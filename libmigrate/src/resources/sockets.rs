@@ -37,7 +37,7 @@ const OPTIONS: &[(i32, i32)] = &[
     (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
 ];
 
-fn name_of(fd: i32, peer: bool) -> Option<Vec<u8>> {
+pub(crate) fn name_of(fd: i32, peer: bool) -> Option<Vec<u8>> {
     let mut buf = [0u8; 128];
     let mut len = buf.len() as u32;
     let nr = if peer { libc::SYS_getpeername } else { libc::SYS_getsockname };
@@ -80,6 +80,9 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
     }
     let backlog = BACKLOG.get(fd as usize).map_or(0, |b| b.load(Ordering::Relaxed));
     // For a listener, tcpi_unacked is the accept queue's length.
+    // At a checkpoint with --kill the waiting connections are taken and carried; what is left
+    // (tcpi_unacked is a listener's accept queue length) is reported.
+    let queued = if listening && is_tcp { super::accept_queue::take_waiting(fd) } else { Vec::new() };
     let waiting = if listening && is_tcp { sys::tcp_info(fd).map_or(0, |i| i.tcpi_unacked) } else { 0 };
     let peer = name_of(fd, true);
     let tcp = if is_tcp && !listening && peer.is_some() && migrate_tcprepair::is_established(fd) {
@@ -109,6 +112,7 @@ pub fn dump(fd: i32, flags: u32) -> FdKind {
         options,
         waiting,
         tcp,
+        queued,
     }
 }
 

@@ -230,6 +230,8 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
             let _ = sys::futex_wait(word, 1, 10_000_000);
         }
     }
+    // Connections that waited to be accepted: rebuilt before the network lock is lifted.
+    let waiting = crate::resources::accept_queue::rebuild(p);
     if plan.ready_fd >= 0 {
         // The whole tree is restored: migrate-resume's helper lifts the network lock, and the
         // program goes on once it has (bounded: a helper that died must not hold it).
@@ -241,6 +243,7 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
         }
         let _ = sys::close(plan.ready_fd);
     }
+    crate::resources::accept_queue::park_restored(waiting);
     // The job that had the terminal has it again (all groups exist now).
     crate::resources::files::retake_foreground(p);
     // Armed now, with what they had left: no program thread runs before release_all below.

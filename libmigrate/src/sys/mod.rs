@@ -487,6 +487,10 @@ pub fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, u32) {
     }
     (addr, (core::mem::size_of::<libc::sa_family_t>() + 1 + n) as u32)
 }
+/// connect(2) to raw `struct sockaddr` bytes.
+pub fn connect_addr(fd: i32, addr: &[u8]) -> SysResult<()> {
+    sc!(libc::SYS_connect, fd, addr.as_ptr(), addr.len()).map(|_| ())
+}
 pub fn connect(fd: i32, addr: &libc::sockaddr_un, len: u32) -> SysResult<()> {
     sc!(libc::SYS_connect, fd, addr as *const libc::sockaddr_un, len).map(|_| ())
 }
@@ -655,3 +659,6 @@ pub fn msgsnd(id: i32, buf: &[u64], text_len: usize, flags: i32) -> SysResult<()
 pub unsafe fn mremap_fixed(old: usize, len: usize, new: usize) -> SysResult<usize> {
     sc!(libc::SYS_mremap, old, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, new)
 }
+
+// After `sc!`, which it uses (a macro is visible only below its definition).
+pub mod inotify;
