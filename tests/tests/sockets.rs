@@ -450,3 +450,96 @@ fn a_failed_checkpoint_hands_the_waiting_connections_back() {
     assert_eq!(counts, ["count 1", "count 2"]);
     p.kill();
 }
+
+const OPTIONS_C: &str = r#"
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+/* An IPv6 server with the options services set, answering one client at a time:
+   "incr" -> "count N", "opts" -> the options of its listener and of the connection. */
+static int get(int fd, int level, int name) { int v = -1; socklen_t n = sizeof v; getsockopt(fd, level, name, &v, &n); return v; }
+static void set(int fd, int level, int name, int v) { setsockopt(fd, level, name, &v, sizeof v); }
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int l = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    set(l, IPPROTO_IPV6, IPV6_V6ONLY, 1);
+    set(l, SOL_SOCKET, SO_REUSEADDR, 1);
+    set(l, SOL_SOCKET, SO_REUSEPORT, 1);
+    set(l, SOL_SOCKET, SO_RCVBUF, 96 * 1024);
+    set(l, IPPROTO_TCP, TCP_NODELAY, 1);
+    struct sockaddr_in6 a = { .sin6_family = AF_INET6, .sin6_port = htons(atoi(argv[1])), .sin6_addr = IN6ADDR_LOOPBACK_INIT };
+    if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 23)) { perror("listen"); return 1; }
+    printf("ready pid=%d\n", (int)getpid());
+    long count = 0;
+    for (;;) {
+        int c = accept4(l, NULL, NULL, 0);
+        if (c < 0) { struct pollfd f = { .fd = l, .events = POLLIN }; poll(&f, 1, -1); continue; }
+        set(c, SOL_SOCKET, SO_KEEPALIVE, 1);
+        set(c, IPPROTO_TCP, TCP_KEEPIDLE, 77);
+        set(c, IPPROTO_TCP, TCP_NODELAY, 1);
+        FILE *in = fdopen(dup(c), "r");
+        char line[64], out[256];
+        while (fgets(line, sizeof line, in)) {
+            int n;
+            if (!strncmp(line, "opts", 4))
+                n = snprintf(out, sizeof out,
+                    "listener v6only=%d reuseaddr=%d reuseport=%d rcvbuf=%d nodelay=%d nonblock=%d conn keepalive=%d keepidle=%d nodelay=%d\n",
+                    get(l, IPPROTO_IPV6, IPV6_V6ONLY), get(l, SOL_SOCKET, SO_REUSEADDR), get(l, SOL_SOCKET, SO_REUSEPORT),
+                    get(l, SOL_SOCKET, SO_RCVBUF), get(l, IPPROTO_TCP, TCP_NODELAY), !!(fcntl(l, F_GETFL) & O_NONBLOCK),
+                    get(c, SOL_SOCKET, SO_KEEPALIVE), get(c, IPPROTO_TCP, TCP_KEEPIDLE), get(c, IPPROTO_TCP, TCP_NODELAY));
+            else
+                n = snprintf(out, sizeof out, "count %ld\n", ++count);
+            if (write(c, out, n) != n) break;
+        }
+        fclose(in);
+        close(c);
+    }
+}
+"#;
+
+/// A listener's backlog as the kernel reports it (`ss`: Send-Q of a listening socket).
+fn listen_backlog(port: u16) -> Option<u32> {
+    let out = std::process::Command::new("ss").args(["-ltnH", &format!("sport = :{port}")]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(2)?.parse().ok()
+}
+
+#[test]
+fn an_ipv6_server_keeps_its_options_backlog_and_connection() {
+    let tmp = temp_dir();
+    let dir = fs::canonicalize(tmp.path()).unwrap();
+    let prog = compile_c(&dir, "server6", OPTIONS_C, &[]);
+    let port = free_port();
+    let mut p = migrate_run(&dir, &prog, [port.to_string()]);
+    p.wait_line("ready ", STARTUP);
+    let c = TcpStream::connect(("::1", port)).expect("connect over IPv6");
+    c.set_read_timeout(Some(STARTUP)).unwrap();
+    let mut c = (c.try_clone().unwrap(), BufReader::new(c));
+    let ask = |(w, r): &mut (TcpStream, BufReader<TcpStream>), what: &str| {
+        w.write_all(format!("{what}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap_or_else(|e| panic!("answer to {what}: {e}"));
+        line.trim().to_string()
+    };
+    let options = ask(&mut c, "opts");
+    assert!(options.contains("v6only=1 reuseaddr=1 reuseport=1") && options.contains("nonblock=1"), "{options}");
+    assert!(options.contains("keepalive=1 keepidle=77 nodelay=1"), "{options}");
+    assert_eq!(ask(&mut c, "incr"), "count 1");
+    assert_eq!(listen_backlog(port), Some(23), "the backlog given to listen()");
+
+    let image = checkpoint(p.pid(), true, &dir);
+    p.wait_exit(Duration::from_secs(10));
+    c.0.write_all(b"incr\n").unwrap(); // while the server is gone
+    let mut s = resume(&image);
+    let mut line = String::new();
+    c.1.read_line(&mut line).expect("the IPv6 connection survives");
+    assert_eq!(line.trim(), "count 2");
+    assert_eq!(ask(&mut c, "opts"), options, "every option is back, on the listener and the connection");
+    assert_eq!(listen_backlog(port), Some(23), "the backlog is back");
+    s.kill();
+}
