@@ -38,6 +38,21 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub kill: bool,
 
+    /// Migrate the process to the `migrate-resume --listen` daemon at HOST:PORT: the image is
+    /// streamed (never written here), the process stays frozen until the target runs it, then
+    /// exits; if anything fails it goes on here
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: Option<String>,
+
+    /// The shared secret for --to (a file readable only by its owner, 16 bytes or more)
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// With --to: move this service address (ADDR/PREFIX, IPv4) to the target with the process
+    /// (removed here, added there and announced with a gratuitous ARP)
+    #[arg(long, value_name = "ADDR/PREFIX", requires = "to")]
+    pub move_ip: Option<String>,
+
     /// With --kill: do not hold the program's TCP traffic until the resume (by default an
     /// nftables table drops it, so peers retransmit instead of being reset)
     #[arg(long)]
@@ -112,9 +127,32 @@ pub struct ResumeArgs {
     #[arg(long)]
     pub tcp_reset: bool,
 
+    /// Run a daemon that receives migrations (`migrate-checkpoint --to`) on ADDR:PORT and
+    /// resumes what it receives; peers must prove the --secret-file secret
+    #[arg(long, value_name = "ADDR:PORT", requires = "secret_file", conflicts_with = "image")]
+    pub listen: Option<String>,
+
+    /// The shared secret for --listen (a file readable only by its owner, 16 bytes or more)
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// With --listen: exit after the first migration (0 if it was resumed)
+    #[arg(long, requires = "listen")]
+    pub once: bool,
+
+    /// With --listen: where received images are kept until resumed [default:
+    /// /var/tmp/migrate-spool-<uid>]
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    pub spool: Option<PathBuf>,
+
+    /// Tell whoever holds the other end of this socket when the tree is restored, and let it
+    /// lift the network lock (used by --listen)
+    #[arg(long, value_name = "FD", hide = true)]
+    pub ready_fd: Option<i32>,
+
     /// The image written by migrate-checkpoint
-    #[arg(value_name = "IMAGE")]
-    pub image: PathBuf,
+    #[arg(value_name = "IMAGE", required_unless_present = "listen")]
+    pub image: Option<PathBuf>,
 }
 
 /// Show what a checkpoint image contains.

@@ -336,3 +336,59 @@ fn resume_refuses_other_cpu_features_and_vdso() {
     let next = r.wait_line("tick ", LINE);
     assert_eq!(tick_number(&next), t.n + 1, "{next}");
 }
+
+#[test]
+fn images_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir();
+    let log = dir.path().join("counter.log");
+    let (image, _) = counter_image(dir.path(), &cbin("counter"), &log);
+    let mode = fs::metadata(&image).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "an image holds process memory: {} is {mode:o}", image.display());
+}
+
+/// Runs `cmd` as user and group 65534 (nobody), without supplementary groups.
+fn as_nobody(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setgroups/setgid/setuid between fork and exec are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn another_user_cannot_checkpoint_a_process() {
+    if !is_root() {
+        println!("SKIP: another_user_cannot_checkpoint_a_process needs root to act as another user");
+        return;
+    }
+    let dir = temp_dir();
+    let log = dir.path().join("counter.log");
+    let mut p = migrate_run(dir.path(), &cbin("counter"), counter_args(1, 50, &log));
+    let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
+    // The tool, as user nobody.
+    let mut cmd = Command::new(bin("migrate-checkpoint"));
+    cmd.arg("--dir").arg(dir.path()).arg(pid.to_string());
+    as_nobody(&mut cmd);
+    let out = run_tool("migrate-checkpoint", cmd, STARTUP);
+    out.assert_fails("a checkpoint by another user", 5, &["permission denied"]);
+    // The control socket itself refuses too (the tool's own check aside): it answers a
+    // stranger's connection with the refusal before reading anything.
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(20)\n\
+         s.connect('\\0migrate/ctl/{pid}')\nprint(s.recv(200).decode())"
+    );
+    let mut direct = Command::new("python3");
+    direct.args(["-c", &script]);
+    as_nobody(&mut direct);
+    let answer = run_tool("python3", direct, STARTUP);
+    assert!(answer.stdout.contains("permission denied"), "the control socket refuses: {}", answer.describe());
+    assert!(p.try_exit().is_none(), "the program goes on");
+    assert!(images_in(dir.path()).is_empty(), "no image was written");
+    p.kill();
+}

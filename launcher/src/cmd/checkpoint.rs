@@ -58,7 +58,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
 
 /// The process to talk to: `pid` itself, or — when `pid` is a migrate-resume that stays as the
 /// parent of the program it resumed (original pids recreated) — that program.
-fn target_of(pid: i32) -> i32 {
+pub(crate) fn target_of(pid: i32) -> i32 {
     let is_resume = std::fs::read_link(format!("/proc/{pid}/exe"))
         .is_ok_and(|e| e.file_name().is_some_and(|n| n == "migrate-resume"));
     if !is_resume {
@@ -73,6 +73,9 @@ fn target_of(pid: i32) -> i32 {
 }
 
 pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
+    if let Some(to) = args.to.clone() {
+        return super::send::main(args, &to);
+    }
     let pid = target_of(args.pid);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.timeout);
@@ -146,7 +149,7 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
 }
 
 /// Checks that the process exists and that we may checkpoint it (its owner or root).
-fn check_process(pid: i32) -> anyhow::Result<()> {
+pub(crate) fn check_process(pid: i32) -> anyhow::Result<()> {
     let md = match std::fs::metadata(format!("/proc/{pid}")) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(fail(PROCESS, format!("no process {pid}"))),
@@ -167,7 +170,7 @@ fn check_process(pid: i32) -> anyhow::Result<()> {
 }
 
 /// Connects to the control socket, retrying briefly while the process is still starting.
-fn connect(pid: i32, deadline: Instant) -> anyhow::Result<UnixStream> {
+pub(crate) fn connect(pid: i32, deadline: Instant) -> anyhow::Result<UnixStream> {
     let addr = SocketAddr::from_abstract_name(control_socket_name(pid).as_bytes())
         .map_err(|e| fail(PROCESS, format!("cannot build the control socket address of process {pid}: {e}")))?;
     let grace = (Instant::now() + STARTUP_GRACE).min(deadline);
@@ -234,7 +237,7 @@ fn timed_out(pid: i32, timeout: f64) -> anyhow::Error {
     )
 }
 
-fn set_timeout(stream: &UnixStream, pid: i32, deadline: Instant, timeout: f64) -> anyhow::Result<()> {
+pub(crate) fn set_timeout(stream: &UnixStream, pid: i32, deadline: Instant, timeout: f64) -> anyhow::Result<()> {
     let left = remaining(deadline).ok_or_else(|| timed_out(pid, timeout))?;
     stream.set_read_timeout(Some(left))?;
     stream.set_write_timeout(Some(left))?;
@@ -249,7 +252,7 @@ fn io_failure(pid: i32, e: io::Error, timeout: f64, doing: &str) -> anyhow::Erro
 }
 
 /// Reads the one reply line, bounded by the deadline.
-fn read_reply(stream: &mut UnixStream, pid: i32, deadline: Instant, timeout: f64) -> anyhow::Result<String> {
+pub(crate) fn read_reply(stream: &mut UnixStream, pid: i32, deadline: Instant, timeout: f64) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -285,7 +288,7 @@ fn read_reply(stream: &mut UnixStream, pid: i32, deadline: Instant, timeout: f64
 }
 
 /// Waits until the process is gone (exited, zombie included); false on timeout.
-fn wait_gone(pid: i32, deadline: Instant) -> bool {
+pub(crate) fn wait_gone(pid: i32, deadline: Instant) -> bool {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
     // of ours is involved.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };

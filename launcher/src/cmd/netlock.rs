@@ -184,28 +184,34 @@ fn script(name: &str, matches: &BTreeSet<Match>) -> String {
     s
 }
 
-/// `nft` with `args` (and `stdin`), in the network namespace of `pid` if that is not ours.
-fn nft(args: &[&str], stdin: Option<&str>, netns_of: Option<i32>) -> Result<(), String> {
+/// The network namespace of `pid`, if it is not ours (kept open: the process may be gone by
+/// the time the lock is lifted).
+fn netns_of(pid: i32) -> Result<Option<std::fs::File>, String> {
+    let ours = std::fs::read_link("/proc/self/ns/net").ok();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    if ours == theirs {
+        return Ok(None);
+    }
+    std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map(Some)
+        .map_err(|e| format!("cannot open the network namespace of process {pid}: {e}"))
+}
+
+/// `nft` with `args` (and `stdin`), in network namespace `netns` (None: ours).
+fn nft(args: &[&str], stdin: Option<&str>, netns: Option<&std::fs::File>) -> Result<(), String> {
     let mut cmd = Command::new("nft");
     cmd.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    if let Some(pid) = netns_of {
-        let ours = std::fs::read_link("/proc/self/ns/net").ok();
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-        if ours != theirs {
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                .map_err(|e| format!("cannot open the network namespace of process {pid}: {e}"))?;
-            let fd = ns.as_raw_fd();
-            // SAFETY: setns is async-signal-safe; `ns` stays open in the parent until spawn returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            return run_nft(cmd, stdin);
+    if let Some(ns) = netns {
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; `ns` stays open in the parent until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
     }
     run_nft(cmd, stdin)
@@ -233,13 +239,13 @@ fn run_nft(mut cmd: Command, stdin: Option<&str>) -> Result<(), String> {
 /// A network lock in place.
 pub struct Lock {
     pub name: String,
-    pid: i32,
+    netns: Option<std::fs::File>,
 }
 
 impl Lock {
-    /// Lifts the lock (the checkpoint failed and the program goes on).
+    /// Lifts the lock (the checkpoint failed and the program goes on, or it runs elsewhere).
     pub fn release(self) {
-        if let Err(e) = nft(&["delete", "table", "inet", &self.name], None, Some(self.pid)) {
+        if let Err(e) = nft(&["delete", "table", "inet", &self.name], None, self.netns.as_ref()) {
             warn("checkpoint", &format!("cannot lift the network lock {}: {e}", self.name));
         }
     }
@@ -261,8 +267,10 @@ pub fn lock(pid: i32) -> Option<Lock> {
     }
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let name = format!("migrate_lock_{pid}_{nanos:x}");
-    match nft(&["-f", "-"], Some(&script(&name, &matches)), Some(pid)) {
-        Ok(()) => Some(Lock { name, pid }),
+    let installed =
+        netns_of(pid).and_then(|ns| nft(&["-f", "-"], Some(&script(&name, &matches)), ns.as_ref()).map(|_| ns));
+    match installed {
+        Ok(netns) => Some(Lock { name, netns }),
         Err(e) => {
             warn(
                 "checkpoint",
@@ -277,7 +285,7 @@ pub fn lock(pid: i32) -> Option<Lock> {
 
 /// Deletes lock `name` in our network namespace; a lock that is not here (the image came from
 /// another host, or it was lifted) is fine.
-fn unlock(name: &str) -> Result<(), String> {
+pub fn unlock(name: &str) -> Result<(), String> {
     match nft(&["delete", "table", "inet", name], None, None) {
         Ok(()) => Ok(()),
         Err(e) if e.contains("No such file") || e.contains("not installed") => Ok(()),

@@ -23,21 +23,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
+    if let Some(addr) = &args.listen {
+        return super::receive::listen(&args, addr);
+    }
+    let image_arg = args.image.clone().expect("clap requires IMAGE without --listen");
     // Read by libmigrate in the resumed processes and by net.rs for sockets handed down.
     if args.tcp_reset {
         std::env::set_var("MIGRATE_TCP_RESET", "1");
     } else {
         std::env::remove_var("MIGRATE_TCP_RESET");
     }
-    let reader = ImageReader::open(&args.image)?;
+    let reader = ImageReader::open(&image_arg)?;
     let tree = reader.tree()?;
     // Every return from here on is a failed resume (success execs the program).
-    let _notice = (!tree.network_lock.is_empty()).then(|| super::netlock::KeptNotice(tree.network_lock.clone()));
+    // (Not when a --listen daemon started us: it decides about the lock.)
+    let _notice = (!tree.network_lock.is_empty() && args.ready_fd.is_none())
+        .then(|| super::netlock::KeptNotice(tree.network_lock.clone()));
     let metas: Vec<ImageMeta> =
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
     reader.verify_all()?;
-    let image = fs::canonicalize(&args.image)
-        .with_context(|| format!("cannot resolve the image path {}", args.image.display()))
+    let image = fs::canonicalize(&image_arg)
+        .with_context(|| format!("cannot resolve the image path {}", image_arg.display()))
         .code(IMAGE)?;
     check_cpu(&metas[0])?;
     check_vdso(&metas[0])?;
@@ -65,7 +71,11 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     apply_rlimits(&metas[0])?;
     // The tree's TCP traffic was held at the checkpoint: lifted once the tree is restored.
     // Kept open until the exec, which the tree inherits (its processes are forked from here).
-    let ready = if tree.network_lock.is_empty() {
+    let ready = if let Some(fd) = args.ready_fd {
+        // Whoever started us (the --listen daemon) lifts the lock and answers the tree.
+        std::env::set_var("MIGRATE_READY_FD", fd.to_string());
+        None
+    } else if tree.network_lock.is_empty() {
         None
     } else {
         match super::netlock::spawn_unlocker(&tree.network_lock, tree.processes.len()) {

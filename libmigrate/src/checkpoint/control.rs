@@ -7,7 +7,10 @@
 //!
 //! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
 //! ```text
-//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [lock=<table>] dir=<path>   → ok <image> | error <msg>
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [hold=1] [lock=<table>] dir=<path> [+ image fd]
+//!                                                                         → ok <image> | error <msg>
+//!                         with hold=1 (image fd required):               → ok held <bytes>, then
+//!                         commit → committed (the tree dies) | abort → aborted (it goes on)
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
 //!                         write <proc> <pos> bins=<0|1> kill=<0|1> [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
 //!                         release                                         → released
@@ -78,7 +81,7 @@ pub fn open_channel() -> sys::SysResult<()> {
 pub fn parse_request(line: &[u8]) -> Option<Request> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let rest = line.strip_prefix(b"checkpoint ")?;
-    let mut req = Request { kill: false, with_binaries: false, dir: None, lock: String::new() };
+    let mut req = Request::new();
     let (head, dir) = match rest.windows(4).position(|w| w == b"dir=") {
         Some(p) => (&rest[..p], Some(&rest[p + 4..])),
         None => (rest, None),
@@ -87,7 +90,8 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
         match word {
             b"kill=1" => req.kill = true,
             b"bins=1" => req.with_binaries = true,
-            b"kill=0" | b"bins=0" | b"" => {}
+            b"hold=1" => req.hold = true,
+            b"kill=0" | b"bins=0" | b"hold=0" | b"" => {}
             w if w.starts_with(b"lock=") => {
                 let name = &w[5..];
                 // An nftables identifier: it ends up in an `nft` command line.
@@ -126,7 +130,7 @@ pub fn next_incoming() -> Incoming {
         if fds[1].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];
             let _ = sys::read(wake, &mut b);
-            return Incoming::User(Request { kill: false, with_binaries: false, dir: None, lock: String::new() }, None);
+            return Incoming::User(Request::new(), None);
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
@@ -159,7 +163,14 @@ pub fn next_incoming() -> Incoming {
             return Incoming::Coordinator(conn);
         }
         match parse_request(&line) {
-            Some(req) => return Incoming::User(req, Some(conn)),
+            Some(mut req) => {
+                req.image_fd = conn.received_fd.take();
+                if req.hold && req.image_fd.is_none() {
+                    conn.reply(b"error a held checkpoint needs an image descriptor sent with the request\n");
+                    continue;
+                }
+                return Incoming::User(req, Some(conn));
+            }
             None => conn.reply(b"error malformed request (expected `checkpoint kill=<0|1> bins=<0|1> dir=<path>`)\n"),
         }
     }

@@ -210,8 +210,9 @@ fn write_member(
     Ok(Some(member::Written { end: n[0] as u64, sections, ids: (n[2] as i32, n[3] as i32, n[4] as i32, n[5] as i32) }))
 }
 
-/// One checkpoint of the whole tree.
-pub fn run(req: &Request) -> Result<Outcome, String> {
+/// One checkpoint of the whole tree. `settle` is asked, once the image is written, whether
+/// the tree dies (true) or goes on.
+pub fn run(req: &Request, settle: &mut dyn FnMut(&Outcome) -> bool) -> Result<Outcome, String> {
     let t0 = sys::monotonic_ns();
     let mut frozen = freeze_tree()?;
     let mut sysv = Vec::new();
@@ -224,7 +225,7 @@ pub fn run(req: &Request) -> Result<Outcome, String> {
             }
             Ok(Outcome::Restored)
         }
-        Ok(written) if req.kill => {
+        Ok(written) if settle(&written) => {
             // The tree's System V objects moved into the image with it.
             ipc::remove(&sysv);
             // Everyone else dies now; this process dies once the requester has the answer.
@@ -274,14 +275,22 @@ fn write_image(
     let exe = exe_of(root.real);
     let exe_name = exe.rsplit('/').next().unwrap_or("process").to_string();
     let root_vpid = root.vpid;
-    let tmp_path = format!("{dir_str}/.{exe_name}-{}.mig.tmp", sys::getpid());
-    let fd = sys::open(&fs::cpath(tmp_path.as_bytes()), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
-        .map_err(|e| format!("cannot create an image in {dir_str}: {e}; choose a writable directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"))?;
+    // Into the requester's descriptor (a stream to another host), or a file published by rename.
+    let streamed = req.image_fd.is_some();
+    let tmp_path =
+        if streamed { "the image stream".into() } else { format!("{dir_str}/.{exe_name}-{}.mig.tmp", sys::getpid()) };
+    let fd = match req.image_fd {
+        Some(given) => sys::fcntl(given, libc::F_DUPFD_CLOEXEC, 3).map_err(|e| format!("cannot use the image descriptor: {e}"))? as i32,
+        None => sys::open(&fs::cpath(tmp_path.as_bytes()), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
+            .map_err(|e| format!("cannot create an image in {dir_str}: {e}; choose a writable directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"))?,
+    };
     let fd = super::control::move_high(fd);
     let fail = |msg: String| {
         let _ = sys::close(fd);
         super::clear_transient_fd(fd);
-        let _ = sys::unlinkat(libc::AT_FDCWD, &fs::cpath(tmp_path.as_bytes()));
+        if !streamed {
+            let _ = sys::unlinkat(libc::AT_FDCWD, &fs::cpath(tmp_path.as_bytes()));
+        }
         Err(msg)
     };
     let mut writer = match ImageWriter::new(FdSink(fd), 64) {
@@ -385,13 +394,15 @@ fn write_image(
         Ok((_, len)) => len,
         Err(e) => return fail(format!("cannot write image {tmp_path}: {}", member::describe_write_error(&e))),
     };
-    if let Err(e) = sys::fsync(fd) {
-        return fail(format!("cannot flush image {tmp_path} to disk: {e}"));
+    if !streamed {
+        if let Err(e) = sys::fsync(fd) {
+            return fail(format!("cannot flush image {tmp_path} to disk: {e}"));
+        }
     }
     let _ = sys::close(fd);
     super::clear_transient_fd(fd);
     let frozen_ms = (sys::monotonic_ns() - t0) / 1_000_000;
-    let final_path = publish(&tmp_path, &dir, &dir_str, &exe_name, root_vpid)?;
+    let final_path = if streamed { tmp_path } else { publish(&tmp_path, &dir, &dir_str, &exe_name, root_vpid)? };
     Ok(Outcome::Written { path: final_path, bytes, frozen_ms, processes })
 }
 

@@ -23,6 +23,24 @@ pub struct Request {
     /// The network lock migrate-checkpoint set up for this checkpoint (an nftables table),
     /// recorded in the image for migrate-resume to lift.
     pub lock: String,
+    /// Write the image into this descriptor (sent with the request, e.g. a memfd that
+    /// migrate-checkpoint --to streams to another host) instead of a file in `dir`.
+    pub image_fd: Option<i32>,
+    /// Keep the tree frozen once the image is written, answer `ok held <bytes>`, and wait for
+    /// `commit` (the tree dies, as with kill) or `abort` (it goes on); a lost connection aborts.
+    pub hold: bool,
+}
+
+impl Request {
+    pub fn new() -> Self {
+        Request { kill: false, with_binaries: false, dir: None, lock: String::new(), image_fd: None, hold: false }
+    }
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Descriptors a checkpoint holds while it runs (connections, the image, /proc/self/mem):
@@ -86,15 +104,33 @@ pub fn thread_main() -> ! {
 }
 
 /// A checkpoint request: this process coordinates its tree's checkpoint.
-fn serve_user(req: Request, conn: Option<Conn>) {
-    let kill = req.kill;
-    match coordinator::run(&req) {
+fn serve_user(req: Request, mut conn: Option<Conn>) {
+    let hold = req.hold;
+    let mut kill = req.kill;
+    // A held checkpoint: the requester decides, once it has the image, whether the tree dies
+    // (its copy runs elsewhere now) or goes on.
+    let mut settle = |written: &Outcome| -> bool {
+        let (Some(c), true, Outcome::Written { bytes, .. }) = (conn.as_mut(), hold, written) else { return kill };
+        if c.send(alloc::format!("ok held {bytes}\n").as_bytes()).is_err() {
+            kill = false;
+            return false;
+        }
+        kill = matches!(c.read_line(3600).as_deref(), Ok(b"commit"));
+        kill
+    };
+    let result = coordinator::run(&req, &mut settle);
+    if let Some(fd) = req.image_fd {
+        let _ = sys::close(fd);
+        clear_transient_fd(fd);
+    }
+    match result {
         Ok(Outcome::Restored) => {
             // `conn` belonged to the process this image was taken from.
             core::mem::forget(conn);
         }
         Ok(Outcome::Written { path, bytes, frozen_ms, processes }) => {
             match conn {
+                Some(c) if hold => c.reply(if kill { b"committed\n" } else { b"aborted\n" }),
                 Some(c) => c.reply(alloc::format!("ok {path}\n").as_bytes()),
                 None => crate::info!(
                     "checkpoint of {processes} process(es) written to {path} ({} KiB, stopped for {frozen_ms} ms)",

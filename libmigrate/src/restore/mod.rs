@@ -233,13 +233,22 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
     // Connections that waited to be accepted: rebuilt before the network lock is lifted.
     let waiting = crate::resources::accept_queue::rebuild(p);
     if plan.ready_fd >= 0 {
-        // The whole tree is restored: migrate-resume's helper lifts the network lock, and the
-        // program goes on once it has (bounded: a helper that died must not hold it).
+        // The whole tree is restored: migrate-resume's helper lifts the network lock (or the
+        // --listen daemon hears from the source that its copy is gone), and the program goes
+        // on only on its word. Without it — the helper or daemon died, the migration was
+        // called off — this copy must not run: the original may be running still.
         let _ = sys::write_all(plan.ready_fd, b"1");
         let mut pfd = [libc::pollfd { fd: plan.ready_fd, events: libc::POLLIN, revents: 0 }];
-        if sys::poll(&mut pfd, 5000).is_ok_and(|n| n > 0) {
-            let mut b = [0u8; 1];
-            let _ = sys::read(plan.ready_fd, &mut b);
+        let mut word = [0u8; 1];
+        let go = sys::poll(&mut pfd, 120_000).is_ok_and(|n| n > 0)
+            && sys::read(plan.ready_fd, &mut word).is_ok_and(|n| n == 1)
+            && word[0] == 1;
+        if !go {
+            let _ = sys::write_all(
+                plan.error_fd,
+                b"migrate-resume: error: the resume was called off before the program ran (the migration did not complete); this copy exits\n",
+            );
+            sys::exit_group(5);
         }
         let _ = sys::close(plan.ready_fd);
     }

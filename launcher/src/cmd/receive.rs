@@ -1,0 +1,301 @@
+//! `migrate-resume --listen ADDR:PORT --secret-file F`: the daemon on the target host that
+//! receives migrations from `migrate-checkpoint --to` (send.rs).
+//!
+//! Per connection (each in its own thread, so a slow or silent peer delays nobody; every read
+//! has a timeout and every length is bounded): authenticate the peer before reading anything
+//! else, logging a refusal; receive the header and the image into the spool directory (0700,
+//! images 0600, renamed into place only when complete and verified); take the service address
+//! if it moves; run `migrate-resume --ready-fd N IMAGE` in a session of its own; once every
+//! process of the tree says it is restored, lift the image's network lock, announce the
+//! address, let the tree run and answer `restored`. Any failure is answered `error …` (the
+//! source then lets its program go on), the address is given back, and the image is kept for
+//! a retry. One migration is restored at a time.
+
+use super::ipmove::{self, ServiceAddr};
+use super::wire::{self, Channel, HandshakeError, Header, Key};
+use crate::cli::ResumeArgs;
+use crate::exit::{fail, OTHER, USAGE};
+use anyhow::{bail, Context, Result};
+use migrate_image::ImageReader;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The largest image the daemon accepts.
+const MAX_IMAGE: u64 = 1 << 40;
+/// How long a restore may take before the daemon gives up on it.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn log(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "migrate-resume: {msg}");
+}
+
+fn spool_dir(args: &ResumeArgs) -> Result<PathBuf> {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = args.spool.clone().unwrap_or_else(|| PathBuf::from(format!("/var/tmp/migrate-spool-{uid}")));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(fail(USAGE, format!("cannot create the spool directory {}: {e}", dir.display()))),
+    }
+    let meta = std::fs::metadata(&dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make the spool directory {} private", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+pub fn listen(args: &ResumeArgs, addr: &str) -> Result<()> {
+    let secret = args.secret_file.as_ref().ok_or_else(|| fail(USAGE, "--listen needs --secret-file"))?;
+    let key = Key::from_file(secret).map_err(|e| fail(USAGE, format!("{e:#}")))?;
+    let spool = spool_dir(args)?;
+    let listener =
+        TcpListener::bind(addr).map_err(|e| fail(OTHER, format!("cannot listen on {addr}: {e}; is it in use?")))?;
+    log(&format!("listening on {} for migrations (spool {})", listener.local_addr()?, spool.display()));
+    let one_at_a_time = Arc::new(Mutex::new(()));
+    // Each attempted migration's outcome (refused peers do not count), for --once.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
+    let acceptor = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    log(&format!("accept failed: {e}"));
+                    continue;
+                }
+            };
+            let (key, spool, gate, done) = (key.clone(), spool.clone(), one_at_a_time.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+                match serve(stream, &key, &spool, &gate) {
+                    Ok(None) => {}
+                    Ok(Some(resumed)) => {
+                        let _ = done.send(resumed);
+                    }
+                    Err(e) => {
+                        log(&format!("{peer}: {e:#}"));
+                        let _ = done.send(false);
+                    }
+                }
+            });
+        }
+    });
+    if !args.once {
+        let _ = acceptor.join();
+        return Ok(());
+    }
+    match done_rx.recv() {
+        Ok(true) => Ok(()),
+        _ => Err(fail(OTHER, "the migration failed (see above)")),
+    }
+}
+
+/// One peer. `Ok(None)`: refused before any migration began; `Ok(Some(resumed))`: a
+/// migration was attempted.
+fn serve(stream: TcpStream, key: &Key, spool: &Path, gate: &Mutex<()>) -> Result<Option<bool>> {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let _ = stream.set_write_timeout(Some(wire::IDLE));
+    let mut channel = match Channel::server(stream, key) {
+        Ok(c) => c,
+        Err(HandshakeError::WrongSecret) => {
+            log(&format!("refused {peer}: authentication failed (wrong secret)"));
+            return Ok(None);
+        }
+        Err(e) => {
+            log(&format!("refused {peer}: {e}"));
+            return Ok(None);
+        }
+    };
+    let (kind, header) = channel.recv()?;
+    if kind != wire::HEADER || header.len() > 64 << 10 {
+        bail!("the peer sent no valid header");
+    }
+    let header: Header = serde_json::from_slice(&header).context("the peer sent a malformed header")?;
+    if header.bytes > MAX_IMAGE {
+        let _ = channel.send(wire::RESULT, b"error the image is larger than this daemon accepts");
+        bail!("refused an image of {} bytes", header.bytes);
+    }
+    log(&format!("receiving {} bytes from {peer} ({})", header.bytes, header.source));
+    let result = receive_and_resume(&mut channel, &header, spool, gate);
+    let resumed = result.is_ok();
+    match result {
+        Ok(said) => log(&format!("{peer}: resumed {said}")),
+        Err(e) => {
+            let answer = format!("error {e:#}");
+            log(&format!("{peer}: {answer}"));
+            let _ = channel.send(wire::RESULT, answer.as_bytes());
+        }
+    }
+    Ok(Some(resumed))
+}
+
+/// The two-phase end: the tree is restored but held; the source hears `restored`, kills its
+/// own copy, and says `GO`; only then does ours run. No word (the source or the network died
+/// in between): ours exits, so nothing runs twice.
+fn hand_off(channel: &mut Channel, said: &str) -> Result<()> {
+    channel.send(wire::RESULT, format!("restored {said}").as_bytes())?;
+    channel.set_read_timeout(Duration::from_secs(60))?;
+    match channel.recv() {
+        Ok((wire::GO, _)) => Ok(()),
+        Ok((kind, _)) => bail!("the source answered with a frame of kind {kind} instead of GO"),
+        Err(e) => Err(e.context("the source did not confirm that its copy is gone")),
+    }
+}
+
+fn receive_and_resume(channel: &mut Channel, header: &Header, spool: &Path, gate: &Mutex<()>) -> Result<String> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let part = spool.join(format!(".incoming-{nanos}.mig.part"));
+    let image = spool.join(format!("incoming-{nanos}.mig"));
+    let received = (|| -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&part)
+            .with_context(|| format!("cannot create {}", part.display()))?;
+        let mut got = 0u64;
+        loop {
+            let (kind, data) = channel.recv()?;
+            match kind {
+                wire::DATA => {
+                    got += data.len() as u64;
+                    if got > header.bytes {
+                        bail!("the peer sent more than the {} bytes it announced", header.bytes);
+                    }
+                    file.write_all(&data).with_context(|| format!("cannot write {}", part.display()))?;
+                }
+                wire::END if got == header.bytes => break,
+                wire::END => bail!("the image ended after {got} of {} bytes", header.bytes),
+                other => bail!("unexpected frame of kind {other} in the image"),
+            }
+        }
+        file.sync_all().with_context(|| format!("cannot flush {}", part.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = received {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
+    std::fs::rename(&part, &image)?;
+    let _guard = gate.lock().unwrap_or_else(|p| p.into_inner());
+    match resume_here(&image, header, channel) {
+        Ok(said) => {
+            // The program runs from memory now; the spool keeps nothing it no longer needs.
+            let _ = std::fs::remove_file(&image);
+            Ok(said)
+        }
+        Err(e) => Err(e.context(format!("the image is kept in {}", image.display()))),
+    }
+}
+
+fn resume_here(image: &Path, header: &Header, channel: &mut Channel) -> Result<String> {
+    let reader = ImageReader::open(image)?;
+    let tree = reader.tree()?;
+    reader.verify_all()?;
+    let processes = tree.processes.len();
+    drop(reader);
+
+    let mut taken: Option<(ServiceAddr, String)> = None;
+    if let Some(text) = &header.move_ip {
+        let a = ServiceAddr::parse(text)?;
+        let dev = ipmove::route_device(a.addr)?;
+        if ipmove::take(&a, &dev)? {
+            taken = Some((a, dev));
+        }
+    }
+    let result = run_resume(image, processes, &tree.network_lock, taken.as_ref(), channel);
+    if result.is_err() {
+        if let Some((a, dev)) = &taken {
+            let _ = ipmove::drop_addr(a, dev);
+        }
+    }
+    result
+}
+
+fn run_resume(
+    image: &Path,
+    processes: usize,
+    lock: &str,
+    address: Option<&(ServiceAddr, String)>,
+    channel: &mut Channel,
+) -> Result<String> {
+    let (mut ours, theirs) = UnixStream::pair()?;
+    // SAFETY: clearing close-on-exec on our own descriptor, for the child to inherit.
+    unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+    let exe = std::env::current_exe().context("cannot find migrate-resume itself")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--ready-fd").arg(theirs.as_raw_fd().to_string()).arg(image);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe; the resumed program leads a session of its own.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start migrate-resume")?;
+    drop(theirs);
+    let child_pid = child.id();
+    // Its stderr: warnings, or why it failed. Forwarded line by line (a resumed tree with an
+    // exact-pid parent keeps it open for as long as it runs).
+    let stderr = child.stderr.take().expect("piped");
+    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(|l| l.ok()) {
+            log(&format!("[pid {child_pid}] {}", line.trim_start_matches("migrate-resume: ")));
+            let _ = line_tx.send(line);
+        }
+    });
+    // Reaped whenever it ends: it is the program itself (or its exact-pid parent).
+    std::thread::spawn(move || child.wait());
+
+    ours.set_read_timeout(Some(RESTORE_TIMEOUT))?;
+    let mut seen = 0;
+    let mut buf = [0u8; 64];
+    while seen < processes {
+        match ours.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let text: Vec<String> = lines.iter().collect();
+                let errors: Vec<&String> = text.iter().filter(|l| l.contains("error")).collect();
+                let why = if errors.is_empty() {
+                    text.join("; ")
+                } else {
+                    errors.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; ")
+                };
+                bail!("the resume failed: {}", why.trim());
+            }
+            Ok(n) => seen += n,
+        }
+    }
+    if !lock.is_empty() {
+        // Only where the image was taken (a resume on the same host); absent elsewhere.
+        if let Err(e) = super::netlock::unlock(lock) {
+            log(&format!("cannot lift network lock {lock}: {e}"));
+        }
+    }
+    let said = format!(
+        "as pid {child_pid} on {}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim()
+    );
+    if let Err(e) = hand_off(channel, &said) {
+        // Closing our end without the word makes every process of the tree exit.
+        drop(ours);
+        return Err(e);
+    }
+    if let Some((a, dev)) = address {
+        if let Err(e) = ipmove::announce(a.addr, dev) {
+            log(&format!("{e:#}"));
+        }
+    }
+    let _ = ours.write_all(&vec![1u8; processes]);
+    Ok(said)
+}
