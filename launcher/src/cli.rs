@@ -53,6 +53,15 @@ pub struct CheckpointArgs {
     #[arg(long, value_name = "ADDR/PREFIX", requires = "to")]
     pub move_ip: Option<String>,
 
+    /// With --to: send the memory ahead while the program still runs, so the freeze carries
+    /// only what changed [default: when the program uses more than 64 MiB]
+    #[arg(long, requires = "to", conflicts_with = "no_precopy")]
+    pub precopy: bool,
+
+    /// With --to: no pre-copy (the whole image travels during the freeze)
+    #[arg(long, requires = "to")]
+    pub no_precopy: bool,
+
     /// With --kill: do not hold the program's TCP traffic until the resume (by default an
     /// nftables table drops it, so peers retransmit instead of being reset)
     #[arg(long)]

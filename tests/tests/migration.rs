@@ -244,3 +244,129 @@ fn a_target_killed_during_the_transfer_leaves_the_server_serving() {
     assert!(s.rig.has_service_address("a"), "the address is back on A");
     clients_finish_cleanly(&mut s, "after the target died");
 }
+
+const BALLAST_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+/* MiB of pseudo-random memory that stays as it is, a few pages rewritten all the time, and a
+   server that answers "sum" with a checksum of the memory and "tick" with the rewrite count. */
+static unsigned long *mem, words, *hot;
+static volatile unsigned long ticks;
+static void *rewrite(void *arg) {
+    for (;;) { for (int i = 0; i < 4 * 512; i++) hot[i] = ticks; ticks++; usleep(2000); }
+    return arg;
+}
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    words = (unsigned long)atoi(argv[1]) << 17;
+    mem = malloc(words * 8);
+    hot = malloc(4 * 4096);
+    unsigned long x = 88172645463325252UL;
+    for (unsigned long i = 0; i < words; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; mem[i] = x; }
+    pthread_t t; pthread_create(&t, NULL, rewrite, NULL);
+    int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(7071) };
+    if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 8)) { perror("listen"); return 1; }
+    printf("ready pid=%d\n", (int)getpid());
+    int c = accept(l, NULL, NULL);
+    FILE *in = fdopen(c, "r");
+    char line[64];
+    while (fgets(line, sizeof line, in)) {
+        char out[64];
+        unsigned long s = 0;
+        if (!strncmp(line, "sum", 3)) for (unsigned long i = 0; i < words; i++) s = s * 31 + mem[i];
+        int n = snprintf(out, sizeof out, "%s %lx\n", line[0] == 's' ? "sum" : "tick", line[0] == 's' ? s : ticks);
+        if (write(c, out, n) != n) break;
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn a_large_program_moves_with_precopy_and_a_short_freeze() {
+    let Some(rig) = Rig::new("a_large_program_moves_with_precopy_and_a_short_freeze") else { return };
+    let tmp = temp_dir();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let secret = secret(&dir, "secret", "correct horse battery staple 2026\n");
+    let prog = compile_c(&dir, "ballast", BALLAST_C, &["-O2", "-pthread"]);
+    let mut run = rig.cmd("a", &bin("migrate-run"));
+    run.arg("--ckpt-dir").arg(&dir).arg("--").arg(&prog).arg("256");
+    let mut server = Managed::spawn("ballast", run);
+    let pid: i32 = field_num(&server.wait_line("ready ", STARTUP), "pid");
+    let mut d = rig.cmd("b", &bin("migrate-resume"));
+    d.args(["--listen", DAEMON, "--once", "--secret-file"]).arg(&secret).arg("--spool").arg(dir.join("spool"));
+    let mut daemon = Managed::spawn("daemon", d);
+    daemon.wait_stderr_line(|l: &str| l.contains("listening on"), STARTUP);
+
+    // The client on host C: one connection, one request per line on its stdin.
+    let client_c = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(7071) };
+    inet_pton(AF_INET, "10.77.0.100", &a.sin_addr);
+    if (connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
+    char line[128];
+    FILE *in = fdopen(s, "r");
+    while (fgets(line, sizeof line, stdin)) {
+        if (write(s, line, strlen(line)) < 0 || !fgets(line, sizeof line, in)) { printf("error\n"); return 1; }
+        fputs(line, stdout);
+    }
+    return 0;
+}
+"#;
+    let client_bin = compile_c(&dir, "client", client_c, &[]);
+    let mut client = Managed::spawn("client", rig.cmd("c", &client_bin));
+    client.send_line("sum");
+    let before = client.wait_line("sum ", STARTUP);
+
+    let mut m = rig.cmd("a", &bin("migrate-checkpoint"));
+    m.args(["--to", DAEMON, "--move-ip", &format!("{SERVICE}/24"), "--precopy", "--json", "--secret-file"])
+        .arg(&secret)
+        .arg(pid.to_string());
+    let out = run_tool("migrate-checkpoint", m, STARTUP);
+    assert_eq!(out.code(), Some(0), "the migration succeeds: {}", out.describe());
+    let summary: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("--json output");
+    let image = summary["image_bytes"].as_u64().unwrap();
+    let frozen = summary["frozen_bytes"].as_u64().unwrap();
+    let ahead = summary["precopy_bytes"].as_u64().unwrap();
+    assert!(ahead >= 256 << 20, "the memory went ahead: {summary}");
+    assert!(frozen * 8 < image, "the freeze carried a small part of the image: {summary}");
+    server.wait_exit(Duration::from_secs(30));
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    for l in daemon.stderr_so_far() {
+        println!("daemon: {l}");
+    }
+    // Same connection, same memory, and the rewriting thread goes on.
+    client.send_line("sum");
+    let after = client.wait_line("sum ", STARTUP);
+    assert_eq!(after, before, "the 256 MiB came over intact, on the same connection");
+    let mut tick = || {
+        client.send_line("tick");
+        u64::from_str_radix(client.wait_line("tick ", STARTUP).trim_start_matches("tick "), 16).unwrap()
+    };
+    let t1 = tick();
+    // The rewriting thread runs over there (every 2 ms; a request takes far less).
+    assert!((0..2000).any(|_| tick() > t1), "the program's threads run on host B");
+    assert_eq!(rig.pids_of("b", "ballast").len(), 1, "on host B");
+    println!(
+        "256 MiB program: image {:.1} MB, {:.1} MB sent ahead in {} rounds, {:.1} MB during the freeze; source frozen {:.3} s",
+        image as f64 / 1e6,
+        ahead as f64 / 1e6,
+        summary["precopy_rounds"],
+        frozen as f64 / 1e6,
+        summary["frozen_seconds"].as_f64().unwrap_or(0.0)
+    );
+    client.close_stdin();
+}

@@ -7,6 +7,7 @@ pub mod ipc;
 pub mod ipmove;
 pub mod net;
 pub mod netlock;
+pub mod precopy;
 pub mod receive;
 pub mod resume;
 pub mod run;

@@ -103,7 +103,7 @@ fn matches_in(table: &str, inodes: &BTreeSet<u64>, out: &mut BTreeSet<Match>) {
 }
 
 /// `pid` and every process below it.
-fn tree_of(pid: i32) -> Vec<i32> {
+pub(crate) fn tree_of(pid: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };

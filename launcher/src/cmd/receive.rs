@@ -115,7 +115,18 @@ fn serve(stream: TcpStream, key: &Key, spool: &Path, gate: &Mutex<()>) -> Result
             return Ok(None);
         }
     };
-    let (kind, header) = channel.recv()?;
+    // Memory sent ahead (pre-copy) comes first, while the program still runs over there.
+    let mut store: Option<super::precopy::Store> = None;
+    let (kind, header) = loop {
+        let (kind, payload) = channel.recv()?;
+        if kind != wire::PRE {
+            break (kind, payload);
+        }
+        if store.is_none() {
+            store = Some(super::precopy::Store::new(spool, MAX_IMAGE)?);
+        }
+        store.as_mut().expect("created above").add(&payload)?;
+    };
     if kind != wire::HEADER || header.len() > 64 << 10 {
         bail!("the peer sent no valid header");
     }
@@ -124,8 +135,9 @@ fn serve(stream: TcpStream, key: &Key, spool: &Path, gate: &Mutex<()>) -> Result
         let _ = channel.send(wire::RESULT, b"error the image is larger than this daemon accepts");
         bail!("refused an image of {} bytes", header.bytes);
     }
-    log(&format!("receiving {} bytes from {peer} ({})", header.bytes, header.source));
-    let result = receive_and_resume(&mut channel, &header, spool, gate);
+    let ahead = store.as_ref().map_or(String::new(), |s| format!(", {} bytes of it sent ahead", s.bytes()));
+    log(&format!("receiving {} bytes from {peer} ({}){ahead}", header.bytes, header.source));
+    let result = receive_and_resume(&mut channel, &header, spool, gate, store.as_ref());
     let resumed = result.is_ok();
     match result {
         Ok(said) => log(&format!("{peer}: resumed {said}")),
@@ -151,10 +163,17 @@ fn hand_off(channel: &mut Channel, said: &str) -> Result<()> {
     }
 }
 
-fn receive_and_resume(channel: &mut Channel, header: &Header, spool: &Path, gate: &Mutex<()>) -> Result<String> {
+fn receive_and_resume(
+    channel: &mut Channel,
+    header: &Header,
+    spool: &Path,
+    gate: &Mutex<()>,
+    store: Option<&super::precopy::Store>,
+) -> Result<String> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let part = spool.join(format!(".incoming-{nanos}.mig.part"));
     let image = spool.join(format!("incoming-{nanos}.mig"));
+    let t0 = std::time::Instant::now();
     let received = (|| -> Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -173,12 +192,17 @@ fn receive_and_resume(channel: &mut Channel, header: &Header, spool: &Path, gate
                     }
                     file.write_all(&data).with_context(|| format!("cannot write {}", part.display()))?;
                 }
+                wire::BLOCKS => {
+                    let Some(store) = store else { bail!("the peer referred to memory it never sent ahead") };
+                    got += store.decode(&data, &mut file, header.bytes - got)?;
+                }
                 wire::END if got == header.bytes => break,
                 wire::END => bail!("the image ended after {got} of {} bytes", header.bytes),
                 other => bail!("unexpected frame of kind {other} in the image"),
             }
         }
-        file.sync_all().with_context(|| format!("cannot flush {}", part.display()))?;
+        // No fsync: the source keeps its program frozen until this copy runs, so a crash here
+        // loses nothing, and flushing hundreds of MB would lengthen the freeze.
         Ok(())
     })();
     if let Err(e) = received {
@@ -186,6 +210,7 @@ fn receive_and_resume(channel: &mut Channel, header: &Header, spool: &Path, gate
         return Err(e);
     }
     std::fs::rename(&part, &image)?;
+    log(&format!("image complete in {} ms", t0.elapsed().as_millis()));
     let _guard = gate.lock().unwrap_or_else(|p| p.into_inner());
     match resume_here(&image, header, channel) {
         Ok(said) => {
@@ -198,9 +223,9 @@ fn receive_and_resume(channel: &mut Channel, header: &Header, spool: &Path, gate
 }
 
 fn resume_here(image: &Path, header: &Header, channel: &mut Channel) -> Result<String> {
+    // (Every checksum is verified by the migrate-resume run below, before anything is restored.)
     let reader = ImageReader::open(image)?;
     let tree = reader.tree()?;
-    reader.verify_all()?;
     let processes = tree.processes.len();
     drop(reader);
 
@@ -258,6 +283,7 @@ fn run_resume(
     // Reaped whenever it ends: it is the program itself (or its exact-pid parent).
     std::thread::spawn(move || child.wait());
 
+    let t0 = std::time::Instant::now();
     ours.set_read_timeout(Some(RESTORE_TIMEOUT))?;
     let mut seen = 0;
     let mut buf = [0u8; 64];
@@ -282,6 +308,7 @@ fn run_resume(
             log(&format!("cannot lift network lock {lock}: {e}"));
         }
     }
+    log(&format!("restored in {} ms, holding it until the source lets go", t0.elapsed().as_millis()));
     let said = format!(
         "as pid {child_pid} on {}",
         std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim()

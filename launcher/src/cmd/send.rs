@@ -14,6 +14,7 @@
 
 use super::checkpoint::{check_process, connect, read_reply, set_timeout, target_of, wait_gone};
 use super::ipmove::{self, ServiceAddr};
+use super::precopy;
 use super::wire::{self, Channel, HandshakeError, Key};
 use crate::cli::CheckpointArgs;
 use crate::exit::{fail, warn, CHECKPOINT, OTHER, USAGE};
@@ -103,8 +104,20 @@ impl Progress {
 /// What the transfer achieved.
 struct Sent {
     bytes: u64,
+    /// Bytes that travelled during the freeze (all of them without pre-copy).
+    frozen_bytes: u64,
     transfer: Duration,
     target_said: String,
+}
+
+/// Resident memory of the tree in bytes (VmRSS).
+fn resident(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        .sum::<u64>()
+        * 1024
 }
 
 pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
@@ -140,7 +153,17 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
     })?;
 
     let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(args.timeout);
+    // Memory first, while the program runs: the freeze then carries what changed.
+    let tree = super::netlock::tree_of(pid);
+    let mut known = std::collections::HashSet::new();
+    let ahead = if args.precopy || (!args.no_precopy && resident(&tree) > 64 << 20) {
+        let sent = precopy::run(&tree, &mut known, |batch| channel.send(wire::PRE, batch))
+            .map_err(|e| fail(OTHER, format!("the migration to {to} failed before the program was stopped: {e:#}")))?;
+        Some(sent)
+    } else {
+        None
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
     let mut control = connect(pid, deadline)?;
     let lock = if args.no_network_lock { None } else { super::netlock::lock(pid) };
     let image = memfd()?;
@@ -174,7 +197,7 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
         if let Some(a) = &move_ip {
             released_on = Some(ipmove::release(a)?);
         }
-        transfer(&mut channel, &image, bytes, move_ip.as_ref())
+        transfer(&mut channel, &image, bytes, move_ip.as_ref(), &known)
     })();
     match outcome {
         Ok(sent) => {
@@ -201,7 +224,7 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
             if !gone {
                 warn("checkpoint", &format!("process {pid} did not exit after the hand-off; kill it"));
             }
-            report(&args, to, pid, &sent, started.elapsed(), downtime)
+            report(&args, to, pid, &sent, ahead, started.elapsed(), downtime)
         }
         Err(e) => {
             if let (Some(a), Some(dev)) = (&move_ip, &released_on) {
@@ -221,18 +244,34 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
     }
 }
 
-fn transfer(channel: &mut Channel, image: &std::fs::File, bytes: u64, move_ip: Option<&ServiceAddr>) -> Result<Sent> {
+fn transfer(
+    channel: &mut Channel,
+    image: &std::fs::File,
+    bytes: u64,
+    move_ip: Option<&ServiceAddr>,
+    known: &std::collections::HashSet<u128>,
+) -> Result<Sent> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
     let header = wire::Header { bytes, move_ip: move_ip.map(|a| a.cidr()), source: host };
     channel.send(wire::HEADER, &serde_json::to_vec(&header)?)?;
     let t0 = Instant::now();
     let mut progress = Progress::new(bytes);
     let mut buf = vec![0u8; 1 << 20];
+    let mut records = Vec::with_capacity(buf.len() + buf.len() / 1000 + 64);
     let mut off = 0u64;
+    let mut frozen_bytes = 0u64;
     while off < bytes {
         let n = ((bytes - off) as usize).min(buf.len());
         image.read_exact_at(&mut buf[..n], off).context("reading the image back")?;
-        channel.send(wire::DATA, &buf[..n])?;
+        if known.is_empty() {
+            channel.send(wire::DATA, &buf[..n])?;
+            frozen_bytes += n as u64;
+        } else {
+            // Blocks the target holds already travel as references.
+            records.clear();
+            frozen_bytes += precopy::encode(&buf[..n], known, &mut records);
+            channel.send(wire::BLOCKS, &records)?;
+        }
         off += n as u64;
         progress.update(off);
     }
@@ -245,13 +284,30 @@ fn transfer(channel: &mut Channel, image: &std::fs::File, bytes: u64, move_ip: O
         bail!("the daemon answered with a frame of kind {kind}");
     }
     match said.strip_prefix("restored") {
-        Some(rest) => Ok(Sent { bytes, transfer, target_said: rest.trim().to_string() }),
+        Some(rest) => Ok(Sent { bytes, frozen_bytes, transfer, target_said: rest.trim().to_string() }),
         None => bail!("the target says: {}", said.trim_start_matches("error ")),
     }
 }
 
-fn report(args: &CheckpointArgs, to: &str, pid: i32, sent: &Sent, total: Duration, downtime: Duration) -> Result<()> {
+fn report(
+    args: &CheckpointArgs,
+    to: &str,
+    pid: i32,
+    sent: &Sent,
+    ahead: Option<precopy::Sent>,
+    total: Duration,
+    downtime: Duration,
+) -> Result<()> {
     let rate = sent.bytes as f64 / 1e6 / sent.transfer.as_secs_f64().max(1e-6);
+    let precopy_text = match ahead {
+        Some(a) => format!(
+            "; {:.1} MB sent ahead in {} rounds, {:.1} MB during the freeze",
+            a.bytes as f64 / 1e6,
+            a.rounds,
+            sent.frozen_bytes as f64 / 1e6
+        ),
+        None => String::new(),
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
         let v = serde_json::json!({
@@ -261,6 +317,9 @@ fn report(args: &CheckpointArgs, to: &str, pid: i32, sent: &Sent, total: Duratio
             "transfer_seconds": sent.transfer.as_secs_f64(),
             "megabytes_per_second": rate,
             "frozen_seconds": downtime.as_secs_f64(),
+            "frozen_bytes": sent.frozen_bytes,
+            "precopy_bytes": ahead.map(|a| a.bytes),
+            "precopy_rounds": ahead.map(|a| a.rounds),
             "seconds": total.as_secs_f64(),
             "target": sent.target_said,
         });
@@ -268,7 +327,7 @@ fn report(args: &CheckpointArgs, to: &str, pid: i32, sent: &Sent, total: Duratio
     } else {
         writeln!(
             out,
-            "migrated process {pid} to {to} ({}): {:.1} MB in {:.3} s ({rate:.0} MB/s), frozen {:.3} s",
+            "migrated process {pid} to {to} ({}): {:.1} MB image in {:.3} s ({rate:.0} MB/s), frozen {:.3} s{precopy_text}",
             sent.target_said,
             sent.bytes as f64 / 1e6,
             sent.transfer.as_secs_f64(),

@@ -16,13 +16,16 @@ use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 8] = b"MIGRATE1";
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
 /// How long a peer may stay silent before it is dropped.
 pub const IDLE: Duration = Duration::from_secs(30);
+/// How long the daemon gives a peer for the whole handshake, however it spreads its bytes (or
+/// the idle timeout, if shorter): a peer trickling one byte at a time cannot hold a thread.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// Frame kinds.
 pub const HEADER: u8 = 1;
@@ -31,6 +34,10 @@ pub const END: u8 = 3;
 pub const RESULT: u8 = 4;
 /// The source's word that its copy is gone: the target's may run.
 pub const GO: u8 = 5;
+/// Pre-copy: whole 4 KiB blocks of memory sent ahead, before the header (precopy.rs).
+pub const PRE: u8 = 6;
+/// The image as records referring to blocks sent ahead (instead of DATA).
+pub const BLOCKS: u8 = 7;
 
 /// The key both sides derive from the shared secret file.
 #[derive(Clone)]
@@ -116,6 +123,8 @@ pub struct Channel {
     session: Key,
     sent: u64,
     received: u64,
+    /// The read timeout: how long the next frame may take to begin, and then to arrive whole.
+    wait: std::cell::Cell<Duration>,
 }
 
 impl Channel {
@@ -144,22 +153,44 @@ impl Channel {
             return Err(HandshakeError::WrongSecret);
         }
         let session = Key(*key.mac(&[b"session", &theirs, &ours]).as_bytes());
-        Ok(Channel { stream, session, sent: 0, received: 0 })
+        Ok(Channel { stream, session, sent: 0, received: 0, wait: IDLE.into() })
     }
 
     /// The daemon's side.
-    pub fn server(mut stream: TcpStream, key: &Key) -> Result<Channel, HandshakeError> {
-        stream.set_read_timeout(Some(IDLE))?;
+    pub fn server(stream: TcpStream, key: &Key) -> Result<Channel, HandshakeError> {
+        Channel::server_within(stream, key, IDLE, HANDSHAKE)
+    }
+
+    /// The daemon's side, with its idle timeout; the whole handshake must be over within
+    /// `handshake` (or `idle`, if shorter), whatever the peer sends meanwhile.
+    pub fn server_within(
+        mut stream: TcpStream,
+        key: &Key,
+        idle: Duration,
+        handshake: Duration,
+    ) -> Result<Channel, HandshakeError> {
+        let limit = handshake.min(idle);
+        let deadline = Instant::now() + limit;
+        let late = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => HandshakeError::Other(anyhow::anyhow!(
+                "the peer did not complete the handshake within {}",
+                seconds(limit)
+            )),
+            _ => HandshakeError::from(e),
+        };
         let ours = nonce().map_err(HandshakeError::Other)?;
         let mut hello = Vec::with_capacity(40);
         hello.extend_from_slice(MAGIC);
         hello.extend_from_slice(&ours);
         stream.write_all(&hello)?;
         let mut msg = [0u8; 72];
-        stream.read_exact(&mut msg)?;
+        // The magic first: anything else (an HTTP request, a scanner) is refused at once.
+        read_by(&mut stream, &mut msg[..8], deadline).map_err(late)?;
         if &msg[..8] != MAGIC {
             return Err(HandshakeError::Other(anyhow::anyhow!("the peer does not speak the migrate protocol")));
         }
+        read_by(&mut stream, &mut msg[8..], deadline).map_err(late)?;
+        stream.set_read_timeout(Some(idle))?;
         let theirs: [u8; 32] = msg[8..40].try_into().expect("32 bytes");
         let proof: [u8; 32] = msg[40..].try_into().expect("32 bytes");
         if key.mac(&[b"client", &ours, &theirs]) != blake3::Hash::from(proof) {
@@ -167,11 +198,13 @@ impl Channel {
         }
         stream.write_all(key.mac(&[b"server", &theirs, &ours]).as_bytes())?;
         let session = Key(*key.mac(&[b"session", &ours, &theirs]).as_bytes());
-        Ok(Channel { stream, session, sent: 0, received: 0 })
+        Ok(Channel { stream, session, sent: 0, received: 0, wait: idle.into() })
     }
 
     pub fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
-        self.stream.set_read_timeout(Some(t))
+        self.stream.set_read_timeout(Some(t))?;
+        self.wait.set(t);
+        Ok(())
     }
 
     pub fn peer(&self) -> String {
@@ -195,14 +228,24 @@ impl Channel {
 
     /// Receives one frame: (kind, payload), authenticated.
     pub fn recv(&mut self) -> Result<(u8, Vec<u8>)> {
+        let wait = self.wait.get();
         let mut head = [0u8; 5];
-        self.stream.read_exact(&mut head).map_err(|e| eof_or_timeout(e, "a frame"))?;
+        self.stream.read_exact(&mut head).map_err(|e| eof_or_timeout(e, "a frame", wait))?;
         let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
         if len > MAX_FRAME {
             bail!("the peer sent a frame of {len} bytes (at most {MAX_FRAME} are accepted)");
         }
         let mut body = vec![0u8; len + 32];
-        self.stream.read_exact(&mut body).map_err(|e| eof_or_timeout(e, "a frame"))?;
+        // Once begun, the whole frame must arrive within the same time: a peer trickling
+        // bytes cannot hold the connection.
+        let whole = read_by(&mut self.stream, &mut body, Instant::now() + wait);
+        self.stream.set_read_timeout(Some(wait)).context("cannot set the read timeout")?;
+        whole.map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => {
+                anyhow::anyhow!("the peer took more than {} to send a frame of {len} bytes", seconds(wait))
+            }
+            _ => eof_or_timeout(e, "a frame", wait),
+        })?;
         let (payload, mac) = body.split_at(len);
         let want = self.session.mac(&[b"frame", &self.received.to_le_bytes(), &head, payload]);
         if want != blake3::Hash::from(<[u8; 32]>::try_from(mac).expect("32 bytes")) {
@@ -221,11 +264,36 @@ fn frame_head(kind: u8, len: usize) -> [u8; 5] {
     h
 }
 
-fn eof_or_timeout(e: std::io::Error, what: &str) -> anyhow::Error {
+/// Reads `buf` whole by `deadline`, however the peer spreads its bytes (a timeout is
+/// `TimedOut`). Leaves the stream's read timeout changed.
+fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// "30 s", "0.5 s".
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+fn eof_or_timeout(e: std::io::Error, what: &str, wait: Duration) -> anyhow::Error {
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof => anyhow::anyhow!("the peer closed the connection while sending {what}"),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            anyhow::anyhow!("the peer sent nothing for {} s", IDLE.as_secs())
+            anyhow::anyhow!("the peer sent nothing for {}", seconds(wait))
         }
         _ => anyhow::Error::new(e).context(format!("reading {what}")),
     }
