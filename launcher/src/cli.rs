@@ -22,6 +22,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIG", default_value = "USR2", value_parser = crate::signals::parse_checkpoint_signal)]
     pub signal: i32,
 
+    /// Checkpoint the program (and its tree) every SECS seconds into the checkpoint directory,
+    /// leaving it running
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    pub interval: Option<f64>,
+
+    /// With --interval: keep the newest N images of the program, remove older ones
+    #[arg(long, value_name = "N", default_value = "3", requires = "interval", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: u32,
+
     /// The program to run and its arguments
     #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<OsString>,
@@ -154,6 +163,11 @@ pub struct ResumeArgs {
     #[arg(long, value_name = "DIR", requires = "listen")]
     pub spool: Option<PathBuf>,
 
+    /// With --listen: drop a peer that sends nothing for this long [default: 30]; the handshake
+    /// must be over within 10 s, or this if shorter (hidden: for tests and very slow links)
+    #[arg(long, value_name = "SECS", requires = "listen", hide = true, value_parser = parse_timeout)]
+    pub idle_timeout: Option<f64>,
+
     /// Tell whoever holds the other end of this socket when the tree is restored, and let it
     /// lift the network lock (used by --listen)
     #[arg(long, value_name = "FD", hide = true)]
@@ -185,6 +199,13 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(t) if t.is_finite() && t > 0.0 && t <= 1e9 => Ok(t),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v >= 0.1 && v.is_finite() => Ok(v),
+        _ => Err(format!("{text:?} is not an interval of at least 0.1 seconds")),
     }
 }
 

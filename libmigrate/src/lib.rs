@@ -63,6 +63,7 @@ fn start_managed() {
     tree::join(pid);
     let dir = env::var_bytes("MIGRATE_CKPT_DIR").or_else(resources::files_cwd).unwrap_or_else(|| b".".to_vec());
     let _ = checkpoint::DEFAULT_DIR.set(dir);
+    checkpoint::configure_periodic(pid);
     let _ = checkpoint::LD_PRELOAD.set(env::var("LD_PRELOAD").unwrap_or_default());
     if let Err(e) = checkpoint::suspend::install_handlers() {
         info!("cannot install signal handlers ({e}); checkpoints are disabled in this process");

@@ -34,6 +34,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     cmd.env("GLIBC_TUNABLES", with_rseq_off(std::env::var_os("GLIBC_TUNABLES").as_deref()));
     cmd.env("MIGRATE_CKPT_DIR", &ckpt_dir);
     cmd.env("MIGRATE_SIGNAL", args.signal.to_string());
+    // Periodic checkpoints, for the program itself (same pid: we exec), not its descendants.
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    match args.interval {
+        Some(secs) => cmd.env("MIGRATE_INTERVAL", format!("{}:{}:{me}", (secs * 1000.0) as u64, args.keep)),
+        None => cmd.env_remove("MIGRATE_INTERVAL"),
+    };
     // The program starts a process tree of its own (even under another managed program).
     // SAFETY: getpid has no preconditions. We exec: the program keeps this pid.
     cmd.env("MIGRATE_NEW_TREE", unsafe { libc::getpid() }.to_string());

@@ -124,8 +124,14 @@ pub fn next_incoming() -> Incoming {
             libc::pollfd { fd: ctl, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
         ];
-        if sys::poll(&mut fds, -1).is_err() {
-            continue;
+        match sys::poll(&mut fds, super::periodic_wait_ms()) {
+            Ok(0) => {
+                let mut req = Request::new();
+                req.periodic = true;
+                return Incoming::User(req, None);
+            }
+            Ok(_) => {}
+            Err(_) => continue,
         }
         if fds[1].revents & libc::POLLIN != 0 {
             let mut b = [0u8; 8];

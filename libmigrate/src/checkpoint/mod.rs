@@ -29,11 +29,90 @@ pub struct Request {
     /// Keep the tree frozen once the image is written, answer `ok held <bytes>`, and wait for
     /// `commit` (the tree dies, as with kill) or `abort` (it goes on); a lost connection aborts.
     pub hold: bool,
+    /// A periodic checkpoint (migrate-run --interval): quiet, and older images are pruned.
+    pub periodic: bool,
 }
 
 impl Request {
     pub fn new() -> Self {
-        Request { kill: false, with_binaries: false, dir: None, lock: String::new(), image_fd: None, hold: false }
+        Request {
+            kill: false,
+            with_binaries: false,
+            dir: None,
+            lock: String::new(),
+            image_fd: None,
+            hold: false,
+            periodic: false,
+        }
+    }
+}
+
+/// Periodic checkpoints (migrate-run --interval SECS --keep N): the checkpoint thread wakes
+/// every PERIOD_MS and checkpoints the tree, leaving it running, then removes all but the
+/// newest KEEP images of the program. Statics: a resumed program carries on with them (its
+/// CLOCK_MONOTONIC continues in its time namespace).
+static PERIOD_MS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static KEEP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static NEXT_DUE_NS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Reads MIGRATE_INTERVAL (`<ms>:<keep>:<pid>`): only the process migrate-run started (its
+/// pid) checkpoints periodically; its descendants do not (a fork child inherits the statics).
+pub fn configure_periodic(pid: i32) {
+    let spec = crate::env::var("MIGRATE_INTERVAL").unwrap_or_default();
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (period, keep) = match parts.as_slice() {
+        [ms, keep, p] if p.parse::<i32>().ok() == Some(pid) => (ms.parse().unwrap_or(0), keep.parse().unwrap_or(3)),
+        _ => (0, 0),
+    };
+    PERIOD_MS.store(period, Ordering::Relaxed);
+    KEEP.store(keep, Ordering::Relaxed);
+    NEXT_DUE_NS.store(sys::monotonic_ns() + period * 1_000_000, Ordering::Relaxed);
+}
+
+/// How long the checkpoint thread may wait for a request before a periodic checkpoint is due
+/// (poll timeout in ms; -1: no periodic checkpoints).
+pub fn periodic_wait_ms() -> i32 {
+    let period = PERIOD_MS.load(Ordering::Relaxed);
+    if period == 0 {
+        return -1;
+    }
+    let now = sys::monotonic_ns();
+    let mut due = NEXT_DUE_NS.load(Ordering::Relaxed);
+    // A clock that jumped (a resume with --host-clocks): one period from now.
+    if due > now + period * 1_000_000 {
+        due = now + period * 1_000_000;
+        NEXT_DUE_NS.store(due, Ordering::Relaxed);
+    }
+    (due.saturating_sub(now) / 1_000_000).min(i32::MAX as u64) as i32
+}
+
+fn schedule_next_periodic() {
+    let period = PERIOD_MS.load(Ordering::Relaxed);
+    if period > 0 {
+        NEXT_DUE_NS.store(sys::monotonic_ns() + period * 1_000_000, Ordering::Relaxed);
+    }
+}
+
+/// Removes all but the newest KEEP images `<name>-<vpid>-<n>.mig` next to `path`.
+fn prune_images(path: &str) {
+    let keep = KEEP.load(Ordering::Relaxed) as usize;
+    let Some((dir, file)) = path.rsplit_once('/') else { return };
+    let Some(stem) = file.strip_suffix(".mig").and_then(|f| f.rsplit_once('-')).map(|(s, _)| s) else { return };
+    let prefix = alloc::format!("{stem}-");
+    let mut images: Vec<(u64, Vec<u8>)> = sys::fs::list_dir(dir.as_bytes())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|name| {
+            let n = name.strip_prefix(prefix.as_bytes())?.strip_suffix(b".mig")?;
+            Some((sys::fs::parse_dec(n)? as u64, name.clone()))
+        })
+        .collect();
+    images.sort_unstable();
+    let excess = images.len().saturating_sub(keep.max(1));
+    for (_, name) in &images[..excess] {
+        let mut p = alloc::format!("{dir}/").into_bytes();
+        p.extend_from_slice(name);
+        let _ = sys::unlinkat(libc::AT_FDCWD, &sys::fs::cpath(&p));
     }
 }
 
@@ -106,6 +185,9 @@ pub fn thread_main() -> ! {
 /// A checkpoint request: this process coordinates its tree's checkpoint.
 fn serve_user(req: Request, mut conn: Option<Conn>) {
     let hold = req.hold;
+    let periodic = req.periodic;
+    // Any checkpoint restarts the period (a manual one counts too).
+    schedule_next_periodic();
     let mut kill = req.kill;
     // A held checkpoint: the requester decides, once it has the image, whether the tree dies
     // (its copy runs elsewhere now) or goes on.
@@ -132,6 +214,13 @@ fn serve_user(req: Request, mut conn: Option<Conn>) {
             match conn {
                 Some(c) if hold => c.reply(if kill { b"committed\n" } else { b"aborted\n" }),
                 Some(c) => c.reply(alloc::format!("ok {path}\n").as_bytes()),
+                None if periodic => {
+                    crate::debug!(
+                        "periodic checkpoint written to {path} ({} KiB, stopped for {frozen_ms} ms)",
+                        bytes / 1024
+                    );
+                    prune_images(&path);
+                }
                 None => crate::info!(
                     "checkpoint of {processes} process(es) written to {path} ({} KiB, stopped for {frozen_ms} ms)",
                     bytes / 1024
