@@ -69,10 +69,11 @@ fn send_with_fd(stream: &UnixStream, data: &[u8], fd: i32) -> std::io::Result<()
     Ok(())
 }
 
-/// Progress on a terminal (bytes, rate), nothing otherwise.
+/// Progress on a terminal (bytes, pages, rate), nothing otherwise. `total` 0: unknown.
 struct Progress {
     on: bool,
     total: u64,
+    what: &'static str,
     started: Instant,
     last: Instant,
 }
@@ -80,23 +81,32 @@ struct Progress {
 impl Progress {
     fn new(total: u64) -> Self {
         let now = Instant::now();
-        Progress { on: std::io::stderr().is_terminal(), total, started: now, last: now }
+        Progress { on: std::io::stderr().is_terminal(), total, what: "sent", started: now, last: now }
     }
     fn update(&mut self, done: u64) {
-        if !self.on || (self.last.elapsed() < Duration::from_millis(200) && done < self.total) {
+        let complete = self.total > 0 && done >= self.total;
+        if !self.on || (self.last.elapsed() < Duration::from_millis(200) && !complete) {
             return;
         }
         self.last = Instant::now();
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let of = if self.total > 0 { format!(" of {:.1}", self.total as f64 / 1e6) } else { String::new() };
         eprint!(
-            "\rmigrate-checkpoint: sent {:.1} of {:.1} MB ({} pages), {:.0} MB/s   ",
+            "\rmigrate-checkpoint: {} {:.1}{of} MB ({} pages), {:.0} MB/s   ",
+            self.what,
             done as f64 / 1e6,
-            self.total as f64 / 1e6,
             done / 4096,
             done as f64 / 1e6 / secs
         );
-        if done >= self.total {
+        if complete {
             eprintln!();
+        }
+    }
+    fn finish(&mut self, done: u64) {
+        if self.on && done > 0 {
+            self.total = done;
+            self.last = self.started;
+            self.update(done);
         }
     }
 }
@@ -157,8 +167,16 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
     let tree = super::netlock::tree_of(pid);
     let mut known = std::collections::HashSet::new();
     let ahead = if args.precopy || (!args.no_precopy && resident(&tree) > 64 << 20) {
-        let sent = precopy::run(&tree, &mut known, |batch| channel.send(wire::PRE, batch))
-            .map_err(|e| fail(OTHER, format!("the migration to {to} failed before the program was stopped: {e:#}")))?;
+        let mut progress = Progress::new(0);
+        progress.what = "sent ahead";
+        let mut ahead = 0u64;
+        let sent = precopy::run(&tree, &mut known, |batch| {
+            ahead += batch.len() as u64;
+            progress.update(ahead);
+            channel.send(wire::PRE, batch)
+        })
+        .map_err(|e| fail(OTHER, format!("the migration to {to} failed before the program was stopped: {e:#}")))?;
+        progress.finish(ahead);
         Some(sent)
     } else {
         None
