@@ -364,10 +364,20 @@ pub fn restore(
                     return Err(format!("cannot recreate timerfd {} (clock {clock}): {}", f.fd, sys::Errno(-r as i32)));
                 }
                 let fd = r as i32;
-                // Armed again with the time that was left (relative), and the same interval.
+                // Armed again with the time that was left (relative), and the same interval. A
+                // timer that had expired without being read yet shows 0 left (the kernel re-arms
+                // a periodic timerfd only when it is read): it expires at once instead, or it
+                // would stay disarmed for good and its expiration would be lost.
+                // (With its unread expirations put back below, the next one is a period away.)
+                let left = match (*value_ns, *interval_ns) {
+                    (0, 0) => 0,
+                    (0, period) if *ticks > 0 => period,
+                    (0, _) => 1,
+                    (v, _) => v,
+                };
                 let spec = libc::itimerspec {
                     it_interval: sys::timespec_from_ns(*interval_ns),
-                    it_value: sys::timespec_from_ns(*value_ns),
+                    it_value: sys::timespec_from_ns(left),
                 };
                 // SAFETY: a valid itimerspec for timerfd_settime.
                 unsafe {
@@ -385,7 +395,26 @@ pub fn restore(
                     const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
                     let mut t = *ticks;
                     // SAFETY: the ioctl reads one u64.
-                    let _ = unsafe { sys::ioctl_ptr(fd, TFD_IOC_SET_TICKS, &mut t as *mut u64 as *mut u8) };
+                    let set = unsafe { sys::ioctl_ptr(fd, TFD_IOC_SET_TICKS, &mut t as *mut u64 as *mut u8) };
+                    if set.is_err() {
+                        // A kernel without it: at least one expiration is seen at once.
+                        let spec = libc::itimerspec {
+                            it_interval: sys::timespec_from_ns(*interval_ns),
+                            it_value: sys::timespec_from_ns(1),
+                        };
+                        // SAFETY: a valid itimerspec for timerfd_settime.
+                        unsafe {
+                            sys::syscall6(
+                                libc::SYS_timerfd_settime,
+                                fd as usize,
+                                0,
+                                &spec as *const libc::itimerspec as usize,
+                                0,
+                                0,
+                                0,
+                            )
+                        };
+                    }
                 }
                 set_status_flags(fd, *flags as i32);
                 Some(fd)
