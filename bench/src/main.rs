@@ -6,9 +6,14 @@
 //! program writes its next line, which must continue the count. CRIU is measured beside, the
 //! same way and alternating with ours, when a working criu is installed.
 //!
-//! Usage: `cargo run --release -p migrate-bench -- [--sizes 1,64,256,1024] [--runs 3] [--json out.json]`
+//! Then the overhead while running (overhead.rs): redis-server's throughput under
+//! redis-benchmark, plain and managed, and the time migrate-run adds to a program's start.
+//!
+//! Usage: `cargo run --release -p migrate-bench -- [--sizes 1,64,256,1024] [--runs 3] [--json out.json]
+//! [--overhead | --no-overhead]`
 
 mod measure;
+mod overhead;
 mod proc;
 mod report;
 mod sys;
@@ -16,6 +21,7 @@ mod sys;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use measure::{Bench, Bins, RunResult, WORKLOAD};
+use overhead::{Overhead, OverheadReport, RedisParams};
 use proc::{Detach, Group, WorkDir};
 use report::{Report, SizeReport, Summary};
 use std::os::fd::AsFd;
@@ -38,6 +44,39 @@ struct Cli {
     /// Runs per size (medians are reported)
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     runs: u32,
+
+    /// Measure only the overhead while running (redis throughput, start-up), not the sizes
+    #[arg(long, conflicts_with_all = ["sizes", "runs", "no_overhead", "install_criu", "no_drop_caches"])]
+    overhead: bool,
+
+    /// Do not measure the overhead while running after the size table
+    #[arg(long)]
+    no_overhead: bool,
+
+    /// Overhead: redis runs of each kind, plain and managed alternating (medians are reported)
+    #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    redis_runs: u32,
+
+    /// Overhead: requests per redis-benchmark test (-n), for SET and for GET
+    #[arg(long, value_name = "N", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1000..=1_000_000_000))]
+    redis_requests: u64,
+
+    /// Overhead: requests pipelined per connection (redis-benchmark -P)
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    redis_pipeline: u32,
+
+    /// Overhead: parallel connections (redis-benchmark -c)
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    redis_clients: u32,
+
+    /// Overhead: do not pin redis-server and redis-benchmark to CPUs of their own
+    #[arg(long)]
+    no_pin: bool,
+
+    /// Overhead: starts of each kind for the start-up time (medians are reported)
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    startup_runs: u32,
 
     /// Directory in which to create the work directory for images (should be tmpfs)
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
@@ -86,10 +125,12 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     let bins = Bins::locate(&bin_dir)?;
     ensure!(Path::new(WORKLOAD).is_file(), "the workload {WORKLOAD} is missing: rebuild migrate-bench");
 
+    // The size table, unless only the overhead is asked for.
+    let sizes = !cli.overhead;
     if cli.install_criu {
         install_criu();
     }
-    let (criu, criu_status) = detect_criu();
+    let (criu, criu_status) = if sizes { detect_criu() } else { (None, "not used (--overhead)".into()) };
     eprintln!("{criu_status}");
 
     let work = WorkDir::create(&cli.dir)?;
@@ -100,7 +141,7 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
             cli.dir.display()
         );
     }
-    let drop_caches = !cli.no_drop_caches && sys::is_root() && {
+    let drop_caches = sizes && !cli.no_drop_caches && sys::is_root() && {
         match sys::drop_caches() {
             Ok(()) => true,
             Err(e) => {
@@ -123,7 +164,7 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
     let bench = Bench { bins: &bins, dir: work.path(), drop_caches, criu: criu.as_deref() };
 
     let mut rows = Vec::new();
-    for &mib in &cli.sizes {
+    for &mib in cli.sizes.iter().filter(|_| sizes) {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         // Ours and CRIU's alternate, so that both see the same conditions.
@@ -143,17 +184,37 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
             criu: criu.is_some().then(|| Summary::new(theirs)),
         });
     }
+    let overhead = (!cli.no_overhead).then(|| measure_overhead(cli, &bins, work.path()));
     drop(work);
 
-    let report = Report { machine, runs: rows };
+    let report = Report { machine, runs: rows, overhead };
     print!("{}", report.render());
     if let Some(path) = &cli.json {
         let text = serde_json::to_string_pretty(&report).context("cannot serialize the report")?;
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    let failed = report.runs.iter().any(|r| r.migrate.failed_runs > 0);
+    let failed = report.runs.iter().any(|r| r.migrate.failed_runs > 0)
+        || report.overhead.as_ref().is_some_and(OverheadReport::failed);
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// The overhead section: redis throughput plain and managed, then the start-up times.
+fn measure_overhead(cli: &Cli, bins: &Bins, dir: &Path) -> OverheadReport {
+    let o = Overhead { bins, dir };
+    let params = RedisParams {
+        runs: cli.redis_runs,
+        requests: cli.redis_requests,
+        pipeline: cli.redis_pipeline,
+        clients: cli.redis_clients,
+        pin: if cli.no_pin { None } else { overhead::default_pin() },
+    };
+    let redis = o.redis(&params);
+    let startup = overhead::startup_programs()
+        .iter()
+        .map(|(label, program)| o.startup(label, program, cli.startup_runs))
+        .collect();
+    OverheadReport { redis, startup }
 }
 
 fn progress(mib: u64, run: u32, runs: u32, tool: &str, r: &RunResult) {
@@ -241,5 +302,11 @@ mod tests {
         let cli = Cli::try_parse_from(["migrate-bench"]).unwrap();
         assert_eq!(cli.sizes, [1, 64, 256, 1024]);
         assert!(Cli::try_parse_from(["migrate-bench", "--sizes", "0"]).is_err());
+        assert!(!cli.overhead && !cli.no_overhead);
+        let cli = Cli::try_parse_from(["migrate-bench", "--overhead", "--redis-runs", "3"]).unwrap();
+        assert!(cli.overhead);
+        assert_eq!(cli.redis_runs, 3);
+        assert!(Cli::try_parse_from(["migrate-bench", "--overhead", "--sizes", "1"]).is_err());
+        assert!(Cli::try_parse_from(["migrate-bench", "--overhead", "--no-overhead"]).is_err());
     }
 }

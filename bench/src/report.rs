@@ -1,6 +1,7 @@
 //! Medians, the table, the targets and the JSON report.
 
 use crate::measure::RunResult;
+use crate::overhead::OverheadReport;
 use crate::sys::Machine;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -9,6 +10,13 @@ use std::fmt::Write as _;
 pub const FIXED_COST_MS: f64 = 20.0;
 /// The 1 GiB checkpoint aim: near the tmpfs write limit (BENCHMARKS.md, "Our targets").
 const GIB_CKPT_AIM_MS: f64 = 400.0;
+/// Interposition target: a managed redis-server under redis-benchmark keeps at least this share
+/// of its unmanaged throughput (BENCHMARKS.md, "Our targets").
+pub const REDIS_RATIO_MIN: f64 = 0.98;
+/// Start-up target: migrate-run adds less than this to the start of a program.
+pub const STARTUP_ADDED_MS: f64 = 5.0;
+/// Runs of one kind whose throughputs lie further apart than this (max/min - 1) were disturbed.
+const NOISY_SPREAD: f64 = 0.10;
 
 /// One tool at one size: medians of the successful measurements, and every run.
 #[derive(Clone, Debug, Serialize)]
@@ -35,7 +43,7 @@ impl Summary {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -56,6 +64,8 @@ pub struct SizeReport {
 pub struct Report {
     pub machine: Machine,
     pub runs: Vec<SizeReport>,
+    /// The overhead while running; None when not measured (`--no-overhead`).
+    pub overhead: Option<OverheadReport>,
 }
 
 fn size_label(mib: u64) -> String {
@@ -78,10 +88,18 @@ fn cell_mb(v: Option<u64>, failed: bool) -> String {
     }
 }
 
-/// `ours` against `limit` (smaller is better): "0.63x ok" or "1.20x MISSED".
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "MISSED"
+    }
+}
+
+/// `ours` against `theirs` (smaller is better): "0.63x MET" or "1.20x MISSED".
 fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
     match (ours, theirs) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x {}", a / b, if a <= b { "ok" } else { "MISSED" }),
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x {}", a / b, met(a <= b)),
         (None, _) => "FAILED".into(),
         _ => "n/a".into(),
     }
@@ -89,16 +107,33 @@ fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
 
 fn under(ours: Option<f64>, limit: f64) -> String {
     match ours {
-        Some(v) => format!("{v:.1} ms {}", if v < limit { "ok" } else { "MISSED" }),
+        Some(v) => format!("{v:.1} ms {}", met(v < limit)),
         None => "FAILED".into(),
     }
 }
 
 impl Report {
-    /// The table, the targets and the failures, for stdout.
+    /// The table, the overhead section, the targets and the failures, for stdout.
     pub fn render(&self) -> String {
         let m = &self.machine;
         let mut s = String::new();
+        if self.runs.is_empty() {
+            let _ = writeln!(s, "migrate benchmark — {}, {} cores, kernel {}", m.cpu, m.nproc, m.kernel);
+        } else {
+            self.render_sizes(&mut s);
+        }
+        if let Some(o) = &self.overhead {
+            if !self.runs.is_empty() {
+                let _ = writeln!(s);
+            }
+            render_overhead(o, &mut s);
+        }
+        s
+    }
+
+    /// The size table, its targets and its failures.
+    fn render_sizes(&self, s: &mut String) {
+        let m = &self.machine;
         let fs_note = if m.image_fs == "tmpfs" { "tmpfs".to_string() } else { format!("NOT tmpfs: {}", m.image_fs) };
         let _ = writeln!(
             s,
@@ -164,7 +199,6 @@ impl Report {
                 let _ = writeln!(s, "{f}");
             }
         }
-        s
     }
 
     fn targets(&self, row: &SizeReport) -> String {
@@ -200,6 +234,141 @@ impl Report {
     }
 }
 
+fn cell(v: Option<f64>, decimals: usize, failed: bool) -> String {
+    match v {
+        Some(v) => format!("{v:.decimals$}"),
+        None if failed => "FAILED".into(),
+        None => "-".into(),
+    }
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "-".into())
+}
+
+/// The overhead section: redis throughput, start-up times, their targets and failures.
+fn render_overhead(o: &OverheadReport, s: &mut String) {
+    let _ = writeln!(s, "overhead while running — warm caches, plain and managed alternating");
+    let r = &o.redis;
+    match &r.skipped {
+        Some(why) => {
+            let _ = writeln!(s, "redis: skipped: {why}");
+        }
+        None => {
+            let p = &r.params;
+            let pin = match p.pin {
+                Some((server, client)) => format!("server on CPU {server}, client on CPU {client}"),
+                None => "not pinned".into(),
+            };
+            let _ = writeln!(
+                s,
+                "redis: {} under redis-benchmark {} ({pin}); median of {} runs each",
+                r.server,
+                p.benchmark_args(),
+                p.runs
+            );
+            let _ = writeln!(
+                s,
+                "{:<9}| {:>11} | {:>13} | {:>13} || {:>22} | {:>7}",
+                "test", "plain req/s", "managed req/s", "managed/plain", "server CPU µs/req plain", "managed"
+            );
+            let (pf, mf) = (r.plain.failed_runs > 0, r.managed.failed_runs > 0);
+            let rows = [
+                ("SET", r.plain.set_rps, r.managed.set_rps, None, None),
+                ("GET", r.plain.get_rps, r.managed.get_rps, None, None),
+                (
+                    "SET+GET",
+                    r.plain.rps,
+                    r.managed.rps,
+                    r.plain.server_cpu_us_per_request,
+                    r.managed.server_cpu_us_per_request,
+                ),
+            ];
+            for (test, plain, managed, plain_cpu, managed_cpu) in rows {
+                let share = plain.zip(managed).filter(|(p, _)| *p > 0.0).map(|(p, m)| m / p);
+                let (pc, mc) = if test == "SET+GET" {
+                    (cell(plain_cpu, 3, pf), cell(managed_cpu, 3, mf))
+                } else {
+                    (String::new(), String::new())
+                };
+                let _ = writeln!(
+                    s,
+                    "{test:<9}| {:>11} | {:>13} | {:>13} || {pc:>22} | {mc:>7}",
+                    cell(plain, 0, pf),
+                    cell(managed, 0, mf),
+                    percent(share)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "runs' spread (max/min - 1): plain {}, managed {}",
+                percent(r.plain.spread),
+                percent(r.managed.spread)
+            );
+        }
+    }
+    let runs = o.startup.first().map_or(0, |st| st.runs);
+    let _ = writeln!(s, "start-up: from spawning the program to its exit, median of {runs} runs each");
+    let w = o.startup.iter().map(|st| st.label.len() + 1).max().unwrap_or(0).max(8);
+    let _ = writeln!(s, "{:<w$}| {:>8} | {:>10} | {:>8}", "program", "plain ms", "managed ms", "added ms");
+    for st in &o.startup {
+        let f = st.failed.is_some();
+        let _ = writeln!(
+            s,
+            "{:<w$}| {:>8} | {:>10} | {:>8}",
+            st.label,
+            cell(st.plain_ms, 2, f),
+            cell(st.managed_ms, 2, f),
+            cell(st.added_ms, 2, f)
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "overhead targets:");
+    let mut redis = match (&r.skipped, r.ratio) {
+        (Some(_), _) => "not measured (redis not installed)".to_string(),
+        (None, Some(ratio)) => format!("{} {}", percent(Some(ratio)), met(ratio >= REDIS_RATIO_MIN)),
+        (None, None) => "FAILED".into(),
+    };
+    // Throughput on a shared machine swings with the other load; say so, with the figure that
+    // does not (much).
+    let spread = r.plain.spread.into_iter().chain(r.managed.spread).fold(0.0f64, f64::max);
+    if r.skipped.is_none() && spread > NOISY_SPREAD {
+        let cpu = r.managed.server_cpu_us_per_request.zip(r.plain.server_cpu_us_per_request).map(|(m, p)| m / p);
+        redis += &format!(
+            " (runs spread up to {}: other load on the machine; server CPU per request, managed/plain: {})",
+            percent(Some(spread)),
+            percent(cpu)
+        );
+    }
+    let _ = writeln!(s, "redis     managed throughput ≥ {:.0}% of plain: {redis}", REDIS_RATIO_MIN * 100.0);
+    let startup: Vec<String> = o
+        .startup
+        .iter()
+        .map(|st| match st.added_ms {
+            Some(a) if st.failed.is_none() => format!("{} {a:.2} ms {}", st.label, met(a < STARTUP_ADDED_MS)),
+            _ => format!("{} FAILED", st.label),
+        })
+        .collect();
+    let _ = writeln!(s, "start-up  added < {STARTUP_ADDED_MS:.0} ms: {}", startup.join("; "));
+    let mut failures: Vec<String> = r
+        .all_runs
+        .iter()
+        .filter_map(|run| {
+            let kind = if run.managed { "managed" } else { "plain" };
+            run.failed.as_ref().map(|why| format!("redis {kind} run: FAILED: {why}"))
+        })
+        .collect();
+    failures.extend(
+        o.startup.iter().filter_map(|st| st.failed.as_ref().map(|why| format!("start-up {}: FAILED: {why}", st.label))),
+    );
+    if !failures.is_empty() {
+        let _ = writeln!(s);
+        for f in failures {
+            let _ = writeln!(s, "{f}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,8 +392,56 @@ mod tests {
     }
 
     #[test]
+    fn overhead_targets() {
+        use crate::overhead::{RedisParams, RedisReport, RedisSummary, StartupReport};
+        let summary = |rps: f64, spread: f64| RedisSummary {
+            set_rps: Some(rps),
+            get_rps: Some(rps),
+            rps: Some(rps),
+            server_cpu_us_per_request: Some(0.5),
+            spread: Some(spread),
+            failed_runs: 0,
+        };
+        let startup = |added: f64| StartupReport {
+            label: "/bin/true".into(),
+            program: "/bin/true".into(),
+            plain_ms: Some(1.0),
+            managed_ms: Some(1.0 + added),
+            added_ms: Some(added),
+            runs: 3,
+            failed: None,
+            all_plain_ms: vec![],
+            all_managed_ms: vec![],
+        };
+        let report = |managed: f64, spread: f64, added: f64| {
+            let mut s = String::new();
+            let o = OverheadReport {
+                redis: RedisReport {
+                    skipped: None,
+                    server: "redis-server 7".into(),
+                    params: RedisParams { runs: 3, requests: 1000, pipeline: 16, clients: 50, pin: None },
+                    plain: summary(100.0, spread),
+                    managed: summary(managed, spread),
+                    ratio: Some(managed / 100.0),
+                    all_runs: vec![],
+                },
+                startup: vec![startup(added)],
+            };
+            render_overhead(&o, &mut s);
+            s
+        };
+        let good = report(99.0, 0.01, 1.5);
+        assert!(good.contains("≥ 98% of plain: 99.0% MET\n"), "{good}");
+        assert!(good.contains("/bin/true 1.50 ms MET"), "{good}");
+        let bad = report(90.0, 0.5, 6.0);
+        assert!(bad.contains("90.0% MISSED (runs spread up to 50.0%"), "{bad}");
+        assert!(bad.contains("managed/plain: 100.0%)"), "{bad}");
+        assert!(bad.contains("/bin/true 6.00 ms MISSED"), "{bad}");
+    }
+
+    #[test]
     fn ratios() {
-        assert_eq!(ratio(Some(1.0), Some(2.0)), "0.50x ok");
+        assert_eq!(ratio(Some(1.0), Some(2.0)), "0.50x MET");
         assert_eq!(ratio(Some(3.0), Some(2.0)), "1.50x MISSED");
         assert_eq!(ratio(None, Some(2.0)), "FAILED");
         assert_eq!(ratio(Some(1.0), None), "n/a");

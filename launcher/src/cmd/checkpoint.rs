@@ -6,7 +6,8 @@
 
 use crate::cli::CheckpointArgs;
 use crate::exit::{fail, CHECKPOINT, PROCESS, USAGE};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::MetadataExt;
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 const STARTUP_GRACE: Duration = Duration::from_secs(2);
 /// Longest reply line accepted.
 const MAX_REPLY: usize = 64 << 10;
+/// How often the progress line is updated while the image is written.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(200);
 
 /// The abstract socket name (without the leading NUL) of a process's control socket.
 pub fn control_socket_name(pid: i32) -> String {
@@ -101,7 +104,14 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
         .and_then(|_| {
             stream.write_all(request.as_bytes()).map_err(|e| io_failure(pid, e, args.timeout, "sending the request"))
         })
-        .and_then(|_| read_reply(&mut stream, pid, deadline, args.timeout));
+        .and_then(|_| {
+            let mut progress = Progress::new(pid);
+            let reply = read_reply_with(&mut stream, pid, deadline, args.timeout, progress.as_mut());
+            if let Some(p) = progress {
+                p.finish();
+            }
+            reply
+        });
     let parsed = match reply {
         Ok(line) => match parse_reply(&line) {
             Ok(Reply::Ok(path)) => Ok(PathBuf::from(path)),
@@ -253,11 +263,23 @@ fn io_failure(pid: i32, e: io::Error, timeout: f64, doing: &str) -> anyhow::Erro
 
 /// Reads the one reply line, bounded by the deadline.
 pub(crate) fn read_reply(stream: &mut UnixStream, pid: i32, deadline: Instant, timeout: f64) -> anyhow::Result<String> {
+    read_reply_with(stream, pid, deadline, timeout, None)
+}
+
+/// `read_reply`, updating `progress` every PROGRESS_PERIOD while waiting.
+fn read_reply_with(
+    stream: &mut UnixStream,
+    pid: i32,
+    deadline: Instant,
+    timeout: f64,
+    mut progress: Option<&mut Progress>,
+) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         let left = remaining(deadline).ok_or_else(|| timed_out(pid, timeout))?;
-        stream.set_read_timeout(Some(left))?;
+        let wait = if progress.is_some() { left.min(PROGRESS_PERIOD) } else { left };
+        stream.set_read_timeout(Some(wait))?;
         match stream.read(&mut chunk) {
             Ok(0) => {
                 if buf.is_empty() {
@@ -281,10 +303,78 @@ pub(crate) fn read_reply(stream: &mut UnixStream, pid: i32, deadline: Instant, t
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+                    && progress.is_some()
+                    && remaining(deadline).is_some() =>
+            {
+                if let Some(p) = progress.as_mut() {
+                    p.update();
+                }
+            }
             Err(e) => return Err(io_failure(pid, e, timeout, "waiting for the reply")),
         }
     }
     Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The checkpoint's progress on a terminal: the image's size as the process writes it, and the
+/// rate. Nothing when stderr is not a terminal.
+///
+/// The image is found among the process's descriptors: while it writes one, the coordinating
+/// process (the one we asked) holds it open as `<dir>/.<name>-<pid>.mig.tmp`, whichever
+/// directory it was given or defaults to. It is opened here once found, so its size can be read
+/// until the reply, also after it is renamed to its final name.
+struct Progress {
+    pid: i32,
+    started: Instant,
+    image: Option<File>,
+    shown: bool,
+}
+
+impl Progress {
+    fn new(pid: i32) -> Option<Progress> {
+        io::stderr().is_terminal().then(|| Progress { pid, started: Instant::now(), image: None, shown: false })
+    }
+
+    fn update(&mut self) {
+        if self.image.is_none() {
+            self.image = find_image_being_written(self.pid);
+        }
+        let Some(len) = self.image.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()) else {
+            return;
+        };
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        eprint!(
+            "\r\x1b[Kmigrate-checkpoint: process {}: {:.1} MB written, {:.0} MB/s",
+            self.pid,
+            len as f64 / 1e6,
+            len as f64 / 1e6 / secs
+        );
+        self.shown = true;
+    }
+
+    /// Clears the progress line.
+    fn finish(self) {
+        if self.shown {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+/// The image file process `pid` is writing (a descriptor to `*.mig.tmp`), opened for reading.
+fn find_image_being_written(pid: i32) -> Option<File> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<u32> =
+        std::fs::read_dir(&dir).ok()?.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    // libmigrate keeps its own descriptors (the image among them) at high numbers.
+    fds.sort_unstable_by(|a, b| b.cmp(a));
+    fds.into_iter().find_map(|fd| {
+        let link = format!("{dir}/{fd}");
+        let target = std::fs::read_link(&link).ok()?;
+        let name = target.file_name()?.to_str()?;
+        (name.starts_with('.') && name.ends_with(".mig.tmp")).then(|| File::open(&link).ok())?
+    })
 }
 
 /// Waits until the process is gone (exited, zombie included); false on timeout.
