@@ -7,9 +7,11 @@
 //! | table_offset      | ...   | section table: postcard `Vec<SectionEntry>`                    |
 //! | end - 40          | 40    | trailer: table offset, table length, table checksum, magic     |
 //!
-//! Every section and the table carry an xxh3-64 checksum. The header is written first and the
-//! trailer last, so an image can be streamed without seeking; a truncated image has no valid
-//! trailer. All integers are little-endian.
+//! Every section and the table carry an xxh3-64 checksum; the header's padding and the
+//! alignment padding between sections are zeros, which the reader checks too, so no byte of an
+//! image goes unchecked. The header is written first and the trailer last, so an image can be
+//! streamed without seeking; a truncated image has no valid trailer. Sections never overlap and
+//! no two have the same kind. All integers are little-endian.
 
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -58,8 +60,9 @@ pub enum ImageError {
     Write(io::Error),
 }
 
-/// What a section holds. `proc` indexes `TreeMeta::processes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What a section holds. `proc` indexes `TreeMeta::processes`. An image holds at most one
+/// section of each kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SectionKind {
     /// postcard-encoded [`crate::schema::TreeMeta`]: the processes and what they share.
     Tree,
@@ -237,6 +240,17 @@ impl<S: Sink> ImageWriter<S> {
 
 /// Reads and verifies an image file. Every length read from the file is bounded by the file's
 /// size before anything is allocated.
+///
+/// What is checked where (the image is untrusted input):
+/// - `open`: magic, header checksum, version, that the rest of the header is zeros, trailer
+///   checksum and magic, table checksum and bounds, and the table itself: every section inside
+///   the data area, no two overlapping, no kind twice.
+/// - `tree` / `process_meta`: the section's checksum, then the decoded structure
+///   ([`crate::schema::TreeMeta::validate`], [`crate::schema::ImageMeta::validate`]), and for a
+///   process that every mapping with stored pages has its page section, of exactly that size.
+/// - `read_section`: that section's checksum.
+/// - `verify_all`: every section's checksum, and that every byte between sections (page
+///   alignment) is zero: with `open`, a changed bit anywhere in the file is refused.
 pub struct ImageReader {
     path: PathBuf,
     file: File,
@@ -244,6 +258,8 @@ pub struct ImageReader {
     pub version: u32,
     pub flags: u32,
     sections: Vec<SectionEntry>,
+    /// Byte ranges of the data area that no section covers (alignment padding, zeros).
+    gaps: Vec<(u64, u64)>,
 }
 
 impl ImageReader {
@@ -283,6 +299,21 @@ impl ImageReader {
         }
         if len < HEADER_LEN + TRAILER_LEN {
             return Err(ImageError::Truncated { path: p(), detail: format!("{len} bytes, no trailer") });
+        }
+        // The rest of the header is reserved and written as zeros: no checksum covers it, so a
+        // changed bit there is caught here.
+        let mut reserved = [0u8; (HEADER_LEN - 24) as usize];
+        file.read_exact_at(&mut reserved, 24).map_err(io_err)?;
+        if let Some(i) = reserved.iter().position(|&b| b != 0) {
+            return Err(ImageError::Malformed {
+                path: p(),
+                what: "header".into(),
+                detail: format!(
+                    "reserved byte {} is {:#04x}, not zero: the image is corrupted; copy it again",
+                    i + 24,
+                    reserved[i]
+                ),
+            });
         }
         let mut trailer = [0u8; TRAILER_LEN as usize];
         file.read_exact_at(&mut trailer, len - TRAILER_LEN).map_err(io_err)?;
@@ -324,7 +355,25 @@ impl ImageReader {
                 });
             }
         }
-        Ok(ImageReader { path: path.to_path_buf(), file, len, version, flags, sections })
+        let gaps = layout(&sections, table_offset).map_err(|detail| ImageError::Malformed {
+            path: p(),
+            what: "section table".into(),
+            detail,
+        })?;
+        Ok(ImageReader { path: path.to_path_buf(), file, len, version, flags, sections, gaps })
+    }
+
+    /// An I/O error while reading the data area: running into the end of the file means the
+    /// file shrank (or was replaced) after `open` checked the layout.
+    fn read_error(&self, what: &str, source: io::Error) -> ImageError {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated {
+                path: self.path.clone(),
+                detail: format!("the file ended inside {what}; it changed while being read"),
+            }
+        } else {
+            ImageError::Io { path: self.path.clone(), source }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -354,10 +403,17 @@ impl ImageReader {
             what: "section reference".into(),
             detail: format!("section {index} does not exist ({} sections)", self.sections.len()),
         })?;
-        let mut buf = vec![0u8; s.length as usize];
-        self.file
-            .read_exact_at(&mut buf, s.offset)
-            .map_err(|source| ImageError::Io { path: self.path.clone(), source })?;
+        // `open` bounded the length by the file's size; a huge (sparse) file still gets an
+        // error rather than an abort when the memory is not there.
+        let len = usize::try_from(s.length).unwrap_or(usize::MAX);
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| ImageError::Malformed {
+            path: self.path.clone(),
+            what: format!("section {index} ({:?})", s.kind),
+            detail: format!("{} bytes do not fit in memory", s.length),
+        })?;
+        buf.resize(len, 0);
+        self.file.read_exact_at(&mut buf, s.offset).map_err(|e| self.read_error(&format!("section {index}"), e))?;
         let computed = xxh3_64(&buf);
         if computed != s.checksum {
             return Err(ImageError::Corrupted {
@@ -424,18 +480,57 @@ impl ImageReader {
             what: "metadata".into(),
             detail: e.to_string(),
         })?;
-        meta.validate().map_err(|detail| ImageError::Malformed {
+        meta.validate().and_then(|_| self.check_pages(proc, &meta)).map_err(|detail| ImageError::Malformed {
             path: self.path.clone(),
-            what: "metadata".into(),
+            what: format!("metadata of process {proc}"),
             detail,
         })?;
         Ok(meta)
     }
 
-    /// Verifies the checksum of every section. Reading and hashing overlap: one thread reads
-    /// the next 4 MiB while this one hashes the last (two buffers passed back and forth).
+    /// Every mapping of process `proc` with stored pages has its page section, holding exactly
+    /// those pages: the restore reads `stored_pages() * PAGE_SIZE` bytes from the section's
+    /// offset, never past its end. A page section names a mapping that stores pages.
+    fn check_pages(&self, proc: u32, meta: &crate::schema::ImageMeta) -> Result<(), String> {
+        let vmas = &meta.process.vmas;
+        for (i, v) in vmas.iter().enumerate() {
+            if v.runs.is_empty() {
+                continue;
+            }
+            let kind = SectionKind::Pages { proc, vma: i as u32 };
+            let Some(s) = self.sections.iter().find(|s| s.kind == kind) else {
+                return Err(format!("vma {i} stores pages but the image has no {kind:?} section"));
+            };
+            let want = v.stored_pages().checked_mul(PAGE_SIZE);
+            if want != Some(s.length) {
+                return Err(format!(
+                    "vma {i} stores {} pages but its section holds {} bytes",
+                    v.stored_pages(),
+                    s.length
+                ));
+            }
+        }
+        for s in &self.sections {
+            if let SectionKind::Pages { proc: q, vma } = s.kind {
+                if q == proc && vmas.get(vma as usize).is_none_or(|v| v.runs.is_empty()) {
+                    return Err(format!("section {:?} belongs to no mapping that stores pages", s.kind));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies the checksum of every section, then the padding between them. Reading and
+    /// hashing overlap: one thread reads the next 4 MiB while this one hashes the last (two
+    /// buffers passed back and forth); a small image is read and hashed on this thread alone.
     pub fn verify_all(&self) -> Result<(), ImageError> {
         const CHUNK: usize = 4 << 20;
+        let total: u64 = self.sections.iter().map(|s| s.length).sum();
+        if total <= CHUNK as u64 {
+            let mut buf = vec![0u8; (total as usize).clamp(1, 64 << 10)];
+            self.verify_sections(|_| true, &mut buf)?;
+            return self.verify_gaps();
+        }
         let io_err = |source| ImageError::Io { path: self.path.clone(), source };
         std::thread::scope(|scope| {
             let (to_hash, filled) = std::sync::mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(1);
@@ -465,8 +560,10 @@ impl ImageReader {
                 let mut hasher = Xxh3::new();
                 let mut left = s.length;
                 while left > 0 {
-                    let (buf, n) =
-                        filled.recv().map_err(|_| io_err(io::Error::other("reader stopped")))?.map_err(io_err)?;
+                    let (buf, n) = filled
+                        .recv()
+                        .map_err(|_| io_err(io::Error::other("reader stopped")))?
+                        .map_err(|e| self.read_error(&format!("section {index}"), e))?;
                     hasher.update(&buf[..n]);
                     left -= n as u64;
                     let _ = to_read.send(buf);
@@ -482,8 +579,99 @@ impl ImageReader {
                 }
             }
             Ok(())
-        })
+        })?;
+        self.verify_gaps()
     }
+
+    /// The bytes no section covers (page alignment padding) are zeros, as the writer left them.
+    fn verify_gaps(&self) -> Result<(), ImageError> {
+        let mut buf = [0u8; 4096];
+        for &(start, end) in &self.gaps {
+            let mut off = start;
+            while off < end {
+                let n = ((end - off) as usize).min(buf.len());
+                self.file.read_exact_at(&mut buf[..n], off).map_err(|e| self.read_error("the padding", e))?;
+                if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                    return Err(ImageError::Malformed {
+                        path: self.path.clone(),
+                        what: "padding between sections".into(),
+                        detail: format!(
+                            "byte {} is {:#04x}, not zero: the image is corrupted; copy it again",
+                            off + i as u64,
+                            buf[i]
+                        ),
+                    });
+                }
+                off += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies the checksums of the sections `pick` selects, one after the other on this
+    /// thread, through `buf` (nothing else is allocated). For the restore, which checks its own
+    /// process's pages just before replacing its memory with them.
+    pub fn verify_sections(&self, pick: impl Fn(&SectionEntry) -> bool, buf: &mut [u8]) -> Result<(), ImageError> {
+        let mut local = [0u8; 4096];
+        let buf = if buf.is_empty() { &mut local[..] } else { buf };
+        for (index, s) in self.sections.iter().enumerate().filter(|(_, s)| pick(s)) {
+            let mut hasher = Xxh3::new();
+            let mut off = s.offset;
+            let end = s.offset + s.length;
+            while off < end {
+                let n = ((end - off) as usize).min(buf.len());
+                self.file
+                    .read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| self.read_error(&format!("section {index}"), e))?;
+                hasher.update(&buf[..n]);
+                off += n as u64;
+            }
+            let computed = hasher.digest();
+            if computed != s.checksum {
+                return Err(ImageError::Corrupted {
+                    path: self.path.clone(),
+                    what: format!("section {index} ({:?})", s.kind),
+                    stored: s.checksum,
+                    computed,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the table's layout (sections already known to lie in `HEADER_LEN..table_offset`):
+/// no two sections share a byte or a kind. Returns the ranges between sections.
+fn layout(sections: &[SectionEntry], table_offset: u64) -> Result<Vec<(u64, u64)>, String> {
+    let mut kinds: Vec<SectionKind> = sections.iter().map(|s| s.kind).collect();
+    kinds.sort_unstable();
+    if let Some(w) = kinds.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("two sections hold {:?}", w[0]));
+    }
+    let mut order: Vec<usize> = (0..sections.len()).collect();
+    order.sort_unstable_by_key(|&i| (sections[i].offset, sections[i].length));
+    let mut gaps = Vec::new();
+    let mut cursor = HEADER_LEN;
+    let mut last: Option<usize> = None;
+    for i in order {
+        let s = &sections[i];
+        if s.length == 0 {
+            continue;
+        }
+        if s.offset < cursor {
+            let other = last.map_or(String::from("the header"), |j| format!("section {j}"));
+            return Err(format!("section {i} ({}+{}) overlaps {other}", s.offset, s.length));
+        }
+        if s.offset > cursor {
+            gaps.push((cursor, s.offset));
+        }
+        cursor = s.offset + s.length;
+        last = Some(i);
+    }
+    if cursor < table_offset {
+        gaps.push((cursor, table_offset));
+    }
+    Ok(gaps)
 }
 
 fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

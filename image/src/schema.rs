@@ -557,6 +557,16 @@ impl ImageMeta {
             if v.file.is_some_and(|f| f >= nfiles) {
                 return Err(format!("vma {i} names file {} of {nfiles}", v.file.unwrap_or(0)));
             }
+            if matches!(v.kind, VmaKind::FilePrivate | VmaKind::FileShared) && v.file.is_none() {
+                return Err(format!("vma {i} is a file mapping without a file"));
+            }
+            // What the kernel, the file, the registry or the tree section provides: no pages of
+            // its own (a restore would write them over the new registry or a shared segment).
+            let provided =
+                matches!(v.kind, VmaKind::Special | VmaKind::FileShared | VmaKind::Registry | VmaKind::SysvShm { .. });
+            if provided && !v.runs.is_empty() {
+                return Err(format!("vma {i} ({:?}) cannot have stored pages", v.kind));
+            }
             let pages = v.len() / crate::PAGE_SIZE;
             let mut next = 0u64;
             for &(first, count) in &v.runs {
