@@ -16,6 +16,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 const REGION_SIZE: usize = 4 << 30;
+const MIN_REGION_SIZE: usize = 16 << 20;
 const PAGE: usize = 4096;
 const MIN_CLASS: usize = 16;
 const NUM_CLASSES: usize = 12; // 16 B .. 32 KiB
@@ -25,6 +26,8 @@ const MAX_LARGE_FREE: usize = 256;
 struct State {
     base: usize,
     bump: usize,
+    /// Length of the region at `base` (REGION_SIZE unless an address-space limit forbids it).
+    size: usize,
     free_small: [usize; NUM_CLASSES],
     /// The current chunk of each class, handed out front to back (untouched pages stay
     /// untouched, so they cost nothing in an image).
@@ -49,6 +52,7 @@ impl Arena {
             state: core::cell::UnsafeCell::new(State {
                 base: 0,
                 bump: 0,
+                size: 0,
                 free_small: [0; NUM_CLASSES],
                 chunk_next: [0; NUM_CLASSES],
                 chunk_end: [0; NUM_CLASSES],
@@ -87,19 +91,37 @@ impl Arena {
             return true;
         }
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        match sys::mmap(0, REGION_SIZE, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) {
-            Ok(addr) => {
-                st.base = addr;
-                st.bump = addr;
-                true
+        // A reservation counts against RLIMIT_AS (ulimit -v) and, being private and writable,
+        // RLIMIT_DATA (ulimit -d) like any mapping: under a limit, take a sixteenth of it (so
+        // the program keeps its room), smaller still if that fails.
+        let limit = [libc::RLIMIT_AS, libc::RLIMIT_DATA]
+            .into_iter()
+            .filter_map(|r| sys::prlimit(r, None).ok())
+            .map(|l| l.rlim_cur)
+            .min()
+            .unwrap_or(libc::RLIM64_INFINITY);
+        let mut size = if limit == libc::RLIM64_INFINITY {
+            REGION_SIZE
+        } else {
+            ((limit / 16) as usize).clamp(MIN_REGION_SIZE, REGION_SIZE) & !(PAGE - 1)
+        };
+        loop {
+            match sys::mmap(0, size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) {
+                Ok(addr) => {
+                    st.base = addr;
+                    st.bump = addr;
+                    st.size = size;
+                    return true;
+                }
+                Err(_) if size > MIN_REGION_SIZE => size /= 2,
+                Err(_) => return false,
             }
-            Err(_) => false,
         }
     }
 
     fn bump(st: &mut State, size: usize) -> usize {
         let size = (size + PAGE - 1) & !(PAGE - 1);
-        if st.bump + size > st.base + REGION_SIZE {
+        if st.bump + size > st.base + st.size {
             return 0;
         }
         let p = st.bump;

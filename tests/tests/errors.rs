@@ -392,3 +392,48 @@ fn another_user_cannot_checkpoint_a_process() {
     assert!(images_in(dir.path()).is_empty(), "no image was written");
     p.kill();
 }
+
+/// The restore inside the new process checks that process's pages against their checksums
+/// before anything of it is restored: an image whose pages changed after migrate-resume
+/// verified it is refused, naming the section, and the program never runs. The change is made
+/// between the check and the restore by starting the program the way migrate-resume execs it
+/// (libmigrate preloaded, MIGRATE_RESTORE naming the image) on an altered copy.
+#[test]
+fn restore_refuses_pages_changed_after_migrate_resume_checked_them() {
+    let dir = temp_dir();
+    let (image, mut bytes) = real_image(dir.path());
+    let reader = migrate_image::ImageReader::open(&image).expect("the real image opens");
+    let meta = reader.meta().expect("the real image has metadata");
+    let (index, s) = reader
+        .sections()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s.kind, migrate_image::SectionKind::Pages { proc: 0, .. }))
+        .max_by_key(|(_, s)| s.length)
+        .expect("the image stores pages");
+    bytes[(s.offset + s.length / 2) as usize] ^= 0x01;
+    let changed = dir.path().join("changed.mig");
+    fs::write(&changed, &bytes).unwrap();
+    let p = &meta.process;
+    let mut cmd = Command::new(&p.files[p.exe as usize].path);
+    if let Some((argv0, rest)) = p.argv.split_first() {
+        std::os::unix::process::CommandExt::arg0(&mut cmd, argv0).args(rest);
+    }
+    cmd.env("LD_PRELOAD", &p.ld_preload)
+        .env("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+        .env("MIGRATE_RESTORE", &changed)
+        .env("MIGRATE_PROC", "0")
+        .env_remove("MIGRATE_NEW_TREE");
+    let out = run_tool("restore", cmd, QUICK);
+    out.assert_fails(
+        "a restore from pages changed after the check",
+        5,
+        &["corrupted", &format!("section {index} (Pages")],
+    );
+    assert!(
+        !out.stderr.contains("replacing the address space"),
+        "refused before the switch, not during it: {}",
+        out.describe()
+    );
+    assert!(!out.stdout.contains("tick"), "the program must not run: {}", out.describe());
+}

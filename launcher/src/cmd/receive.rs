@@ -10,6 +10,11 @@
 //! address, let the tree run and answer `restored`. Any failure is answered `error …` (the
 //! source then lets its program go on), the address is given back, and the image is kept for
 //! a retry. One migration is restored at a time.
+//!
+//! Strangers are kept cheap: at most [`MAX_CONNECTIONS`] connections are served at once, at
+//! most [`MAX_HANDSHAKES_PER_ADDRESS`] of them unauthenticated from one address (more are
+//! closed at once, with a log line), and the handshake has a deadline however slowly the peer
+//! sends (wire.rs).
 
 use super::ipmove::{self, ServiceAddr};
 use super::wire::{self, Channel, HandshakeError, Header, Key};
@@ -17,8 +22,9 @@ use crate::cli::ResumeArgs;
 use crate::exit::{fail, OTHER, USAGE};
 use anyhow::{bail, Context, Result};
 use migrate_image::ImageReader;
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -32,6 +38,78 @@ use std::time::Duration;
 const MAX_IMAGE: u64 = 1 << 40;
 /// How long a restore may take before the daemon gives up on it.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections served at once, authenticated or not: what a flood of connections can cost
+/// (threads, descriptors).
+const MAX_CONNECTIONS: usize = 64;
+/// Connections from one address that may be in the handshake at once, so that one host
+/// cannot take every slot.
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+
+/// The connections being served: in total, and unauthenticated ones per address.
+#[derive(Default)]
+struct Slots(Mutex<(usize, HashMap<IpAddr, usize>)>);
+
+/// One connection's place in [`Slots`], given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    /// Still counted against its address (until authenticated).
+    address: Option<IpAddr>,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, address: IpAddr) -> Result<Slot, String> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_address) = &mut *held;
+        if *total >= MAX_CONNECTIONS {
+            return Err(format!("too many connections ({MAX_CONNECTIONS} are served at once)"));
+        }
+        let from = per_address.entry(address).or_insert(0);
+        if *from >= MAX_HANDSHAKES_PER_ADDRESS {
+            return Err(format!(
+                "too many unauthenticated connections from {address} ({MAX_HANDSHAKES_PER_ADDRESS} at once)"
+            ));
+        }
+        *from += 1;
+        *total += 1;
+        Ok(Slot { slots: self.clone(), address: Some(address) })
+    }
+}
+
+impl Slot {
+    /// The peer proved the secret: it no longer counts against its address.
+    fn authenticated(&mut self) {
+        if let Some(a) = self.address.take() {
+            let mut held = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = held.1.get_mut(&a) {
+                *n -= 1;
+                if *n == 0 {
+                    held.1.remove(&a);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.authenticated();
+        let mut held = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.0 -= 1;
+    }
+}
+
+/// Bytes free for us in `dir`'s file system (None if unknown).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
 
 fn log(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "migrate-resume: {msg}");
@@ -58,35 +136,46 @@ pub fn listen(args: &ResumeArgs, addr: &str) -> Result<()> {
     let secret = args.secret_file.as_ref().ok_or_else(|| fail(USAGE, "--listen needs --secret-file"))?;
     let key = Key::from_file(secret).map_err(|e| fail(USAGE, format!("{e:#}")))?;
     let spool = spool_dir(args)?;
+    let idle = args.idle_timeout.map_or(wire::IDLE, Duration::from_secs_f64);
     let listener =
         TcpListener::bind(addr).map_err(|e| fail(OTHER, format!("cannot listen on {addr}: {e}; is it in use?")))?;
     log(&format!("listening on {} for migrations (spool {})", listener.local_addr()?, spool.display()));
     let one_at_a_time = Arc::new(Mutex::new(()));
     // Each attempted migration's outcome (refused peers do not count), for --once.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
-    let acceptor = std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let stream = match conn {
-                Ok(s) => s,
+    let slots = Arc::new(Slots::default());
+    let acceptor = std::thread::spawn(move || loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(conn) => conn,
+            Err(e) => {
+                log(&format!("accept failed: {e}"));
+                // Out of descriptors, say: give the connections being served time to end.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let slot = match slots.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                log(&format!("refused {peer}: {why}"));
+                continue;
+            }
+        };
+        let (key, spool, gate, done) = (key.clone(), spool.clone(), one_at_a_time.clone(), done_tx.clone());
+        let spawned = std::thread::Builder::new().name("migrate-peer".into()).spawn(move || {
+            match serve(stream, peer, slot, idle, &key, &spool, &gate) {
+                Ok(None) => {}
+                Ok(Some(resumed)) => {
+                    let _ = done.send(resumed);
+                }
                 Err(e) => {
-                    log(&format!("accept failed: {e}"));
-                    continue;
+                    log(&format!("{peer}: {e:#}"));
+                    let _ = done.send(false);
                 }
-            };
-            let (key, spool, gate, done) = (key.clone(), spool.clone(), one_at_a_time.clone(), done_tx.clone());
-            std::thread::spawn(move || {
-                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-                match serve(stream, &key, &spool, &gate) {
-                    Ok(None) => {}
-                    Ok(Some(resumed)) => {
-                        let _ = done.send(resumed);
-                    }
-                    Err(e) => {
-                        log(&format!("{peer}: {e:#}"));
-                        let _ = done.send(false);
-                    }
-                }
-            });
+            }
+        });
+        if let Err(e) = spawned {
+            log(&format!("refused {peer}: cannot start a thread for it: {e}"));
         }
     });
     if !args.once {
@@ -101,20 +190,31 @@ pub fn listen(args: &ResumeArgs, addr: &str) -> Result<()> {
 
 /// One peer. `Ok(None)`: refused before any migration began; `Ok(Some(resumed))`: a
 /// migration was attempted.
-fn serve(stream: TcpStream, key: &Key, spool: &Path, gate: &Mutex<()>) -> Result<Option<bool>> {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let _ = stream.set_write_timeout(Some(wire::IDLE));
-    let mut channel = match Channel::server(stream, key) {
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut slot: Slot,
+    idle: Duration,
+    key: &Key,
+    spool: &Path,
+    gate: &Mutex<()>,
+) -> Result<Option<bool>> {
+    let peer = peer.to_string();
+    let _ = stream.set_write_timeout(Some(idle));
+    let mut channel = match Channel::server_within(stream, key, idle, wire::HANDSHAKE) {
         Ok(c) => c,
         Err(HandshakeError::WrongSecret) => {
+            drop(slot);
             log(&format!("refused {peer}: authentication failed (wrong secret)"));
             return Ok(None);
         }
         Err(e) => {
+            drop(slot);
             log(&format!("refused {peer}: {e}"));
             return Ok(None);
         }
     };
+    slot.authenticated();
     // Memory sent ahead (pre-copy) comes first, while the program still runs over there.
     let mut store: Option<super::precopy::Store> = None;
     let (kind, header) = loop {
@@ -133,7 +233,12 @@ fn serve(stream: TcpStream, key: &Key, spool: &Path, gate: &Mutex<()>) -> Result
     let header: Header = serde_json::from_slice(&header).context("the peer sent a malformed header")?;
     if header.bytes > MAX_IMAGE {
         let _ = channel.send(wire::RESULT, b"error the image is larger than this daemon accepts");
-        bail!("refused an image of {} bytes", header.bytes);
+        bail!("refused an image of {} bytes (at most {MAX_IMAGE} are accepted)", header.bytes);
+    }
+    if let Some(free) = free_bytes(spool).filter(|&free| header.bytes > free) {
+        let why = format!("the spool {} has {free} bytes free", spool.display());
+        let _ = channel.send(wire::RESULT, format!("error {why}, the image needs {}", header.bytes).as_bytes());
+        bail!("refused an image of {} bytes: {why}", header.bytes);
     }
     let ahead = store.as_ref().map_or(String::new(), |s| format!(", {} bytes of it sent ahead", s.bytes()));
     log(&format!("receiving {} bytes from {peer} ({}){ahead}", header.bytes, header.source));

@@ -16,11 +16,18 @@ use anyhow::Context;
 use migrate_image::{FdKind, FileIdentity, ImageMeta, ImageReader, SectionKind, TreeMeta, PROT_EXEC};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, IsTerminal, Read};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// Images with more section bytes than this show the verification's progress on a terminal.
+const VERIFY_PROGRESS_MIN: u64 = 64 << 20;
+/// How often the progress line is updated.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(200);
 
 pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     if let Some(addr) = &args.listen {
@@ -41,7 +48,8 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         .then(|| super::netlock::KeptNotice(tree.network_lock.clone()));
     let metas: Vec<ImageMeta> =
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
-    reader.verify_all()?;
+    // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
+    verify_all(&reader, args.ready_fd.is_none())?;
     let image = fs::canonicalize(&image_arg)
         .with_context(|| format!("cannot resolve the image path {}", image_arg.display()))
         .code(IMAGE)?;
@@ -118,6 +126,49 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// `reader.verify_all()`, which reads every section of the image once; with `show`, on a
+/// terminal and for a large image, it shows the bytes verified so far and the rate meanwhile,
+/// then clears the line. The bytes are this process's read count (rchar in /proc/self/io):
+/// nothing else reads here meanwhile.
+fn verify_all(reader: &ImageReader, show: bool) -> Result<(), migrate_image::ImageError> {
+    let total: u64 = reader.sections().iter().map(|s| s.length).sum();
+    let base = match read_chars() {
+        Some(base) if show && total > VERIFY_PROGRESS_MIN && io::stderr().is_terminal() => base,
+        _ => return reader.verify_all(),
+    };
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let started = Instant::now();
+            let mut shown = false;
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(PROGRESS_PERIOD) {
+                let Some(now) = read_chars() else { break };
+                let done = now.saturating_sub(base).min(total);
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                eprint!(
+                    "\r\x1b[Kmigrate-resume: verifying the image: {:.1} of {:.1} MB, {:.0} MB/s",
+                    done as f64 / 1e6,
+                    total as f64 / 1e6,
+                    done as f64 / 1e6 / secs
+                );
+                shown = true;
+            }
+            if shown {
+                eprint!("\r\x1b[K");
+            }
+        });
+        let result = reader.verify_all();
+        drop(stop);
+        result
+    })
+}
+
+/// The bytes this process has read so far (rchar of /proc/self/io, all threads).
+fn read_chars() -> Option<u64> {
+    let io = fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|l| l.strip_prefix("rchar:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// The exec of process `k`: its binary (or the image's copy of it), argv, and the environment
 /// its restore needs. Checks its files first.
 fn prepare(
@@ -159,6 +210,7 @@ fn prepare(
     let copy_of = |index: u32| copies.iter().find(|(i, _)| *i == index).map(|(_, c)| c.clone());
 
     let exe = copy_of(p.exe).unwrap_or_else(|| PathBuf::from(&p.files[p.exe as usize].path));
+    refuse_privileged(Path::new(&exe))?;
     let exe = exe.to_string_lossy().into_owned();
     let mut cmd = Command::new(&exe);
     match p.argv.split_first() {
@@ -207,6 +259,51 @@ fn prepare(
         cmd.env_remove("MIGRATE_EXACT_PIDS");
     }
     Ok(cmd)
+}
+
+/// A resumed program never gets more privileges than the user who resumes it: an executable
+/// that is set-user-ID, set-group-ID or carries file capabilities is refused, whoever resumes
+/// and whoever owns it. (Exec would grant them; the dynamic loader would also ignore
+/// LD_PRELOAD, so the program would start afresh, privileged, instead of being restored.)
+/// Checked right before the tree is created; migrate-run refuses such programs at start too.
+pub fn refuse_privileged(path: &Path) -> anyhow::Result<()> {
+    let md = match fs::metadata(path) {
+        Ok(md) => md,
+        Err(e) => return Err(fail(TARGET, format!("cannot check the program {}: {e}", path.display()))),
+    };
+    let mode = md.mode();
+    let found = if mode & libc::S_ISUID != 0 {
+        Some((
+            format!("is set-user-ID (owner uid {}, mode {:o})", md.uid(), mode & 0o7777),
+            "remove the bit (chmod u-s)",
+        ))
+    } else if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+        Some((
+            format!("is set-group-ID (group gid {}, mode {:o})", md.gid(), mode & 0o7777),
+            "remove the bit (chmod g-s)",
+        ))
+    } else {
+        has_file_capabilities(path)
+            .then(|| ("carries file capabilities (security.capability)".to_string(), "remove them (setcap -r)"))
+    };
+    match found {
+        Some((what, fix)) => Err(fail(
+            TARGET,
+            format!(
+                "{} {what}: a resumed program never gets more privileges than the user who resumes it, so migrate-resume refuses privileged executables; {fix} to resume it",
+                path.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `path` carries file capabilities (a `security.capability` extended attribute).
+pub fn has_file_capabilities(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a size query (no buffer) on a NUL-terminated path that outlives the call.
+    unsafe { libc::getxattr(c.as_ptr(), c"security.capability".as_ptr(), std::ptr::null_mut(), 0) >= 0 }
 }
 
 /// The saved register state must fit this CPU: XCR0 must contain every feature the image's
@@ -672,4 +769,30 @@ fn library_dir(copies: &[(u32, PathBuf)], meta: &ImageMeta) -> anyhow::Result<Pa
         }
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn privileged_executables_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("prog");
+        fs::copy("/bin/true", &prog).unwrap();
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(refuse_privileged(&prog).is_ok());
+        for (mode, what) in [(0o4755, "set-user-ID"), (0o2755, "set-group-ID")] {
+            fs::set_permissions(&prog, fs::Permissions::from_mode(mode)).unwrap();
+            let e = refuse_privileged(&prog).unwrap_err();
+            assert_eq!(crate::exit::code_of(&e), TARGET);
+            let text = format!("{e:#}");
+            assert!(text.contains(what) && text.contains(&*prog.to_string_lossy()), "{text}");
+        }
+        // Set-group-ID without group execute is mandatory locking, not a privilege.
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o2745)).unwrap();
+        assert!(refuse_privileged(&prog).is_ok());
+        assert!(refuse_privileged(&dir.path().join("missing")).is_err());
+    }
 }

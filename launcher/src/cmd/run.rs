@@ -103,8 +103,8 @@ pub fn resolve_program(program: &OsStr) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Refuses programs that LD_PRELOAD cannot reach: static or foreign ELF files and setuid or
-/// setgid programs (directly or as a script's interpreter).
+/// Refuses programs that LD_PRELOAD cannot reach: static or foreign ELF files and setuid,
+/// setgid or file-capability programs (directly or as a script's interpreter).
 pub fn check_program(path: &Path, depth: usize) -> anyhow::Result<()> {
     let shown = path.display();
     let meta = fs::metadata(path).map_err(|e| fail(TARGET, format!("cannot run {shown}: {e}")))?;
@@ -125,6 +125,14 @@ pub fn check_program(path: &Path, depth: usize) -> anyhow::Result<()> {
             TARGET,
             format!(
                 "{shown} is {which}: LD_PRELOAD cannot reach it (the loader ignores it for privileged programs); run a copy without the {which} bit"
+            ),
+        ));
+    }
+    if super::resume::has_file_capabilities(path) {
+        return Err(fail(
+            TARGET,
+            format!(
+                "{shown} carries file capabilities: LD_PRELOAD cannot reach it (the loader ignores it for privileged programs); run a copy without them"
             ),
         ));
     }

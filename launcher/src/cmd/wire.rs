@@ -278,6 +278,8 @@ fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => at += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The read timeout never reaches past the deadline.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(std::io::ErrorKind::TimedOut.into()),
             Err(e) => return Err(e),
         }
     }
@@ -342,6 +344,49 @@ mod tests {
         let (s, c) = pair(Key::test(b"0123456789abcdef"), Key::test(b"fedcba9876543210"));
         assert!(matches!(s, Err(HandshakeError::WrongSecret)));
         assert!(matches!(c, Err(HandshakeError::WrongSecret)));
+    }
+
+    #[test]
+    fn a_trickling_peer_is_cut_at_the_handshake_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // One byte every 50 ms: never idle for long, but never done either.
+        let t = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut hello = [0u8; 40];
+            s.read_exact(&mut hello).unwrap();
+            for b in MAGIC.iter().chain([0u8; 64].iter()) {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (s, _) = l.accept().unwrap();
+        let started = Instant::now();
+        let key = Key::test(b"0123456789abcdef");
+        let r = Channel::server_within(s, &key, Duration::from_secs(30), Duration::from_millis(300));
+        let e = r.err().expect("refused").to_string();
+        assert!(e.contains("did not complete the handshake within 0.3 s"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn anything_but_the_magic_is_refused_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            // Held open: the refusal must not wait for more bytes.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        });
+        let (s, _) = l.accept().unwrap();
+        let e = Channel::server(s, &Key::test(b"0123456789abcdef")).err().expect("refused").to_string();
+        assert!(e.contains("does not speak the migrate protocol"), "{e}");
+        t.join().unwrap();
     }
 
     #[test]

@@ -183,6 +183,10 @@ pub fn next_incoming() -> Incoming {
 }
 
 /// A connection (to migrate-checkpoint, a coordinator or a member), with a read buffer.
+///
+/// Deliberately without `Drop`: only [`Conn::close`] closes the descriptor, so that a restored
+/// process can drop the connections of the process it was taken from (freeing their buffers)
+/// without closing a descriptor number that now means something else.
 pub struct Conn {
     pub fd: i32,
     buf: Vec<u8>,
@@ -302,5 +306,64 @@ mod tests {
         assert_eq!(r.lock, "migrate_lock_7_ff");
         // The name ends up in an nft command line: nothing but an identifier.
         assert!(parse_request(b"checkpoint kill=1 lock=a;b dir=\n").is_none());
+    }
+
+    /// A deterministic mutation fuzz of the request parser (any local user of the process's
+    /// uid can write to the socket): valid lines with bytes flipped, inserted, removed,
+    /// duplicated and spliced, and random lines. No panic; a request comes only from a
+    /// `checkpoint ` line; the lock is an identifier; the directory is what follows `dir=`.
+    /// MIGRATE_FUZZ_CASES sets the number of lines (default 20000).
+    #[test]
+    fn parse_request_takes_any_line() {
+        let seeds: [&[u8]; 6] = [
+            b"checkpoint kill=1 bins=1 dir=/tmp/a b\n",
+            b"checkpoint kill=0 bins=0 hold=1 lock=migrate_lock_7_ff dir=/x\n",
+            b"checkpoint kill=1 lock=a dir=\n",
+            b"checkpoint \n",
+            b"checkpoint dir=dir=dir=\n",
+            b"freeze\n",
+        ];
+        let tokens: [&[u8]; 8] = [b" ", b"dir=", b"lock=", b"kill=1", b"hold=1", b"\n", b"checkpoint ", b"\xff"];
+        let cases: u64 = std::env::var("MIGRATE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+        let mut x = 0x243f_6a88_85a3_08d3u64;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n.max(1) as u64) as usize
+        };
+        let mut accepted = 0;
+        for _ in 0..cases {
+            let mut line = seeds[next(seeds.len())].to_vec();
+            for _ in 0..1 + next(4) {
+                let at = next(line.len() + 1);
+                match next(7) {
+                    0 if !line.is_empty() => {
+                        let i = at.min(line.len() - 1);
+                        line[i] ^= 1 << next(8);
+                    }
+                    1 => line.insert(at, next(256) as u8),
+                    2 if at < line.len() => {
+                        line.remove(at);
+                    }
+                    3 => line.splice(at..at, tokens[next(tokens.len())].iter().copied()).for_each(drop),
+                    4 => line.truncate(at),
+                    5 => line = (0..next(80)).map(|_| next(256) as u8).collect(),
+                    _ => {
+                        let from = next(line.len() + 1);
+                        let piece = line[from..].to_vec();
+                        line.splice(at..at, piece).for_each(drop);
+                    }
+                }
+            }
+            let Some(r) = parse_request(&line) else { continue };
+            let body = line.strip_suffix(b"\n").unwrap_or(&line);
+            assert!(body.starts_with(b"checkpoint "), "{line:?}");
+            assert!(r.lock.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'), "{line:?}");
+            let dir = body.windows(4).position(|w| w == b"dir=").map(|p| &body[p + 4..]).filter(|d| !d.is_empty());
+            assert_eq!(r.dir.as_deref(), dir, "{line:?}");
+            accepted += 1;
+        }
+        assert!(accepted * 20 > cases, "only {accepted} of {cases} lines parsed: the mutations miss the grammar");
     }
 }

@@ -219,10 +219,9 @@ pub fn run(req: &Request, settle: &mut dyn FnMut(&Outcome) -> bool) -> Result<Ou
     match write_image(req, &mut frozen, t0, &mut sysv) {
         Ok(Outcome::Restored) => {
             // We are the restored copy of the coordinator: the connections were the old
-            // process's descriptors.
-            for f in frozen {
-                core::mem::forget(f.conn);
-            }
+            // process's descriptors. Dropping a Conn closes nothing (only `close` does) and
+            // frees its buffer, which forgetting it would leak at every resume.
+            drop(frozen);
             Ok(Outcome::Restored)
         }
         Ok(written) if settle(&written) => {
@@ -282,7 +281,11 @@ fn write_image(
     let fd = match req.image_fd {
         Some(given) => sys::fcntl(given, libc::F_DUPFD_CLOEXEC, 3).map_err(|e| format!("cannot use the image descriptor: {e}"))? as i32,
         None => sys::open(&fs::cpath(tmp_path.as_bytes()), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
-            .map_err(|e| format!("cannot create an image in {dir_str}: {e}; choose a writable directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"))?,
+            .map_err(|e| match e.0 {
+                libc::ENOENT => format!("the checkpoint directory {dir_str} does not exist; create it or choose another (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"),
+                libc::ENOSPC | libc::EDQUOT => format!("cannot create an image in {dir_str}: no space or no free inodes left there ({e}); free some or choose another directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"),
+                _ => format!("cannot create an image in {dir_str}: {e}; choose a writable directory (--dir, --ckpt-dir or MIGRATE_CKPT_DIR)"),
+            })?,
     };
     let fd = super::control::move_high(fd);
     let fail = |msg: String| {
@@ -318,7 +321,8 @@ fn write_image(
                 tree.processes.push(TreeProcess { vpid, vppid, vpgid, vsid });
             }
             Ok(None) => {
-                core::mem::forget(writer);
+                // Its descriptor was the old process's; dropping the writer closes nothing.
+                drop(writer);
                 return Ok(Outcome::Restored);
             }
             Err(e) => return fail(format!("cannot write image {tmp_path}: {e}")),
@@ -433,6 +437,14 @@ fn publish(tmp_path: &str, dir: &[u8], dir_str: &str, exe_name: &str, vpid: i32)
         }
         if r != -(libc::EEXIST as isize) {
             let _ = sys::unlinkat(libc::AT_FDCWD, &a);
+            if r == -(libc::ENOENT as isize) {
+                // The image was written into a file that is no longer there: someone removed
+                // (or replaced) the directory meanwhile. Nothing was saved.
+                return Err(format!(
+                    "the checkpoint directory {dir_str} was removed or replaced while the image was written, so nothing was saved; \
+                     recreate it (or choose another: --dir, --ckpt-dir or MIGRATE_CKPT_DIR) and checkpoint again"
+                ));
+            }
             return Err(format!("cannot rename {tmp_path} to {candidate}: {}", sys::Errno(-r as i32)));
         }
     };

@@ -251,6 +251,19 @@ pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
         migrate_image::ImageError::Write(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
             "no space left on device; free space there or checkpoint to another directory (--dir)".into()
         }
+        migrate_image::ImageError::Write(io) if io.raw_os_error() == Some(libc::EFBIG) => {
+            // The kernel also queued SIGXFSZ for this thread; it blocks every signal, so the
+            // program was not killed: take it off the queue.
+            let mut info = [0u8; 128];
+            let _ = sys::rt_sigtimedwait_now(1u64 << (libc::SIGXFSZ - 1), &mut info);
+            let limit = sys::prlimit(libc::RLIMIT_FSIZE, None).map_or(0, |l| l.rlim_cur);
+            alloc::format!(
+                "the image reached process {}'s file size limit (RLIMIT_FSIZE, ulimit -f: {limit} bytes), which applies \
+                 because each process writes its own part of the image; raise it (prlimit --pid {} --fsize=unlimited) and retry",
+                crate::state::virtual_pid(),
+                sys::getpid()
+            )
+        }
         other => other.to_string(),
     }
 }
@@ -302,7 +315,8 @@ pub fn write_process(
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this
-    // thread, where the descriptors held in locals do not exist: we forget them.
+    // thread, where the descriptors held in locals do not exist: we forget them (their memory is
+    // ours, restored with the arena, and is freed: nothing here closes a descriptor on drop).
     let resumed = unsafe {
         context::park_and_save(
             CHECKPOINT_THREAD_SP.0.get(),
@@ -311,8 +325,10 @@ pub fn write_process(
         )
     };
     if resumed != 0 {
-        core::mem::forget(ctx);
-        core::mem::forget(writer);
+        // Dropped, not forgotten: forgetting leaked their allocations in every resumed
+        // generation (found by tests/tests/soak.rs).
+        drop(ctx);
+        drop(writer);
         clear_all_transient();
         crate::restore::finish_in_restored_process(resumed as usize, &meta);
         return Ok(WriteOutcome::Restored);

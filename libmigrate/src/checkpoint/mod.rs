@@ -207,8 +207,9 @@ fn serve_user(req: Request, mut conn: Option<Conn>) {
     }
     match result {
         Ok(Outcome::Restored) => {
-            // `conn` belonged to the process this image was taken from.
-            core::mem::forget(conn);
+            // `conn`'s descriptor belonged to the process this image was taken from: dropped
+            // (which frees its buffer and closes nothing), never closed.
+            drop(conn);
         }
         Ok(Outcome::Written { path, bytes, frozen_ms, processes }) => {
             match conn {
@@ -277,7 +278,9 @@ fn serve_coordinator(mut conn: Conn) {
                 let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins, kill);
                 match outcome {
                     Ok(member::WriteOutcome::Restored) => {
-                        core::mem::forget(conn); // its descriptor belonged to the old process
+                        // Its descriptor belonged to the old process: dropped (frees the
+                        // buffer, closes nothing), never closed.
+                        drop(conn);
                         return;
                     }
                     Ok(member::WriteOutcome::Written(w)) => {

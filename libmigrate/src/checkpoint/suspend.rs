@@ -144,7 +144,7 @@ impl ThreadSlot {
 }
 
 /// SigPnd of /proc/thread-self/status: the signals pending for the calling thread only.
-fn private_pending_set() -> u64 {
+pub(crate) fn private_pending_set() -> u64 {
     let mut buf = [0u8; 4096];
     let Ok(fd) = sys::open(b"/proc/thread-self/status\0", libc::O_RDONLY | libc::O_CLOEXEC, 0) else {
         return 0;

@@ -36,6 +36,7 @@ pub fn dump_actions() -> Vec<SigActionEntry> {
 /// every signal, while all program threads are parked).
 pub fn take_shared_pending() -> Vec<SigInfoEntry> {
     let set = !state::own_signal_bits() & !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
+    discard_own_pending(set);
     let mut out = Vec::new();
     // SAFETY: see SharedPending: no program thread runs now.
     let infos = unsafe { &mut *SHARED_PENDING.infos.get() };
@@ -47,6 +48,26 @@ pub fn take_shared_pending() -> Vec<SigInfoEntry> {
     }
     SHARED_PENDING.count.store(out.len() as u32, Ordering::Release);
     out
+}
+
+/// Signals pending for the checkpoint thread alone are libmigrate's own — SIGPIPE from answering
+/// a migrate-checkpoint that was killed meanwhile, SIGXFSZ from an image write over the file
+/// size limit — and never reached the program (the thread blocks every signal). rt_sigtimedwait
+/// takes the calling thread's own signals before the process-wide ones, so they are dropped
+/// first: saved as process-wide and re-queued after the checkpoint, they would kill the program.
+fn discard_own_pending(set: u64) {
+    let mut info = [0u8; 128];
+    for _ in 0..256 {
+        let own = crate::checkpoint::suspend::private_pending_set() & set;
+        if own == 0 {
+            return;
+        }
+        // One signal at a time, so that none of the same number pending process-wide is taken.
+        match sys::rt_sigtimedwait_now(own & own.wrapping_neg(), &mut info) {
+            Ok(Some(signo)) => crate::debug!("dropped signal {signo}, pending for the checkpoint thread itself"),
+            _ => return,
+        }
+    }
 }
 
 pub fn dump(shared_pending: Vec<SigInfoEntry>) -> SignalsEntry {

@@ -14,8 +14,9 @@ use crate::sys::{self, context};
 use alloc::format;
 use alloc::string::{String, ToString};
 use core::sync::atomic::Ordering;
-use migrate_image::ImageMeta;
+use migrate_image::{ImageMeta, SectionKind};
 use pid_virt::{RealPid, VirtPid};
+use std::os::fd::AsRawFd;
 
 /// A copy of migrate-resume's stderr, taken before the program's descriptors are restored: a
 /// failure is reported there, never into the program's own files.
@@ -65,12 +66,19 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let _ = sys::rt_sigprocmask(libc::SIG_SETMASK, Some(&all), None);
     let path_str = String::from_utf8_lossy(path).into_owned();
     let proc: u32 = crate::env::var("MIGRATE_PROC").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let (tree, meta, sections) = {
-        let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
-        let tree = reader.tree().map_err(|e| e.to_string())?;
-        let meta = reader.process_meta(proc).map_err(|e| e.to_string())?;
-        (tree, meta, reader.sections().to_vec())
-    };
+    // One open file of the image from here to the switch. This process's pages are checked
+    // against their checksums now, before anything of it is restored, and the switch reads
+    // them through this same file: an image that changed (or was replaced at its path) since
+    // migrate-resume verified it is refused here, never half restored.
+    let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
+    let tree = reader.tree().map_err(|e| e.to_string())?;
+    let meta = reader.process_meta(proc).map_err(|e| e.to_string())?;
+    let mut buf = alloc::vec![0u8; 1 << 20];
+    reader
+        .verify_sections(|s| matches!(s.kind, SectionKind::Pages { proc: q, .. } if q == proc), &mut buf)
+        .map_err(|e| e.to_string())?;
+    drop(buf);
+    let sections = reader.sections().to_vec();
     let p = &meta.process;
     // Our copy of migrate-resume's stderr must not sit where a saved descriptor goes.
     let above = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(tree.shared_fd_base + tree.shared.len() as i32) + 1;
@@ -83,6 +91,9 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
             }
         }
     }
+    // The switch's descriptor of the image: above every saved and handed-down number.
+    let image_fd = sys::fcntl(reader.file().as_raw_fd(), libc::F_DUPFD_CLOEXEC, above as usize)
+        .map_err(|e| format!("cannot keep the image {path_str} open: {e}"))? as i32;
     if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
         return Err("no tree registry was handed down; resume with migrate-resume".into());
     }
@@ -106,7 +117,6 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         }
     }
     let deleted: alloc::vec::Vec<(u32, alloc::vec::Vec<u8>)> = {
-        let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
         let mut out = alloc::vec::Vec::new();
         for f in &p.fds {
             if let migrate_image::FdKind::Deleted { file, .. } = f.kind {
@@ -122,8 +132,10 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         }
         out
     };
+    drop(reader);
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
+    handed.push((-1, image_fd));
     if READY_FD.load(Ordering::Relaxed) >= 0 {
         handed.push((-1, READY_FD.load(Ordering::Relaxed)));
     }
@@ -147,11 +159,39 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(&meta, proc, &sections, path, &current, &shared_maps, &sysv_ids())?;
+    let built = plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids())?;
     // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
     process::restore(p)?;
+    // SAFETY: build() wrote a complete header at the start of the plan region.
+    let plan_len = unsafe { (*(built.addr as *const plan::PlanHeader)).region_len };
+    check_address_space(p, plan_len)?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
+}
+
+/// At its peak the switch holds every saved region (special mappings included) and the plan.
+/// Under an address-space limit below that it would fail half-way, so say so now, naming the
+/// sizes. (A program may lower its RLIMIT_AS below what it has mapped: the kernel only checks
+/// new mappings. Its restore cannot.)
+fn check_address_space(p: &migrate_image::ProcessEntry, plan_len: u64) -> Result<(), String> {
+    const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+    let limit = match sys::prlimit(libc::RLIMIT_AS, None) {
+        Ok(l) if l.rlim_cur != libc::RLIM64_INFINITY => l.rlim_cur,
+        _ => return Ok(()),
+    };
+    let needed = p.vmas.iter().filter(|v| v.end <= TASK_SIZE).map(|v| v.len()).sum::<u64>() + plan_len;
+    if needed <= limit {
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    Err(format!(
+        "out of memory: the program needs {needed} bytes ({:.1} MiB) of address space, but its address-space limit \
+         RLIMIT_AS (saved with it) is {limit} bytes ({:.1} MiB): the limit was lowered below what the program had \
+         mapped, which a running process survives but a new one cannot be built under; raise the program's limit \
+         (prlimit --pid PID --as=unlimited) and checkpoint it again. The image is intact",
+        mib(needed),
+        mib(limit)
+    ))
 }
 
 /// Called on the restored checkpoint thread (see checkpoint::dump_and_write) with the plan's

@@ -185,13 +185,16 @@ pub struct Built {
     pub stack_top: usize,
 }
 
-/// Builds the plan. Opens the image and the mapped files at descriptor numbers above every
-/// saved one. Fails (with nothing changed yet in memory) if the layout cannot be restored here.
+/// Builds the plan. `image_fd` is the image, open above every saved descriptor, whose pages
+/// the caller has verified; the mapped files are opened above every saved descriptor too.
+/// Fails (with nothing changed yet in memory) if the layout cannot be restored here.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     meta: &ImageMeta,
     proc: u32,
     sections: &[SectionEntry],
     image_path: &[u8],
+    image_fd: i32,
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
     sysv: &[crate::resources::ipc::Recreated],
@@ -200,8 +203,9 @@ pub fn build(
     let file_map = FileMap::from_env();
     // Above every saved descriptor (they are all in place now), under the current limit.
     let min_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) + 1;
-    let image_fd = open_high(&fs::cpath(image_path), libc::O_RDONLY, min_fd)
-        .map_err(|e| format!("cannot reopen the image {}: {e}", String::from_utf8_lossy(image_path)))?;
+    if image_fd < min_fd {
+        return Err(format!("the image's descriptor {image_fd} is where a saved descriptor goes"));
+    }
 
     // Which saved mappings are already in place, byte for byte (the binary's and libraries' code).
     let mut keep = alloc::vec![false; p.vmas.len()];

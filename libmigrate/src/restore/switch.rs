@@ -14,21 +14,51 @@ const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 fn fail(fd: i32, what: &[u8], err: isize) -> ! {
     let _ = sys::write(fd, b"migrate-resume: error: restore failed while replacing the address space: ");
     let _ = sys::write(fd, what);
+    fail_tail(fd, err)
+}
+
+/// Like [`fail`], naming the region that could not be mapped (address range and size) and, for
+/// ENOMEM, what runs out.
+fn fail_region(fd: i32, what: &[u8], start: u64, end: u64, err: isize) -> ! {
+    let _ = sys::write(fd, b"migrate-resume: error: restore failed while replacing the address space: ");
+    let _ = sys::write(fd, what);
+    let _ = sys::write(fd, b" of the region 0x");
+    write_num(fd, start, 16);
+    let _ = sys::write(fd, b"-0x");
+    write_num(fd, end, 16);
+    let _ = sys::write(fd, b" (");
+    write_num(fd, (end - start) >> 10, 10);
+    let _ = sys::write(fd, b" KiB)");
+    if err == -(libc::ENOMEM as isize) {
+        let _ = sys::write(
+            fd,
+            b": out of memory (the address-space limit RLIMIT_AS or data limit RLIMIT_DATA, the host's commit limit or vm.max_map_count)",
+        );
+    }
+    fail_tail(fd, err)
+}
+
+fn fail_tail(fd: i32, err: isize) -> ! {
+    let _ = sys::write(fd, b" (errno ");
+    write_num(fd, (-err) as u64, 10);
+    let _ = sys::write(fd, b"); the image is intact\n");
+    sys::exit_group(5)
+}
+
+/// Writes `n` in base 10 or 16 without formatting machinery.
+fn write_num(fd: i32, mut n: u64, base: u64) {
     let mut num = [0u8; 24];
-    let mut n = (-err) as u64;
     let mut i = num.len();
     loop {
         i -= 1;
-        num[i] = b'0' + (n % 10) as u8;
-        n /= 10;
+        let d = (n % base) as u8;
+        num[i] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        n /= base;
         if n == 0 {
             break;
         }
     }
-    let _ = sys::write(fd, b" (errno ");
     let _ = sys::write(fd, &num[i..]);
-    let _ = sys::write(fd, b"); the image is intact\n");
-    sys::exit_group(5)
 }
 
 fn raw(nr: libc::c_long, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> isize {
@@ -136,8 +166,11 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             let populate = if dense { libc::MAP_POPULATE } else { 0 };
             let flags = (v.map_flags | libc::MAP_FIXED | populate) as u64;
             let fd = if v.fd < 0 { u64::MAX } else { v.fd as u64 };
-            let got =
-                check(efd, raw(libc::SYS_mmap, v.start, len, fill_prot as u64, flags, fd, v.file_offset), b"mmap");
+            let r = raw(libc::SYS_mmap, v.start, len, fill_prot as u64, flags, fd, v.file_offset);
+            if (-4095..0).contains(&r) {
+                fail_region(efd, b"mmap", v.start, v.end, r);
+            }
+            let got = r as u64;
             if got != v.start {
                 fail(efd, b"mmap placed a region elsewhere", -(libc::EINVAL as isize));
             }
