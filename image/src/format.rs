@@ -568,15 +568,7 @@ impl ImageReader {
                     left -= n as u64;
                     let _ = to_read.send(buf);
                 }
-                let computed = hasher.digest();
-                if computed != s.checksum {
-                    return Err(ImageError::Corrupted {
-                        path: self.path.clone(),
-                        what: format!("section {index} ({:?})", s.kind),
-                        stored: s.checksum,
-                        computed,
-                    });
-                }
+                self.check_section(index, s, hasher.digest())?;
             }
             Ok(())
         })?;
@@ -626,17 +618,22 @@ impl ImageReader {
                 hasher.update(&buf[..n]);
                 off += n as u64;
             }
-            let computed = hasher.digest();
-            if computed != s.checksum {
-                return Err(ImageError::Corrupted {
-                    path: self.path.clone(),
-                    what: format!("section {index} ({:?})", s.kind),
-                    stored: s.checksum,
-                    computed,
-                });
-            }
+            self.check_section(index, s, hasher.digest())?;
         }
         Ok(())
+    }
+
+    /// Section `index`'s stored checksum against the one computed over its bytes.
+    fn check_section(&self, index: usize, s: &SectionEntry, computed: u64) -> Result<(), ImageError> {
+        if computed == s.checksum {
+            return Ok(());
+        }
+        Err(ImageError::Corrupted {
+            path: self.path.clone(),
+            what: format!("section {index} ({:?})", s.kind),
+            stored: s.checksum,
+            computed,
+        })
     }
 }
 

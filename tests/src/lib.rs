@@ -1097,6 +1097,20 @@ pub fn connect_within(port: u16, timeout: Duration) -> std::net::TcpStream {
     }
 }
 
+/// `lockclient` (examples/lockserver) driving ADDR with `clients` connections holding `hold`
+/// locks each until the file `stop` exists; returns once it reports operations done. Its
+/// reply timeout is far above a checkpoint and resume: the stall is measured, not limited.
+pub fn lockclient(addr: &str, clients: u64, hold: u64, stop: &Path) -> Managed {
+    let mut cmd = Command::new(bin("lockclient"));
+    cmd.args(["--addr", addr, "--clients", &clients.to_string(), "--hold", &hold.to_string()])
+        .arg("--until-file")
+        .arg(stop)
+        .args(["--reply-timeout", "100"]);
+    let mut client = Managed::spawn("lockclient", cmd);
+    client.wait_line(|l: &str| l.starts_with("progress ") && field_num::<u64>(l, "ops") > 0, STARTUP);
+    client
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

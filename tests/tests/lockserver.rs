@@ -8,7 +8,6 @@
 use migrate_tests::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Instant;
 
 const CLIENTS: u64 = 4;
@@ -95,15 +94,8 @@ fn lock_clients_keep_their_connections_and_locks_across_checkpoint_and_resume() 
     assert_eq!(field(&ready, "addr"), Some(addr.as_str()), "{ready}");
 
     let until = dir.join("stop");
-    let mut cmd = Command::new(bin("lockclient"));
-    cmd.args(["--addr", &addr, "--clients", &CLIENTS.to_string(), "--hold", &HOLD.to_string()])
-        .arg("--until-file")
-        .arg(&until)
-        // A bound far above a checkpoint and resume, so a slow machine cannot fail the test;
-        // the stall is measured, not limited.
-        .args(["--reply-timeout", "100"]);
-    let mut client = Managed::spawn("lockclient", cmd);
-    let first = client.wait_line(|l: &str| l.starts_with("progress ") && progress_ops(l) > 0, STARTUP);
+    let mut client = lockclient(&addr, CLIENTS, HOLD, &until);
+    let first = client.lines_so_far().into_iter().rev().find(|l| l.starts_with("progress ")).unwrap_or_default();
     assert_eq!(field(&first, "errors"), Some("0"), "errors before the checkpoint: {first}");
 
     // Every client holds its locks (checked once per progress line until they all do).

@@ -17,7 +17,6 @@
 //! `MIGRATE_SOAK_SECONDS=600 cargo test -p migrate-tests --test soak -- --nocapture`
 
 use migrate_tests::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CLIENTS: u64 = 4;
@@ -222,14 +221,7 @@ fn the_lock_server_survives_a_checkpoint_every_second_under_load() {
     let at_start = usage(pid);
 
     let stop = dir.join("stop");
-    let mut cmd = Command::new(bin("lockclient"));
-    cmd.args(["--addr", &addr, "--clients", &CLIENTS.to_string(), "--hold", &HOLD.to_string()])
-        .arg("--until-file")
-        .arg(&stop)
-        // Far above a checkpoint and a resume: the stall is measured, not limited.
-        .args(["--reply-timeout", "100"]);
-    let mut client = Managed::spawn("lockclient", cmd);
-    client.wait_line(|l: &str| l.starts_with("progress ") && field_num::<u64>(l, "ops") > 0, STARTUP);
+    let mut client = lockclient(&addr, CLIENTS, HOLD, &stop);
 
     let started = Instant::now();
     let mut lives = vec![Life::new(pid)];
