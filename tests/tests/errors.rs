@@ -411,9 +411,29 @@ fn restore_refuses_pages_changed_after_migrate_resume_checked_them() {
         .filter(|(_, s)| matches!(s.kind, migrate_image::SectionKind::Pages { proc: 0, .. }))
         .max_by_key(|(_, s)| s.length)
         .expect("the image stores pages");
-    bytes[(s.offset + s.length / 2) as usize] ^= 0x01;
+    // migrate-resume verified this file as it was (and tells the restore so: its identity);
+    // then one page byte changes in place.
     let changed = dir.path().join("changed.mig");
     fs::write(&changed, &bytes).unwrap();
+    let verified = {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(&changed).unwrap();
+        format!(
+            "{}:{}:{}:{}:{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+        )
+    };
+    let at = s.offset + s.length / 2;
+    bytes[at as usize] ^= 0x01;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&changed).unwrap();
+        f.write_all_at(&bytes[at as usize..at as usize + 1], at).unwrap();
+    }
     let p = &meta.process;
     let mut cmd = Command::new(&p.files[p.exe as usize].path);
     if let Some((argv0, rest)) = p.argv.split_first() {
@@ -422,6 +442,7 @@ fn restore_refuses_pages_changed_after_migrate_resume_checked_them() {
     cmd.env("LD_PRELOAD", &p.ld_preload)
         .env("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
         .env("MIGRATE_RESTORE", &changed)
+        .env("MIGRATE_VERIFIED_IMAGE", &verified)
         .env("MIGRATE_PROC", "0")
         .env_remove("MIGRATE_NEW_TREE");
     let out = run_tool("restore", cmd, QUICK);

@@ -50,6 +50,9 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
     // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
     verify_all(&reader, args.ready_fd.is_none())?;
+    // The restore in the new process checks its pages again unless the file is the very one
+    // verified here, unchanged (a write changes its ctime): this spares a second read.
+    std::env::set_var("MIGRATE_VERIFIED_IMAGE", file_identity(reader.file()));
     let image = fs::canonicalize(&image_arg)
         .with_context(|| format!("cannot resolve the image path {}", image_arg.display()))
         .code(IMAGE)?;
@@ -124,6 +127,23 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     drop(ready);
     drop(sysv);
     result
+}
+
+/// `dev:ino:size:mtime:ctime` (nanoseconds) of an open file, as libmigrate's restore compares
+/// it (restore/mod.rs).
+fn file_identity(file: &fs::File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match file.metadata() {
+        Ok(m) => format!(
+            "{}:{}:{}:{}:{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+        ),
+        Err(_) => String::new(),
+    }
 }
 
 /// `reader.verify_all()`, which reads every section of the image once; with `show`, on a
