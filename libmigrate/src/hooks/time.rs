@@ -56,10 +56,15 @@ pub(crate) struct Deadline {
 
 impl Deadline {
     fn after_ns(ns: u64) -> Self {
-        let now = sys::monotonic_ns();
+        let now = sys::monotonic_ns_vdso();
         Deadline { at: now + ns, began: now }
     }
+    /// A poll-style timeout: no clock is read for none (-1) or zero (a non-blocking call), the
+    /// common cases of an event loop.
     fn after_ms(ms: c_int) -> Self {
+        if ms <= 0 {
+            return Deadline { at: 0, began: 0 };
+        }
         Self::after_ns(ms as u64 * 1_000_000)
     }
     pub(crate) fn after_ts(ts: &timespec) -> Self {
@@ -70,14 +75,14 @@ impl Deadline {
     /// if it was only woken by the checkpoint signal, the deadline stands.
     pub(crate) fn continue_after_checkpoint(&mut self) {
         let freeze = FREEZE_MONOTONIC_NS.load(Ordering::Acquire);
-        let now = sys::monotonic_ns();
+        let now = sys::monotonic_ns_vdso();
         if freeze >= self.began {
             self.at = now + self.at.saturating_sub(freeze);
         }
         self.began = now;
     }
     fn remaining_ns(&self) -> u64 {
-        self.at.saturating_sub(sys::monotonic_ns())
+        self.at.saturating_sub(sys::monotonic_ns_vdso())
     }
     fn remaining_ms(&self) -> c_int {
         self.remaining_ns().div_ceil(1_000_000).min(c_int::MAX as u64) as c_int

@@ -323,6 +323,15 @@ pub fn monotonic_ns() -> u64 {
     clock_gettime(libc::CLOCK_MONOTONIC)
 }
 
+/// CLOCK_MONOTONIC through libc (the vDSO: no system call). Only for code running as part of
+/// the program (hooks), never while it is frozen or half restored.
+pub fn monotonic_ns_vdso() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec; it is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ns_from_timespec(&ts)
+}
+
 pub const FUTEX_WAIT_PRIVATE: i32 = 128;
 pub const FUTEX_WAKE_PRIVATE: i32 = 129;
 
