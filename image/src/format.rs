@@ -683,3 +683,11 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     }
     Ok(done)
 }
+/// The identity of an image file that migrate-resume verified, as it hands it to the restore
+/// in each new process (`MIGRATE_VERIFIED_IMAGE`), which then does not read the pages again:
+/// device, inode, size, and modification and change times in nanoseconds (any write changes
+/// the change time).
+pub fn verified_identity(dev: u64, ino: u64, size: u64, mtime: (i64, i64), ctime: (i64, i64)) -> String {
+    let ns = |(s, n): (i64, i64)| s as i128 * 1_000_000_000 + n as i128;
+    format!("{dev}:{ino}:{size}:{}:{}", ns(mtime), ns(ctime))
+}

@@ -8,6 +8,7 @@ pub mod format;
 pub mod schema;
 
 pub use format::{
-    ImageError, ImageReader, ImageWriter, SectionEntry, SectionKind, Sink, FORMAT_VERSION, HEADER_LEN, MAGIC, PAGE_SIZE,
+    verified_identity, ImageError, ImageReader, ImageWriter, SectionEntry, SectionKind, Sink, FORMAT_VERSION,
+    HEADER_LEN, MAGIC, PAGE_SIZE,
 };
 pub use schema::*;

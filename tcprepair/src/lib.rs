@@ -307,6 +307,51 @@ fn rebuild(fd: i32, local: &[u8], peer: &[u8], options: &[(i32, i32, i32)], c: &
     Ok(())
 }
 
+/// Why a connection came back reset instead of rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The resume asked for it (migrate-resume --tcp-reset).
+    Asked,
+    /// The image holds no repair state (no CAP_NET_ADMIN at checkpoint).
+    NotSaved,
+    /// The rebuild failed.
+    Failed(Error),
+}
+
+impl fmt::Display for ResetReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResetReason::Asked => write!(f, "migrate-resume --tcp-reset"),
+            ResetReason::NotSaved => {
+                write!(f, "its state was not saved (TCP repair needs CAP_NET_ADMIN at checkpoint)")
+            }
+            ResetReason::Failed(e) => write!(f, "it could not be rebuilt with TCP repair: {e}"),
+        }
+    }
+}
+
+/// An established connection as it comes back: rebuilt from `tcp`, or — without it, when the
+/// rebuild fails, or when `reset` asks — a socket that reports ECONNRESET, with the reason.
+/// Never a descriptor that talks to something else.
+pub fn rebuild_or_reset(
+    domain: i32,
+    local: &[u8],
+    peer: &[u8],
+    options: &[(i32, i32, i32)],
+    tcp: Option<&TcpConnection>,
+    reset: bool,
+) -> Result<(i32, Option<ResetReason>)> {
+    let why = match tcp {
+        _ if reset => ResetReason::Asked,
+        None => ResetReason::NotSaved,
+        Some(c) => match restore(domain, local, peer, options, c) {
+            Ok(fd) => return Ok((fd, None)),
+            Err(e) => ResetReason::Failed(e),
+        },
+    };
+    reset_socket(domain).map(|fd| (fd, Some(why)))
+}
+
 fn loopback(domain: i32) -> Vec<u8> {
     if domain == libc::AF_INET6 {
         let mut a = vec![0u8; 28];

@@ -418,13 +418,12 @@ fn restore_refuses_pages_changed_after_migrate_resume_checked_them() {
     let verified = {
         use std::os::unix::fs::MetadataExt;
         let m = fs::metadata(&changed).unwrap();
-        format!(
-            "{}:{}:{}:{}:{}",
+        migrate_image::verified_identity(
             m.dev(),
             m.ino(),
             m.size(),
-            m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+            (m.mtime(), m.mtime_nsec()),
+            (m.ctime(), m.ctime_nsec()),
         )
     };
     let at = s.offset + s.length / 2;

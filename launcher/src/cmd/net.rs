@@ -17,26 +17,14 @@ pub fn create(kind: &FdKind) -> Result<i32> {
     if let (true, false, Some(peer)) = (is_tcp, *listening, peer) {
         let what = format!("the connection from {where_} to {}", super::inspect::sockaddr_text(peer));
         let reset = std::env::var_os("MIGRATE_TCP_RESET").is_some_and(|v| v == "1");
-        let fd = match tcp {
-            Some(c) if !reset => match migrate_tcprepair::restore(*domain, local, peer, options, c) {
-                Ok(fd) => Ok(fd),
-                Err(e) => {
-                    crate::exit::warn(
-                        "resume",
-                        &format!("{what} was reset: it could not be rebuilt with TCP repair: {e}"),
-                    );
-                    migrate_tcprepair::reset_socket(*domain)
-                }
-            },
-            _ => {
-                crate::exit::warn(
-                    "resume",
-                    &format!("{what} was reset: the program sees ECONNRESET and can reconnect"),
-                );
-                migrate_tcprepair::reset_socket(*domain)
-            }
+        let (fd, why) = migrate_tcprepair::rebuild_or_reset(*domain, local, peer, options, tcp.as_ref(), reset)
+            .map_err(|e| fail(TARGET, format!("cannot recreate {what}: {e}")))?;
+        if let Some(why) = why {
+            crate::exit::warn(
+                "resume",
+                &format!("{what} was reset ({why}): the program sees ECONNRESET and can reconnect"),
+            );
         }
-        .map_err(|e| fail(TARGET, format!("cannot recreate {what}: {e}")))?;
         // SAFETY: our own descriptor.
         unsafe { libc::fcntl(fd, libc::F_SETFL, (*flags as i32) & libc::O_NONBLOCK) };
         return Ok(fd);

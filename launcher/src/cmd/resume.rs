@@ -129,18 +129,16 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     result
 }
 
-/// `dev:ino:size:mtime:ctime` (nanoseconds) of an open file, as libmigrate's restore compares
-/// it (restore/mod.rs).
+/// The identity of an open image file, as libmigrate's restore compares it (restore/mod.rs).
 fn file_identity(file: &fs::File) -> String {
     use std::os::unix::fs::MetadataExt;
     match file.metadata() {
-        Ok(m) => format!(
-            "{}:{}:{}:{}:{}",
+        Ok(m) => migrate_image::verified_identity(
             m.dev(),
             m.ino(),
             m.size(),
-            m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+            (m.mtime(), m.mtime_nsec()),
+            (m.ctime(), m.ctime_nsec()),
         ),
         Err(_) => String::new(),
     }

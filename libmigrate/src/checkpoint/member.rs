@@ -354,6 +354,28 @@ pub fn write_process(
     Ok(WriteOutcome::Written(Written { end, sections, ids: (p.vpid, p.vppid, p.vpgid, p.vsid) }))
 }
 
+/// Copies the whole file open at `src` into a new section `kind`, through `buf`.
+fn copy_into_section(
+    writer: &mut ImageWriter<PwriteSink>,
+    kind: SectionKind,
+    src: i32,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), String> {
+    writer.begin_section(kind, true).map_err(|e| describe_write_error(&e))?;
+    let mut off = 0u64;
+    loop {
+        let n = sys::pread(src, buf, off).map_err(|e| format!("cannot read {what}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        writer.write(&buf[..n]).map_err(|e| describe_write_error(&e))?;
+        off += n as u64;
+    }
+    writer.end_section();
+    Ok(())
+}
+
 /// Stores the contents of files the program holds open but that were deleted: nothing else
 /// keeps them. Read through /proc/thread-self/fd (the descriptor may be write-only).
 fn write_deleted_files(writer: &mut ImageWriter<PwriteSink>, proc: u32, meta: &ImageMeta) -> Result<(), String> {
@@ -369,22 +391,7 @@ fn write_deleted_files(writer: &mut ImageWriter<PwriteSink>, proc: u32, meta: &I
         let src = sys::open(&path, libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|e| {
             format!("cannot read deleted file {} (fd {}): {e}", meta.process.files[file as usize].path, f.fd)
         })?;
-        let res = (|| -> Result<(), String> {
-            writer
-                .begin_section(SectionKind::FileContents { proc, file }, true)
-                .map_err(|e| describe_write_error(&e))?;
-            let mut off = 0u64;
-            loop {
-                let n = sys::pread(src, &mut buf, off).map_err(|e| format!("cannot read a deleted file: {e}"))?;
-                if n == 0 {
-                    break;
-                }
-                writer.write(&buf[..n]).map_err(|e| describe_write_error(&e))?;
-                off += n as u64;
-            }
-            writer.end_section();
-            Ok(())
-        })();
+        let res = copy_into_section(writer, SectionKind::FileContents { proc, file }, src, &mut buf, "a deleted file");
         let _ = sys::close(src);
         res?;
     }
@@ -401,22 +408,7 @@ fn write_binaries(writer: &mut ImageWriter<PwriteSink>, proc: u32, meta: &ImageM
         }
         let src = sys::open(&fs::cpath(f.path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0)
             .map_err(|e| format!("cannot read {} to store it in the image: {e}", f.path))?;
-        let res = (|| -> Result<(), String> {
-            writer
-                .begin_section(SectionKind::FileContents { proc, file: i as u32 }, true)
-                .map_err(|e| describe_write_error(&e))?;
-            let mut off = 0u64;
-            loop {
-                let n = sys::pread(src, &mut buf, off).map_err(|e| format!("cannot read {}: {e}", f.path))?;
-                if n == 0 {
-                    break;
-                }
-                writer.write(&buf[..n]).map_err(|e| describe_write_error(&e))?;
-                off += n as u64;
-            }
-            writer.end_section();
-            Ok(())
-        })();
+        let res = copy_into_section(writer, SectionKind::FileContents { proc, file: i as u32 }, src, &mut buf, &f.path);
         let _ = sys::close(src);
         res?;
     }

@@ -207,21 +207,13 @@ fn restore_connection(
     tcp: Option<&migrate_image::TcpConnection>,
 ) -> Result<i32, String> {
     let what = || format!("the connection from {} to {}", describe(local), describe(peer));
-    let why = match tcp {
-        _ if crate::env::var("MIGRATE_TCP_RESET").is_some_and(|v| v == "1") => {
-            String::from("migrate-resume --tcp-reset")
-        }
-        Some(c) => match migrate_tcprepair::restore(domain, local, peer, options, c) {
-            Ok(fd) => {
-                crate::debug!("{} continues (TCP repair)", what());
-                return Ok(fd);
-            }
-            Err(e) => format!("it could not be rebuilt with TCP repair: {e}"),
-        },
-        None => String::from("its state was not saved (TCP repair needs CAP_NET_ADMIN at checkpoint)"),
-    };
-    let fd = migrate_tcprepair::reset_socket(domain).map_err(|e| format!("cannot build a reset connection ({e})"))?;
-    crate::info!("{} was reset ({why}): the program sees ECONNRESET and can reconnect", what());
+    let reset = crate::env::var("MIGRATE_TCP_RESET").is_some_and(|v| v == "1");
+    let (fd, why) = migrate_tcprepair::rebuild_or_reset(domain, local, peer, options, tcp, reset)
+        .map_err(|e| format!("cannot build a reset connection ({e})"))?;
+    match why {
+        None => crate::debug!("{} continues (TCP repair)", what()),
+        Some(why) => crate::info!("{} was reset ({why}): the program sees ECONNRESET and can reconnect", what()),
+    }
     Ok(fd)
 }
 

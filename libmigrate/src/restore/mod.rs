@@ -66,14 +66,12 @@ fn sysv_ids() -> alloc::vec::Vec<crate::resources::ipc::Recreated> {
 fn verified_by_migrate_resume(fd: i32) -> bool {
     let Some(want) = crate::env::var("MIGRATE_VERIFIED_IMAGE") else { return false };
     let Ok(st) = sys::fstat(fd) else { return false };
-    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
-    let have = alloc::format!(
-        "{}:{}:{}:{}:{}",
+    let have = migrate_image::verified_identity(
         st.st_dev,
         st.st_ino,
-        st.st_size,
-        ns(st.st_mtime, st.st_mtime_nsec),
-        ns(st.st_ctime, st.st_ctime_nsec)
+        st.st_size as u64,
+        (st.st_mtime, st.st_mtime_nsec),
+        (st.st_ctime, st.st_ctime_nsec),
     );
     !want.is_empty() && have == want
 }
