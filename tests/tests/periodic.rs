@@ -43,10 +43,19 @@ fn periodic_checkpoints_keep_the_newest_images_and_each_resumes() {
     // The newest image resumes and counts on. The program went on writing its log after that
     // image (as after a crash, the files have moved on): --force accepts that.
     let newest = images.iter().max_by_key(|i| sequence(i)).unwrap();
+    let original: Vec<String> = p.lines_so_far().into_iter().filter(|l| l.starts_with("tick ")).collect();
+    let before = CounterTick::parse(original.last().expect("the original ticked"));
     let mut s = resume_with(&["--force"], newest);
-    let first = tick_number(&s.wait_line("tick ", STARTUP));
-    let second = tick_number(&s.wait_line("tick ", STARTUP));
-    assert_eq!(second, first + 1, "it counts on from where the image was taken");
+    let first_line = s.wait_line("tick ", STARTUP);
+    let first = CounterTick::parse(&first_line);
+    let second = CounterTick::parse(&s.wait_line("tick ", STARTUP));
+    // Not a fresh start: the same heap (its checksum depends on a per-run seed), a tick from
+    // within the original run (an image of it), and the state that goes with that tick.
+    assert_eq!(first.heap, before.heap, "the same memory as the original run: {first_line}");
+    assert!(first.n > 1 && first.n <= before.n + 1, "a tick of the original run, not 1: {first_line}");
+    first.check_model(&first_line);
+    assert!(!s.lines_so_far().iter().any(|l| l.starts_with("ready ")), "it did not start again");
+    assert_eq!(second.n, first.n + 1, "it counts on from where the image was taken");
     // And the resumed program goes on checkpointing itself, still keeping two.
     let last = sequence(newest);
     let deadline = Instant::now() + STARTUP;
