@@ -58,11 +58,20 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         .code(IMAGE)?;
     check_cpu(&metas[0])?;
     check_vdso(&metas[0])?;
+    // Lazy restore needs a userfaultfd, with the rights the tree will have: checked once here,
+    // so that one warning says why the resume is eager instead.
+    let lazy = args.lazy && lazy_available();
 
     // Everything that can fail is checked and prepared before the first fork.
     let mut commands = Vec::with_capacity(metas.len());
     for (k, meta) in metas.iter().enumerate() {
-        commands.push(prepare(&reader, &tree, meta, k as u32, &image, &args)?);
+        let mut cmd = prepare(&reader, &tree, meta, k as u32, &image, &args)?;
+        if lazy {
+            cmd.env("MIGRATE_LAZY", "1");
+        } else {
+            cmd.env_remove("MIGRATE_LAZY");
+        }
+        commands.push(cmd);
     }
     let memory = super::tree::build_memory(&reader, &tree)?;
     // System V objects, with their keys (a key taken here fails the resume); removed again if
@@ -127,6 +136,38 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     drop(ready);
     drop(sysv);
     result
+}
+
+/// Whether this process may create a userfaultfd that handles kernel faults too (the system
+/// call, else /dev/userfaultfd); warns (once) and returns false when not.
+fn lazy_available() -> bool {
+    // SAFETY: userfaultfd(2) takes flags only; the descriptor is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as i32;
+    if fd >= 0 {
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        return true;
+    }
+    let err = io::Error::last_os_error();
+    // The device, which an administrator may open to users the sysctl turns away.
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+    if let Ok(dev) = fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the documented ioctl on the device, with flags as its argument.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd >= 0 {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
+            return true;
+        }
+    }
+    let hint = if err.raw_os_error() == Some(libc::EPERM) {
+        ": as an ordinary user it needs the sysctl vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd"
+    } else {
+        ""
+    };
+    warn("resume", &format!("lazy restore is not available (userfaultfd: {err}{hint}); restoring eagerly"));
+    false
 }
 
 /// The identity of an open image file, as libmigrate's restore compares it (restore/mod.rs).

@@ -33,6 +33,9 @@ fn is_zombie(tid: i32) -> bool {
 /// Stops every program thread in its suspend handler (a main thread that called pthread_exit
 /// stays a zombie and has nothing to save).
 pub fn freeze() -> Result<(), String> {
+    // After a lazy resume, only once every page is in: pagemap would show the missing ones as
+    // never touched, and the image would lose them.
+    crate::restore::lazy::wait_complete();
     // Refused before anything is stopped: the program runs on untouched.
     if let Some(why) = crate::resources::timers::unsupported() {
         return Err(why);

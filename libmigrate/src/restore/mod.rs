@@ -4,6 +4,7 @@
 //! restored copies of the program's threads and of the checkpoint thread then meet again in
 //! `finish_in_restored_process`, which releases them all at once.
 
+pub mod lazy;
 pub mod plan;
 pub mod switch;
 
@@ -178,7 +179,32 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids())?;
+    // Lazy restore (migrate-resume --lazy): the page server's descriptors go out of the
+    // program's way, among libmigrate's own when the limit allows.
+    let lazy = if crate::env::var("MIGRATE_LAZY").is_some_and(|v| v == "1") {
+        let err = ERROR_FD.load(Ordering::Relaxed);
+        match lazy::open(image_fd, err, above.max(state::OWN_FD_BASE + 16))
+            .or_else(|_| lazy::open(image_fd, err, above))
+        {
+            Ok(o) => Some(o),
+            Err(e) => {
+                warn_lazy(&e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let built =
+        match plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids(), lazy.as_ref()) {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(o) = lazy {
+                    o.close();
+                }
+                return Err(e);
+            }
+        };
     // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
     process::restore(p)?;
     // SAFETY: build() wrote a complete header at the start of the plan region.
@@ -186,6 +212,16 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     check_address_space(p, plan_len)?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
+}
+
+/// Lazy restore is not possible here: says so once on migrate-resume's stderr; the restore
+/// goes on eagerly.
+pub fn warn_lazy(why: &str) {
+    let mut b = crate::log::StackBuf::<512>::new();
+    b.push_bytes(b"migrate-resume: warning: lazy restore is not available (");
+    b.push_bytes(why.as_bytes());
+    b.push_bytes(b"); restoring eagerly\n");
+    let _ = sys::write_all(ERROR_FD.load(Ordering::Relaxed), b.as_bytes());
 }
 
 /// At its peak the switch holds every saved region (special mappings included) and the plan.

@@ -35,6 +35,8 @@ pub struct PlanVma {
     /// A System V segment to attach here (its new id), or -1; `shm_size` is its size.
     pub shm_id: i32,
     pub shm_size: u64,
+    /// Restored lazily: mapped, its hot pages read, the rest left to the page server.
+    pub lazy: u32,
 }
 
 #[repr(C)]
@@ -89,6 +91,16 @@ pub struct PlanHeader {
     pub error_fd: i32,
     /// migrate-resume's readiness pipe (MIGRATE_READY_FD), or -1: told once the tree runs.
     pub ready_fd: i32,
+    /// Lazy restore (lazy.rs): the page server's mapping (0: eager restore), its userfaultfd,
+    /// the address of `lazy::LAZY`, and the ranges the switch reads eagerly in lazy regions.
+    pub lazy_server: u64,
+    pub lazy_server_len: u64,
+    pub lazy_uffd: i32,
+    pub lazy_image_fd: i32,
+    pub lazy_out_fd: i32,
+    pub nhot: u32,
+    pub lazy_state: u64,
+    pub hot_off: u64,
 }
 
 impl PlanHeader {
@@ -123,6 +135,10 @@ impl PlanHeader {
     pub fn sysv(&self) -> &[crate::resources::ipc::Recreated] {
         // SAFETY: see `array`.
         unsafe { self.array(self.sysv_off, self.nsysv) }
+    }
+    pub fn hot(&self) -> &[Range] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.hot_off, self.nhot) }
     }
     pub fn image_path(&self) -> &[u8] {
         // SAFETY: see `array`.
@@ -198,6 +214,7 @@ pub fn build(
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
     sysv: &[crate::resources::ipc::Recreated],
+    lazy: Option<&super::lazy::Opened>,
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
@@ -288,6 +305,7 @@ pub fn build(
                     data_offset: 0,
                     shm_id: new,
                     shm_size: ds.shm_segsz as u64,
+                    lazy: 0,
                 });
                 continue;
             }
@@ -307,6 +325,7 @@ pub fn build(
                 data_offset: 0,
                 shm_id: -1,
                 shm_size: 0,
+                lazy: 0,
             });
             continue;
         }
@@ -316,6 +335,14 @@ pub fn build(
             None if !v.runs.is_empty() => return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end)),
             None => 0,
         };
+        // Lazily: private anonymous memory (not the main stack, which the kernel reads for
+        // /proc/PID/cmdline), readable and writable, with enough stored pages to matter.
+        let stored: u64 = v.runs.iter().map(|r| r.1).sum();
+        let rw = libc::PROT_READ as u32 | PROT_WRITE;
+        let lazy_vma = lazy.is_some()
+            && matches!(v.kind, VmaKind::Anon | VmaKind::Heap)
+            && v.prot & rw == rw
+            && stored >= super::lazy::MIN_PAGES;
         vmas.push(PlanVma {
             start: v.start,
             end: v.end,
@@ -329,6 +356,7 @@ pub fn build(
             data_offset,
             shm_id: -1,
             shm_size: 0,
+            lazy: lazy_vma as u32,
         });
         runs.extend(v.runs.iter().map(|&(first, count)| Range { start: first, end: first + count }));
     }
@@ -357,10 +385,49 @@ pub fn build(
         }
     }
 
+    // Lazy restore: the pages the restored threads touch at once (each one's saved context, the
+    // handler frames and signal frame above it) and `lazy::LAZY`, which the switch writes, are
+    // read eagerly; the page server gets the rest.
+    let mut busy: Vec<(u64, u64)> = current.iter().map(|m| (m.start, m.end)).collect();
+    busy.extend(p.vmas.iter().map(|v| (v.start, v.end)));
+    let mut hot: Vec<Range> = Vec::new();
+    let mut server = None;
+    if let Some(o) = lazy.filter(|_| vmas.iter().any(|v| v.lazy != 0)) {
+        let state = super::lazy::state_addr() & !4095;
+        hot.push(Range { start: state, end: state + 4096 });
+        for t in &threads {
+            let sp = t.resume_sp & !4095;
+            hot.push(Range { start: sp.saturating_sub(4096), end: sp + super::lazy::HOT_STACK });
+        }
+        let regions: Vec<super::lazy::LazyRegion> = vmas
+            .iter()
+            .filter(|v| v.lazy != 0)
+            .map(|v| super::lazy::LazyRegion {
+                start: v.start,
+                end: v.end,
+                runs: &runs[v.first_run as usize..(v.first_run + v.nruns) as usize],
+                data_offset: v.data_offset,
+            })
+            .collect();
+        let built = super::lazy::build_server(o, &regions, &hot, image_path, |len| {
+            let a = free_range(len, &busy)?;
+            busy.push((a, a + len));
+            Some(a)
+        });
+        match built {
+            Ok(b) => server = Some(b),
+            Err(e) => {
+                super::warn_lazy(&e);
+                vmas.iter_mut().for_each(|v| v.lazy = 0);
+                hot.clear();
+            }
+        }
+    }
+
     // Lay the region out.
     let hdr = core::mem::size_of::<PlanHeader>() as u64;
     let align = |x: u64| x.next_multiple_of(64);
-    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1;
+    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1 + 3;
     let keeps_off = align(hdr);
     let vmas_off = align(keeps_off + (keeps_count * core::mem::size_of::<Range>()) as u64);
     let runs_off = align(vmas_off + (vmas.len() * core::mem::size_of::<PlanVma>()) as u64);
@@ -368,12 +435,11 @@ pub fn build(
     let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
     let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
-    let path_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
+    let hot_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
+    let path_off = align(hot_off + (hot.len() * core::mem::size_of::<Range>()) as u64);
     let data_len = align(path_off + image_path.len() as u64).next_multiple_of(4096);
     let region_len = data_len + STACK_SIZE as u64;
 
-    let mut busy: Vec<(u64, u64)> = current.iter().map(|m| (m.start, m.end)).collect();
-    busy.extend(p.vmas.iter().map(|v| (v.start, v.end)));
     let addr = free_range(region_len, &busy).ok_or("no free address range for the restore plan")?;
     let got = sys::mmap(
         addr as usize,
@@ -392,6 +458,9 @@ pub fn build(
         p.vmas.iter().zip(&keep).filter(|(_, &k)| k).map(|(v, _)| Range { start: v.start, end: v.end }).collect();
     keeps.extend(current.iter().filter(|m| m.is_special()).map(|m| Range { start: m.start, end: m.end }));
     keeps.push(Range { start: addr, end: addr + region_len });
+    if let Some(b) = &server {
+        keeps.extend(b.mappings.iter().map(|&(start, end)| Range { start, end }));
+    }
     keeps.sort_unstable_by_key(|r| r.start);
 
     let mm = &p.mm;
@@ -438,6 +507,14 @@ pub fn build(
         nsysv: sysv.len() as u32,
         error_fd: super::ERROR_FD.load(core::sync::atomic::Ordering::Relaxed),
         ready_fd: super::READY_FD.load(core::sync::atomic::Ordering::Relaxed),
+        lazy_server: server.as_ref().map_or(0, |b| b.addr),
+        lazy_server_len: server.as_ref().map_or(0, |b| b.len),
+        lazy_uffd: lazy.map_or(-1, |o| o.uffd),
+        lazy_image_fd: lazy.map_or(-1, |o| o.image_fd),
+        lazy_out_fd: lazy.map_or(-1, |o| o.out_fd),
+        nhot: hot.len() as u32,
+        lazy_state: super::lazy::state_addr(),
+        hot_off,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.
@@ -459,6 +536,7 @@ pub fn build(
             base.add(sysv_off as usize) as *mut crate::resources::ipc::Recreated,
             sysv.len(),
         );
+        core::ptr::copy_nonoverlapping(hot.as_ptr(), base.add(hot_off as usize) as *mut Range, hot.len());
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
     }
     Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize })
