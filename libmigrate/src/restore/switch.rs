@@ -148,7 +148,6 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     }
 
     // 2. Map and fill every saved region.
-    let image_fd = plan.image_fd as u64;
     let all_runs = plan.runs();
     for v in plan.vmas() {
         let len = v.end - v.start;
@@ -177,14 +176,14 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
         } else if fill_prot != v.prot {
             check(efd, raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0), b"mprotect");
         }
-        let mut off = v.data_offset;
         for r in runs {
             let mut addr = v.start + r.start * 4096;
             let end = v.start + r.end * 4096;
+            let mut off = r.offset;
             while addr < end {
                 let n = check(
                     efd,
-                    raw(libc::SYS_pread64, image_fd, addr, end - addr, off, 0, 0),
+                    raw(libc::SYS_pread64, r.fd as u64, addr, end - addr, off, 0, 0),
                     b"reading pages from the image",
                 );
                 if n == 0 {
