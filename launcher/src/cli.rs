@@ -27,9 +27,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     pub interval: Option<f64>,
 
-    /// With --interval: keep the newest N images of the program, remove older ones
+    /// With --interval: keep the newest N images of the program, remove older ones (and the
+    /// older images an incremental one still takes pages from stay too)
     #[arg(long, value_name = "N", default_value = "3", requires = "interval", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: u32,
+
+    /// With --interval: incremental images, each storing only the pages that changed since
+    /// the one before (a full image every 8)
+    #[arg(long, requires = "interval")]
+    pub incremental: bool,
 
     /// The program to run and its arguments
     #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true)]
@@ -80,6 +86,12 @@ pub struct CheckpointArgs {
     /// lack them (the dynamic loader must still be the same)
     #[arg(long)]
     pub with_binaries: bool,
+
+    /// Store only the pages that changed since the program's newest image in the checkpoint
+    /// directory (its parent); the image names its chain of ancestors, which must stay beside
+    /// it (a full image when there is none, or after 8 in a chain)
+    #[arg(long, conflicts_with = "to")]
+    pub incremental: bool,
 
     /// Directory to write the image to [default: the process's checkpoint directory]
     #[arg(long, value_name = "DIR")]

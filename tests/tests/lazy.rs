@@ -275,3 +275,76 @@ fn without_userfaultfd_the_resume_is_eager_with_a_warning() {
         "one warning, no page server: {stderr:?}"
     );
 }
+
+/// A damaged page of a lazily restored region is found when the page server brings it in
+/// (migrate-resume --lazy verifies everything but the pages up front): the program ends with
+/// exit status 5 and a line naming the page's address, the image and the fix.
+#[test]
+fn a_damaged_page_ends_the_program_with_its_address() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let data = data_file(dir);
+    let (_ready, image) = checkpointed(dir, 16, &data);
+    // The middle page of the largest page section (the 16 MiB region).
+    let (offset, length) = {
+        let reader = migrate_image::ImageReader::open(&image).unwrap();
+        let s = reader
+            .sections()
+            .iter()
+            .filter(|s| matches!(s.kind, migrate_image::SectionKind::Pages { .. }))
+            .max_by_key(|s| s.length)
+            .copied()
+            .expect("a page section");
+        (s.offset, s.length)
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).unwrap();
+        let at = offset + (length / 2 / 4096) * 4096 + 100;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= 0x5a;
+        f.write_all_at(&b, at).unwrap();
+    }
+    let mut s = resume_lazy(&image, 0);
+    s.send_line("sum");
+    let status = s.wait_exit(CKPT);
+    let stderr = s.stderr_so_far().join("\n");
+    assert_eq!(status.code(), Some(5), "exit status 5: {stderr}");
+    assert!(stderr.contains("does not match its hash"), "{stderr}");
+    assert!(stderr.contains(&image.display().to_string()), "names the image: {stderr}");
+    assert!(stderr.contains(" at 0x"), "names the address: {stderr}");
+    assert!(!s.lines_so_far().iter().any(|l| l.starts_with("sum ")), "the program did not go on with a bad page");
+}
+
+/// An incremental image resumed lazily: the pages that did not change since its parent come
+/// from the parent image, through the page server too.
+#[test]
+fn an_incremental_image_resumes_lazily_with_its_parents_pages() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let data = data_file(dir);
+    let mut p = migrate_run(dir, &cbin("lazymem"), ["32".to_string(), data.display().to_string()]);
+    let ready = p.wait_line("ready ", STARTUP);
+    let parent = checkpoint(p.pid(), false, dir);
+    p.send_line("ops");
+    let ops = p.wait_line("ops ", LINE);
+    let mut cmd = std::process::Command::new(bin("migrate-checkpoint"));
+    cmd.arg("--incremental").arg("--kill").arg("--dir").arg(dir).arg(p.pid().to_string());
+    let out = run_tool("migrate-checkpoint --incremental", cmd, CKPT);
+    assert!(out.status.success(), "{}", out.describe());
+    let child = PathBuf::from(out.stdout.lines().last().unwrap_or_default().trim());
+    assert_ne!(child, parent);
+    let size = |f: &Path| std::fs::metadata(f).unwrap().len();
+    assert!(size(&child) * 2 < size(&parent), "the child image holds only what changed");
+    p.wait_exit(LINE);
+
+    let mut s = resume_lazy(&child, 0);
+    s.send_line("sum");
+    let sum = s.wait_line("sum ", STARTUP);
+    assert_eq!((field_num::<u32>(&sum, "n"), hex(&sum, "a")), (2, hex(&ready, "a")), "{sum}");
+    let report = wait_report(&mut s);
+    assert!(field_num::<u64>(&report, "pages") >= 32 * 256, "{report}");
+    assert_eq!(field_num::<u32>(&ops, "zero"), 1);
+    s.kill();
+}

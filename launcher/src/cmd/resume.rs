@@ -48,19 +48,35 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         .then(|| super::netlock::KeptNotice(tree.network_lock.clone()));
     let metas: Vec<ImageMeta> =
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
-    // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
-    verify_all(&reader, args.ready_fd.is_none())?;
+    // Lazy restore needs a userfaultfd, with the rights the tree will have: checked once here,
+    // so that one warning says why the resume is eager instead. It reads every section but the
+    // pages now; each page is checked against its hash when it is brought in.
+    let lazy = args.lazy && lazy_available();
+    let verify = |reader: &ImageReader| {
+        if lazy {
+            reader.verify_sections(|s| !matches!(s.kind, SectionKind::Pages { .. }), &mut vec![0u8; 1 << 20])
+        } else {
+            // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
+            verify_all(reader, args.ready_fd.is_none())
+        }
+    };
+    verify(&reader)?;
+    // An incremental image takes pages from its ancestors: each is checked as a whole too.
+    let ancestors = super::chain::open_ancestors(&image_arg, &tree, &metas)?;
+    for a in &ancestors {
+        verify(&a.reader)?;
+    }
     // The restore in the new process checks its pages again unless the file is the very one
     // verified here, unchanged (a write changes its ctime): this spares a second read.
-    std::env::set_var("MIGRATE_VERIFIED_IMAGE", file_identity(reader.file()));
+    let identities: Vec<String> =
+        std::iter::once(reader.file()).chain(ancestors.iter().map(|a| a.reader.file())).map(file_identity).collect();
+    std::env::set_var("MIGRATE_VERIFIED_IMAGE", identities.join(";"));
+    drop(ancestors);
     let image = fs::canonicalize(&image_arg)
         .with_context(|| format!("cannot resolve the image path {}", image_arg.display()))
         .code(IMAGE)?;
     check_cpu(&metas[0])?;
     check_vdso(&metas[0])?;
-    // Lazy restore needs a userfaultfd, with the rights the tree will have: checked once here,
-    // so that one warning says why the resume is eager instead.
-    let lazy = args.lazy && lazy_available();
 
     // Everything that can fail is checked and prepared before the first fork.
     let mut commands = Vec::with_capacity(metas.len());

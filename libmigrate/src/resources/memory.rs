@@ -197,6 +197,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 name: m.name.clone(),
                 vm_flags: String::new(),
                 runs: Vec::new(),
+                inherited: Vec::new(),
                 data_section: None,
             });
             continue;
@@ -216,6 +217,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 name: m.name.clone(),
                 vm_flags: String::new(),
                 runs: Vec::new(),
+                inherited: Vec::new(),
                 data_section: None,
             });
             continue;
@@ -251,6 +253,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
             name: m.name.clone(),
             vm_flags: if kind == VmaKind::Stack { "gd".into() } else { String::new() },
             runs,
+            inherited: Vec::new(),
             data_section: None,
         });
     }
@@ -261,41 +264,99 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
 /// Chunk size for writing pages: hashed while hot in cache, then written.
 pub const WRITE_CHUNK: usize = 256 * 1024;
 
-/// Writes the stored runs of `v` into the open section. Allocates nothing. `live` marks the
-/// mapping that holds the writing thread's own stack: it changes while being hashed and
-/// written, so it is first copied (through /proc/self/mem) into `bounce`.
+/// A page with data in the parent image of an incremental checkpoint: its address, its hash,
+/// and where its bytes are (an ancestor of the new image, by index, and the byte offset there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParentPage {
+    pub addr: u64,
+    pub hash: u64,
+    pub ancestor: u32,
+    pub offset: u64,
+}
+
+/// What the page writer learns about each page of a VMA's runs, in order: its hash, and for an
+/// incremental checkpoint the index of the parent's identical page (`NOT_INHERITED` when the
+/// page is stored in the new image).
+pub struct PageOutcome<'a> {
+    pub hashes: &'a mut [u64],
+    pub parent: Option<(&'a [ParentPage], &'a mut [u32])>,
+}
+
+pub const NOT_INHERITED: u32 = u32::MAX;
+
+/// Writes the pages of `v`'s runs into the open section: every page is hashed (into
+/// `out.hashes`); a page identical to the parent image's page at its address is not written
+/// but recorded as inherited. Allocates nothing. `live` marks the mapping that holds the
+/// writing thread's own stack: it changes while being hashed and written, so it is first copied
+/// (through /proc/self/mem) into `bounce`; so is unreadable (PROT_NONE) memory.
 pub fn write_pages<S: migrate_image::Sink>(
     w: &mut migrate_image::ImageWriter<S>,
     v: &VmaEntry,
     mem_fd: i32,
     bounce: &mut [u8],
     live: bool,
+    out: &mut PageOutcome<'_>,
 ) -> Result<(), migrate_image::ImageError> {
+    let io = |e: i32| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e));
+    // The parent's pages from this VMA's start on (they are sorted by address).
+    let mut cursor = match &out.parent {
+        Some((pages, _)) => pages.partition_point(|p| p.addr < v.start),
+        None => 0,
+    };
+    let mut k = 0usize; // index of the page among the runs
     for &(first, count) in &v.runs {
         let mut addr = v.start + first * 4096;
         let end = addr + count * 4096;
         while addr < end {
-            let n = ((end - addr) as usize).min(WRITE_CHUNK);
-            if v.prot & PROT_READ != 0 && !live {
+            let n = ((end - addr) as usize).min(WRITE_CHUNK).min(bounce.len());
+            let chunk: &[u8] = if v.prot & PROT_READ != 0 && !live {
                 // SAFETY: the range is a mapped, readable part of our own address space that no
                 // other thread modifies (they are all parked).
-                let chunk = unsafe { core::slice::from_raw_parts(addr as *const u8, n) };
-                w.write(chunk)?;
+                unsafe { core::slice::from_raw_parts(addr as *const u8, n) }
             } else {
-                // Unreadable memory (PROT_NONE after use) or our own stack: read it through
-                // /proc/self/mem into a stable copy.
-                let take = n.min(bounce.len());
-                let b = &mut bounce[..take];
-                let got = sys::pread(mem_fd, b, addr)
-                    .map_err(|e| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0)))?;
-                if got == 0 {
-                    return Err(migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(libc::EIO)));
+                let got = sys::pread(mem_fd, &mut bounce[..n], addr).map_err(|e| io(e.0))?;
+                if got < 4096 {
+                    return Err(io(libc::EIO));
                 }
-                w.write(&b[..got])?;
-                addr += got as u64;
-                continue;
+                &bounce[..got - got % 4096]
+            };
+            let npages = chunk.len() / 4096;
+            // Consecutive pages to store are written together.
+            let mut batch_start = 0usize;
+            let mut batch_len = 0usize;
+            for i in 0..npages {
+                let page = &chunk[i * 4096..(i + 1) * 4096];
+                let h = migrate_image::page_hash(page);
+                out.hashes[k + i] = h;
+                let mut inherited = false;
+                if let Some((pages, decided)) = out.parent.as_mut() {
+                    let here = addr + (i as u64) * 4096;
+                    while cursor < pages.len() && pages[cursor].addr < here {
+                        cursor += 1;
+                    }
+                    decided[k + i] = NOT_INHERITED;
+                    if cursor < pages.len() && pages[cursor].addr == here && pages[cursor].hash == h {
+                        decided[k + i] = cursor as u32;
+                        inherited = true;
+                    }
+                }
+                if inherited {
+                    if batch_len > 0 {
+                        let b = &chunk[batch_start * 4096..(batch_start + batch_len) * 4096];
+                        w.write_hashed_pages(b, &out.hashes[k + batch_start..k + batch_start + batch_len])?;
+                    }
+                    batch_start = i + 1;
+                    batch_len = 0;
+                } else {
+                    batch_len += 1;
+                }
             }
-            addr += n as u64;
+            if batch_len > 0 {
+                let b = &chunk[batch_start * 4096..(batch_start + batch_len) * 4096];
+                w.write_hashed_pages(b, &out.hashes[k + batch_start..k + batch_start + batch_len])?;
+            }
+            k += npages;
+            addr += (npages * 4096) as u64;
         }
     }
     Ok(())

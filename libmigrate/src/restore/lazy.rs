@@ -16,7 +16,10 @@
 //! Everything the server runs is libc-free and allocation-free, and it never touches the
 //! program's memory (its statics included: it could fault on a page only it can bring in).
 
+use super::plan::{PlanRun, PlanVma, Range};
 use crate::sys::{self, uffd, Errno};
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 const PAGE: u64 = 4096;
@@ -36,24 +39,22 @@ pub const MIN_PAGES: u64 = 16;
 /// which the thread touches at once when it resumes.
 pub const HOT_STACK: u64 = 64 * 1024;
 const SERVER_MAGIC: u64 = 0x7265_7672_657a_616c; // "lazserver"
+/// The image and its ancestors (at most 16), each read through a descriptor of the server's.
+const MAX_SOURCES: usize = 24;
 
 /// Shared between the program side and the page server's exit: `pending` is 1 from the switch
 /// until the server thread has exited (the kernel clears it and wakes shared futex waiters).
 /// Written by the switch through its address (this page is restored eagerly: see `hot`).
 #[repr(C, align(64))]
+/// `fd_lo..=fd_hi` holds the server's descriptors (the userfaultfd, the images, stderr).
 pub struct LazyState {
     pub pending: AtomicU32,
-    pub uffd: AtomicI32,
-    pub image_fd: AtomicI32,
-    pub out_fd: AtomicI32,
+    pub fd_lo: AtomicI32,
+    pub fd_hi: AtomicI32,
 }
 
-pub static LAZY: LazyState = LazyState {
-    pending: AtomicU32::new(0),
-    uffd: AtomicI32::new(-1),
-    image_fd: AtomicI32::new(-1),
-    out_fd: AtomicI32::new(-1),
-};
+pub static LAZY: LazyState =
+    LazyState { pending: AtomicU32::new(0), fd_lo: AtomicI32::new(-1), fd_hi: AtomicI32::new(-1) };
 
 /// Whether a lazy restore is still bringing pages in.
 pub fn pending() -> bool {
@@ -65,13 +66,17 @@ pub fn pending() -> bool {
 /// so must fork() (the child would not inherit the registration and would read zeros) and
 /// closing the server's descriptors.
 pub fn wait_complete() {
+    let mut waited = false;
     loop {
         let v = LAZY.pending.load(Ordering::Acquire);
         if v == 0 {
-            // The kernel wakes one waiter at the server's exit: pass it on.
-            sys::futex_wake_shared(&LAZY.pending);
+            if waited {
+                // The kernel wakes one waiter at the server's exit: pass it on.
+                sys::futex_wake_shared(&LAZY.pending);
+            }
             return;
         }
+        waited = true;
         let _ = sys::futex_wait_shared(&LAZY.pending, v, 100_000_000);
     }
 }
@@ -83,11 +88,8 @@ pub fn is_server_fd(fd: i32) -> bool {
 
 /// Whether one of the page server's descriptors (while it runs) is in `[first, last]`.
 pub fn server_fd_in(first: u32, last: u32) -> bool {
-    pending()
-        && [&LAZY.uffd, &LAZY.image_fd, &LAZY.out_fd].iter().any(|a| {
-            let fd = a.load(Ordering::Relaxed);
-            fd >= 0 && first <= fd as u32 && fd as u32 <= last
-        })
+    let (lo, hi) = (LAZY.fd_lo.load(Ordering::Relaxed), LAZY.fd_hi.load(Ordering::Relaxed));
+    pending() && lo >= 0 && first <= hi as u32 && lo as u32 <= last
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -96,7 +98,10 @@ pub fn server_fd_in(first: u32, last: u32) -> bool {
 /// What the restore opened for a lazy restore, before the plan is built.
 pub struct Opened {
     pub uffd: i32,
+    /// The restore's descriptor of the image (the switch's, closed by it), and the server's.
+    pub source_fd: i32,
     pub image_fd: i32,
+    pub min_fd: i32,
     pub out_fd: i32,
     pub stats: bool,
     pub delay_ms: u64,
@@ -105,7 +110,7 @@ pub struct Opened {
 /// Opens a userfaultfd for this process with the events the server follows, and its own
 /// descriptors of the image and of migrate-resume's stderr, all at `min_fd` or above.
 /// `Err` says why lazy restore is not possible here (the caller restores eagerly).
-pub fn open(image_fd: i32, error_fd: i32, min_fd: i32) -> Result<Opened, alloc::string::String> {
+pub fn open(image_fd: i32, error_fd: i32, min_fd: i32) -> Result<Opened, String> {
     let raw = uffd::create().map_err(|e| alloc::format!("userfaultfd: {e}"))?;
     let features = uffd::UFFD_FEATURE_EVENT_REMOVE | uffd::UFFD_FEATURE_EVENT_UNMAP | uffd::UFFD_FEATURE_EVENT_REMAP;
     if let Err(e) = uffd::api(raw, features) {
@@ -126,7 +131,9 @@ pub fn open(image_fd: i32, error_fd: i32, min_fd: i32) -> Result<Opened, alloc::
     let out = high(error_fd).unwrap_or(-1);
     Ok(Opened {
         uffd,
+        source_fd: image_fd,
         image_fd: image,
+        min_fd,
         out_fd: out,
         stats: crate::env::var("MIGRATE_LAZY_STATS").is_some_and(|v| v == "1"),
         delay_ms: crate::env::var("MIGRATE_LAZY_DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -153,6 +160,9 @@ pub struct Span {
     pub pages: u64,
     pub off: u64,
     pub first: u64,
+    /// The server's descriptor of the image that holds these pages (an incremental image's
+    /// ancestor, or the image itself).
+    pub fd: i64,
 }
 
 /// A growable array of spans in a mapping of its own.
@@ -171,8 +181,10 @@ pub struct Server {
     pub region_start: u64,
     pub region_len: u64,
     pub uffd: i32,
-    pub image_fd: i32,
     pub out_fd: i32,
+    /// The server's descriptors of the image and its ancestors.
+    pub sources: [i32; MAX_SOURCES],
+    pub nsources: u32,
     pub stats: u32,
     /// Set by the switch once every lazy region is registered (futex, private).
     pub go: AtomicU32,
@@ -184,6 +196,7 @@ pub struct Server {
     pub remaining: u64,
     /// One xxh3-64 per stored page (by stored page number), or 0: checked before each copy.
     pub hashes: u64,
+    pub hashes_len: u64,
     pub buf: u64,
     pub msgs: u64,
     pub faults: u64,
@@ -202,23 +215,26 @@ pub struct Server {
     pub n_remap: u64,
 }
 
-/// One lazy region for the builder: its range and its stored runs (page indexes within it)
-/// stored from image offset `data_offset` on.
+/// One lazy region for the builder: its range, its runs (where each one's pages are read
+/// from) and its pages' hashes (one per page of the runs, in order; empty: none).
 pub struct LazyRegion<'a> {
     pub start: u64,
     pub end: u64,
-    pub runs: &'a [super::plan::Range],
-    pub data_offset: u64,
+    pub runs: &'a [PlanRun],
+    pub hashes: &'a [u64],
 }
 
 pub struct BuiltServer {
     pub addr: u64,
     pub len: u64,
     /// Every mapping the server owns, for the switch's kept ranges.
-    pub mappings: [(u64, u64); 3],
+    pub mappings: [(u64, u64); 4],
+    /// The server's descriptors lie in `fd_lo..=fd_hi`.
+    pub fd_lo: i32,
+    pub fd_hi: i32,
 }
 
-fn map_at(addr: u64, len: u64) -> Result<u64, alloc::string::String> {
+fn map_at(addr: u64, len: u64) -> Result<u64, String> {
     let got = sys::mmap(
         addr as usize,
         len as usize,
@@ -239,12 +255,13 @@ fn map_at(addr: u64, len: u64) -> Result<u64, alloc::string::String> {
 pub fn build_server(
     o: &Opened,
     regions: &[LazyRegion],
-    hot: &[super::plan::Range],
+    hot: &[Range],
     image_path: &[u8],
     mut free: impl FnMut(u64) -> Option<u64>,
-) -> Result<BuiltServer, alloc::string::String> {
+) -> Result<BuiltServer, String> {
     let nruns: usize = regions.iter().map(|r| r.runs.len()).sum();
     let total: u64 = regions.iter().flat_map(|r| r.runs.iter()).map(|r| r.end - r.start).sum();
+    let with_hashes = regions.iter().all(|r| r.hashes.len() as u64 == r.runs.iter().map(|x| x.end - x.start).sum());
     let align = |x: u64| x.next_multiple_of(64);
     let hdr = align(core::mem::size_of::<Server>() as u64);
     let bitmap_off = hdr;
@@ -254,53 +271,75 @@ pub fn build_server(
     let buf_off = (path_off + image_path.len() as u64 + 1).next_multiple_of(PAGE);
     let len = buf_off + CHUNK * PAGE + STACK;
     let span_size = core::mem::size_of::<Span>() as u64;
-    let spans_cap = (nruns as u64 * 2 + 1024).next_multiple_of(PAGE / span_size);
-    let ranges_cap = (regions.len() as u64 * 2 + 256).next_multiple_of(PAGE / span_size);
+    let spans_len = ((nruns as u64 * 2 + 1024) * span_size).next_multiple_of(PAGE);
+    let ranges_len = ((regions.len() as u64 * 2 + 256) * span_size).next_multiple_of(PAGE);
+    let hashes_len = if with_hashes { (total * 8).next_multiple_of(PAGE).max(PAGE) } else { PAGE };
 
-    let addr = map_at(free(len).ok_or("no free address range for the lazy restore's page server")?, len)?;
-    let spans_len = spans_cap * span_size;
-    let ranges_len = ranges_cap * span_size;
-    let unmap = |a: u64, l: u64| {
-        // SAFETY: a mapping made here, not used by anything else yet.
-        let _ = unsafe { sys::munmap(a as usize, l as usize) };
-    };
-    let spans_at = match free(spans_len).map(|a| map_at(a, spans_len)) {
-        Some(Ok(a)) => a,
-        other => {
-            unmap(addr, len);
-            return Err(other.map_or_else(
-                || "no free address range for the lazy restore's tables".into(),
-                |e| e.err().unwrap_or_default(),
-            ));
+    // The server's own descriptor of each image its pages come from.
+    let mut sources: Vec<(i32, i32)> = alloc::vec![(o.source_fd, o.image_fd)];
+    for r in regions.iter().flat_map(|r| r.runs.iter()) {
+        if !sources.iter().any(|&(from, _)| from == r.fd) {
+            if sources.len() == MAX_SOURCES {
+                return Err("too many ancestor images".into());
+            }
+            match sys::fcntl(r.fd, libc::F_DUPFD_CLOEXEC, o.min_fd as usize) {
+                Ok(fd) => sources.push((r.fd, fd as i32)),
+                Err(e) => {
+                    for &(_, fd) in &sources[1..] {
+                        let _ = sys::close(fd);
+                    }
+                    return Err(format!("cannot keep an ancestor image open: {e}"));
+                }
+            }
         }
-    };
-    let ranges_at = match free(ranges_len).map(|a| map_at(a, ranges_len)) {
-        Some(Ok(a)) => a,
-        other => {
-            unmap(addr, len);
-            unmap(spans_at, spans_len);
-            return Err(other.map_or_else(
-                || "no free address range for the lazy restore's tables".into(),
-                |e| e.err().unwrap_or_default(),
-            ));
+    }
+    let close_sources = |sources: &[(i32, i32)]| {
+        for &(_, fd) in &sources[1..] {
+            let _ = sys::close(fd);
         }
     };
 
-    // SAFETY: the three mappings are fresh, writable and sized for everything written below.
+    let mut made: Vec<(u64, u64)> = Vec::new();
+    let unmap_all = |made: &[(u64, u64)]| {
+        for &(a, l) in made {
+            // SAFETY: mappings made here, not used by anything else yet.
+            let _ = unsafe { sys::munmap(a as usize, l as usize) };
+        }
+    };
+    for want in [len, spans_len, ranges_len, hashes_len] {
+        match free(want)
+            .ok_or_else(|| String::from("no free address range for the page server"))
+            .and_then(|a| map_at(a, want))
+        {
+            Ok(a) => made.push((a, want)),
+            Err(e) => {
+                unmap_all(&made);
+                close_sources(&sources);
+                return Err(e);
+            }
+        }
+    }
+    let (addr, spans_at, ranges_at, hashes_at) = (made[0].0, made[1].0, made[2].0, made[3].0);
+    let source_of = |fd: i32| sources.iter().find(|&&(from, _)| from == fd).map_or(-1, |&(_, to)| to);
+
+    // SAFETY: the four mappings are fresh, writable and sized for everything written below.
     unsafe {
         let spans = spans_at as *mut Span;
         let ranges = ranges_at as *mut Span;
         let bitmap = (addr + bitmap_off) as *mut u64;
+        let hashes = hashes_at as *mut u64;
         let mut n = 0usize;
         let mut first = 0u64;
         let mut remaining = 0u64;
         for (j, r) in regions.iter().enumerate() {
-            ranges.add(j).write(Span { addr: r.start, pages: (r.end - r.start) / PAGE, off: 0, first: 0 });
-            let mut off = r.data_offset;
+            ranges.add(j).write(Span { addr: r.start, pages: (r.end - r.start) / PAGE, off: 0, first: 0, fd: -1 });
+            if with_hashes {
+                core::ptr::copy_nonoverlapping(r.hashes.as_ptr(), hashes.add(first as usize), r.hashes.len());
+            }
             for run in r.runs {
                 let pages = run.end - run.start;
                 let start = r.start + run.start * PAGE;
-                spans.add(n).write(Span { addr: start, pages, off, first });
+                spans.add(n).write(Span { addr: start, pages, off: run.offset, first, fd: source_of(run.fd) as i64 });
                 for k in 0..pages {
                     let a = start + k * PAGE;
                     if !hot.iter().any(|h| h.start <= a && a < h.end) {
@@ -311,26 +350,31 @@ pub fn build_server(
                 }
                 n += 1;
                 first += pages;
-                off += pages * PAGE;
             }
         }
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), (addr + path_off) as *mut u8, image_path.len());
+        let mut fds = [-1i32; MAX_SOURCES];
+        for (slot, &(_, fd)) in fds.iter_mut().zip(&sources) {
+            *slot = fd;
+        }
         (addr as *mut Server).write(Server {
             magic: SERVER_MAGIC,
             region_start: addr,
             region_len: len,
             uffd: o.uffd,
-            image_fd: o.image_fd,
             out_fd: o.out_fd,
+            sources: fds,
+            nsources: sources.len() as u32,
             stats: o.stats as u32,
             go: AtomicU32::new(0),
             pid: sys::getpid(),
-            spans: Table { ptr: spans_at, len: n as u64, cap: spans_cap },
-            ranges: Table { ptr: ranges_at, len: regions.len() as u64, cap: ranges_cap },
+            spans: Table { ptr: spans_at, len: n as u64, cap: spans_len / span_size },
+            ranges: Table { ptr: ranges_at, len: regions.len() as u64, cap: ranges_len / span_size },
             bitmap: addr + bitmap_off,
             total,
             remaining,
-            hashes: 0,
+            hashes: if with_hashes { hashes_at } else { 0 },
+            hashes_len,
             buf: addr + buf_off,
             msgs: addr + msgs_off,
             faults: addr + faults_off,
@@ -349,11 +393,68 @@ pub fn build_server(
             n_remap: 0,
         });
     }
-    Ok(BuiltServer {
-        addr,
-        len,
-        mappings: [(addr, addr + len), (spans_at, spans_at + spans_len), (ranges_at, ranges_at + ranges_len)],
-    })
+    let all_fds = sources.iter().map(|&(_, fd)| fd).chain([o.uffd, o.out_fd]).filter(|&fd| fd >= 0);
+    let (fd_lo, fd_hi) = all_fds.fold((i32::MAX, -1), |(lo, hi), fd| (lo.min(fd), hi.max(fd)));
+    let mut mappings = [(0u64, 0u64); 4];
+    for (m, &(a, l)) in mappings.iter_mut().zip(&made) {
+        *m = (a, a + l);
+    }
+    Ok(BuiltServer { addr, len, mappings, fd_lo, fd_hi })
+}
+
+/// Before the switch of a lazy restore: the pages the switch reads eagerly — every page of a
+/// region that is not lazy, the hot pages of a lazy one — are checked against their hashes (the
+/// page server checks the others as it brings them in; migrate-resume verified everything but
+/// the pages). `hashes[i]` are the hashes of saved mapping `i`.
+pub fn verify_eager(
+    vmas: &[PlanVma],
+    runs: &[PlanRun],
+    hashes: &[Vec<u64>],
+    hot: &[Range],
+    image: &str,
+) -> Result<(), String> {
+    let mut buf = alloc::vec![0u8; (CHUNK * PAGE) as usize];
+    for v in vmas.iter().filter(|v| v.shm_id < 0 && v.nruns > 0) {
+        let h = hashes.get(v.index as usize).map_or(&[][..], |h| &h[..]);
+        let mut index = 0usize;
+        for r in &runs[v.first_run as usize..(v.first_run + v.nruns) as usize] {
+            let mut page = r.start;
+            while page < r.end {
+                let addr = v.start + page * PAGE;
+                let wanted = v.lazy == 0 || hot.iter().any(|c| c.start <= addr && addr < c.end);
+                if !wanted {
+                    page += 1;
+                    index += 1;
+                    continue;
+                }
+                let n = (r.end - page).min(CHUNK);
+                let bytes = (n * PAGE) as usize;
+                let off = r.offset + (page - r.start) * PAGE;
+                let mut done = 0usize;
+                while done < bytes {
+                    match sys::pread(r.fd, &mut buf[done..bytes], off + done as u64) {
+                        Ok(0) => return Err(format!("the image {image} ends before the page at {addr:#x}")),
+                        Ok(k) => done += k,
+                        Err(Errno(libc::EINTR)) => {}
+                        Err(e) => return Err(format!("cannot read the page at {addr:#x} from the image {image}: {e}")),
+                    }
+                }
+                for (k, page_bytes) in buf[..bytes].chunks_exact(PAGE as usize).enumerate() {
+                    let want = h.get(index + k).copied();
+                    if want != Some(xxhash_rust::xxh3::xxh3_64(page_bytes)) {
+                        return Err(format!(
+                            "the page at {:#x} of the image {image} does not match its hash: the image is damaged; \
+                             resume from an intact copy of it",
+                            addr + k as u64 * PAGE
+                        ));
+                    }
+                }
+                page += n;
+                index += n as usize;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The address of `LAZY`, which the switch writes (the same in the restored layout).
@@ -519,12 +620,12 @@ fn page_ok(s: &Server, index: u64, page: &[u8]) -> bool {
     xxhash_rust::xxh3::xxh3_64(page) == want
 }
 
-/// Reads `len` bytes of the image at `off` into the page buffer.
-fn read_image(s: &Server, len: u64, off: u64, addr: u64) {
+/// Reads `len` bytes of image descriptor `fd` at `off` into the page buffer.
+fn read_image(s: &Server, fd: i32, len: u64, off: u64, addr: u64) {
     let mut done = 0u64;
     while done < len {
         // SAFETY: the buffer holds CHUNK pages and len <= CHUNK pages.
-        match unsafe { sys::pread_raw(s.image_fd, (s.buf + done) as usize, (len - done) as usize, off + done) } {
+        match unsafe { sys::pread_raw(fd, (s.buf + done) as usize, (len - done) as usize, off + done) } {
             Ok(0) => fatal(
                 s,
                 b"the image ended before the page",
@@ -547,7 +648,7 @@ fn fill(s: &mut Server, i: usize, k: u64, n: u64, on_fault: bool) -> bool {
     let sp = spans(s)[i];
     let dst = sp.addr + k * PAGE;
     let len = n * PAGE;
-    read_image(s, len, sp.off + k * PAGE, dst);
+    read_image(s, sp.fd as i32, len, sp.off + k * PAGE, dst);
     for j in 0..n {
         // SAFETY: page j of the buffer was just read.
         let page = unsafe { core::slice::from_raw_parts((s.buf + j * PAGE) as *const u8, PAGE as usize) };
@@ -753,7 +854,7 @@ fn split_at(s: &mut Server, spans_table: bool, x: u64) {
         let sp = table_mut(t)[i];
         if sp.addr < x && x < sp.addr + sp.pages * PAGE {
             let k = (x - sp.addr) / PAGE;
-            let tail = Span { addr: x, pages: sp.pages - k, off: sp.off + k * PAGE, first: sp.first + k };
+            let tail = Span { addr: x, pages: sp.pages - k, off: sp.off + k * PAGE, first: sp.first + k, fd: sp.fd };
             table_mut(t)[i].pages = k;
             push(t, tail);
             return;
@@ -863,7 +964,7 @@ fn finish(s: &mut Server) -> ! {
         write_num(fd, s.n_remap, 10);
         let _ = sys::write(fd, b"\n");
     }
-    for fd in [s.uffd, s.image_fd, s.out_fd] {
+    for &fd in s.sources.iter().take(s.nsources as usize).chain([&s.uffd, &s.out_fd]) {
         if fd >= 0 {
             let _ = sys::close(fd);
         }
@@ -872,6 +973,10 @@ fn finish(s: &mut Server) -> ! {
     for t in [s.spans, s.ranges] {
         // SAFETY: the tables are the server's own mappings.
         let _ = unsafe { sys::munmap(t.ptr as usize, (t.cap * size) as usize) };
+    }
+    if s.hashes != 0 {
+        // SAFETY: the hashes are the server's own mapping.
+        let _ = unsafe { sys::munmap(s.hashes as usize, s.hashes_len as usize) };
     }
     let (start, len) = (s.region_start, s.region_len);
     // SAFETY: nothing uses the server's mapping after this thread; the routine touches no

@@ -56,16 +56,26 @@ pub fn run(path: &[u8], force: bool) -> ! {
 
 enum Never {}
 
+/// How this process's pages are checked before it runs.
+#[derive(PartialEq, Eq)]
+enum PageCheck {
+    /// Their sections' checksums were verified (here or by migrate-resume).
+    Verified,
+    /// Page by page against the image's page hashes (lazy restore).
+    ByHash,
+}
+
 /// The System V objects migrate-resume recreated (`MIGRATE_SYSV_IDS`, in this exec's
 /// environment: read before the switch, which brings back the program's own).
 fn sysv_ids() -> alloc::vec::Vec<crate::resources::ipc::Recreated> {
     crate::resources::ipc::parse_env(&crate::env::var("MIGRATE_SYSV_IDS").unwrap_or_default())
 }
 
-/// Whether open image `fd` is the file migrate-resume verified (MIGRATE_VERIFIED_IMAGE:
-/// `dev:ino:size:mtime:ctime`), unchanged since: any write changes its ctime.
+/// Whether open image `fd` is a file migrate-resume verified (MIGRATE_VERIFIED_IMAGE:
+/// `dev:ino:size:mtime:ctime`, one per image of the chain, separated by `;`), unchanged since:
+/// any write changes its ctime.
 fn verified_by_migrate_resume(fd: i32) -> bool {
-    let Some(want) = crate::env::var("MIGRATE_VERIFIED_IMAGE") else { return false };
+    let Some(list) = crate::env::var("MIGRATE_VERIFIED_IMAGE") else { return false };
     let Ok(st) = sys::fstat(fd) else { return false };
     let have = migrate_image::verified_identity(
         st.st_dev,
@@ -74,7 +84,51 @@ fn verified_by_migrate_resume(fd: i32) -> bool {
         (st.st_mtime, st.st_mtime_nsec),
         (st.st_ctime, st.st_ctime_nsec),
     );
-    !want.is_empty() && have == want
+    list.split(';').any(|want| !want.is_empty() && have == want)
+}
+
+/// Opens the ancestors of an incremental image whose pages this process uses (the others stay
+/// -1), above descriptor `above`, each checked to be the image the chain names and, unless
+/// migrate-resume just verified it, its page sections checked.
+fn open_ancestors(
+    path: &str,
+    tree: &migrate_image::TreeMeta,
+    meta: &ImageMeta,
+    above: i32,
+    by_hash: bool,
+) -> Result<alloc::vec::Vec<i32>, String> {
+    let mut fds = alloc::vec![-1; tree.ancestors.len()];
+    let dir = path.rsplit_once('/').map_or(".", |(d, _)| if d.is_empty() { "/" } else { d });
+    for v in &meta.process.vmas {
+        for r in &v.inherited {
+            let k = r.ancestor as usize;
+            if fds[k] >= 0 {
+                continue;
+            }
+            let a = &tree.ancestors[k];
+            let apath = format!("{dir}/{}", a.file);
+            let reader = migrate_image::ImageReader::open(std::path::Path::new(&apath)).map_err(|e| {
+                format!("{e} (it is an ancestor of the incremental image {path}, which takes pages from it)")
+            })?;
+            let id = reader.tree().map_err(|e| e.to_string())?.image_id;
+            if id != a.image_id {
+                return Err(format!(
+                    "{apath} is not the image {path} was built on (another image took its name); the chain is broken: resume an older image or restore the original {}",
+                    a.file
+                ));
+            }
+            // (A lazy restore checks each page it uses against this image's hashes instead.)
+            if !by_hash && !verified_by_migrate_resume(reader.file().as_raw_fd()) {
+                let mut buf = alloc::vec![0u8; 1 << 20];
+                reader
+                    .verify_sections(|s| matches!(s.kind, SectionKind::Pages { .. }), &mut buf)
+                    .map_err(|e| e.to_string())?;
+            }
+            fds[k] = sys::fcntl(reader.file().as_raw_fd(), libc::F_DUPFD_CLOEXEC, above as usize)
+                .map_err(|e| format!("cannot keep the image {apath} open: {e}"))? as i32;
+        }
+    }
+    Ok(fds)
 }
 
 fn restore(path: &[u8], force: bool) -> Result<Never, String> {
@@ -89,15 +143,6 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
     let tree = reader.tree().map_err(|e| e.to_string())?;
     let meta = reader.process_meta(proc).map_err(|e| e.to_string())?;
-    // Unless it is the very file migrate-resume verified a moment ago, unchanged.
-    if verified_by_migrate_resume(reader.file().as_raw_fd()) {
-        crate::debug!("the image is the one migrate-resume verified, unchanged: its pages are not read twice");
-    } else {
-        let mut buf = alloc::vec![0u8; 1 << 20];
-        reader
-            .verify_sections(|s| matches!(s.kind, SectionKind::Pages { proc: q, .. } if q == proc), &mut buf)
-            .map_err(|e| e.to_string())?;
-    }
     let sections = reader.sections().to_vec();
     let p = &meta.process;
     // Our copy of migrate-resume's stderr must not sit where a saved descriptor goes.
@@ -114,6 +159,47 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     // The switch's descriptor of the image: above every saved and handed-down number.
     let image_fd = sys::fcntl(reader.file().as_raw_fd(), libc::F_DUPFD_CLOEXEC, above as usize)
         .map_err(|e| format!("cannot keep the image {path_str} open: {e}"))? as i32;
+    // Lazy restore (migrate-resume --lazy): a userfaultfd, and the page server's descriptors
+    // out of the program's way, among libmigrate's own when the limit allows.
+    let lazy_asked = crate::env::var("MIGRATE_LAZY").is_some_and(|v| v == "1");
+    let lazy = if lazy_asked {
+        let err = ERROR_FD.load(Ordering::Relaxed);
+        match lazy::open(image_fd, err, above.max(state::OWN_FD_BASE + 16))
+            .or_else(|_| lazy::open(image_fd, err, above))
+        {
+            Ok(o) => Some(o),
+            Err(e) => {
+                warn_lazy(&e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // This process's pages are checked now, before anything of it is restored, unless
+    // migrate-resume verified this very file a moment ago, unchanged. With --lazy it verified
+    // everything but the pages: each page is checked against its hash instead, before the
+    // switch for those read eagerly, by the page server for the others.
+    let pages = if lazy.is_some() {
+        PageCheck::ByHash
+    } else if !lazy_asked && verified_by_migrate_resume(reader.file().as_raw_fd()) {
+        crate::debug!("the image is the one migrate-resume verified, unchanged: its pages are not read twice");
+        PageCheck::Verified
+    } else {
+        let mut buf = alloc::vec![0u8; 1 << 20];
+        reader
+            .verify_sections(|s| matches!(s.kind, SectionKind::Pages { proc: q, .. } if q == proc), &mut buf)
+            .map_err(|e| e.to_string())?;
+        PageCheck::Verified
+    };
+    let hashes: alloc::vec::Vec<alloc::vec::Vec<u64>> = match pages {
+        PageCheck::ByHash => (0..p.vmas.len() as u32)
+            .map(|i| reader.page_hashes(proc, i))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?,
+        PageCheck::Verified => alloc::vec::Vec::new(),
+    };
+    let ancestor_fds = open_ancestors(&path_str, &tree, &meta, above, pages == PageCheck::ByHash)?;
     if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
         return Err("no tree registry was handed down; resume with migrate-resume".into());
     }
@@ -156,6 +242,10 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
     handed.push((-1, image_fd));
+    if let Some(o) = &lazy {
+        handed.extend([o.uffd, o.image_fd, o.out_fd].iter().filter(|&&fd| fd >= 0).map(|&fd| (-1, fd)));
+    }
+    handed.extend(ancestor_fds.iter().filter(|&&fd| fd >= 0).map(|&fd| (-1, fd)));
     if READY_FD.load(Ordering::Relaxed) >= 0 {
         handed.push((-1, READY_FD.load(Ordering::Relaxed)));
     }
@@ -179,32 +269,32 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    // Lazy restore (migrate-resume --lazy): the page server's descriptors go out of the
-    // program's way, among libmigrate's own when the limit allows.
-    let lazy = if crate::env::var("MIGRATE_LAZY").is_some_and(|v| v == "1") {
-        let err = ERROR_FD.load(Ordering::Relaxed);
-        match lazy::open(image_fd, err, above.max(state::OWN_FD_BASE + 16))
-            .or_else(|_| lazy::open(image_fd, err, above))
-        {
-            Ok(o) => Some(o),
-            Err(e) => {
-                warn_lazy(&e);
-                None
+    let built = match plan::build(
+        &meta,
+        proc,
+        &sections,
+        path,
+        image_fd,
+        &ancestor_fds,
+        &current,
+        &shared_maps,
+        &sysv_ids(),
+        lazy.as_ref(),
+        &hashes,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(o) = lazy {
+                o.close();
             }
+            return Err(e);
         }
-    } else {
-        None
     };
-    let built =
-        match plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids(), lazy.as_ref()) {
-            Ok(b) => b,
-            Err(e) => {
-                if let Some(o) = lazy {
-                    o.close();
-                }
-                return Err(e);
-            }
-        };
+    if !built.lazy {
+        if let Some(o) = lazy {
+            o.close();
+        }
+    }
     // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
     process::restore(p)?;
     // SAFETY: build() wrote a complete header at the start of the plan region.

@@ -19,6 +19,17 @@ pub struct Range {
     pub end: u64,
 }
 
+/// Pages `start..end` (page indexes within their VMA) are read from descriptor `fd` (the
+/// image, or an ancestor of an incremental image) at byte `offset`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct PlanRun {
+    pub start: u64,
+    pub end: u64,
+    pub fd: i32,
+    pub offset: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct PlanVma {
@@ -31,12 +42,13 @@ pub struct PlanVma {
     pub file_offset: u64,
     pub first_run: u32,
     pub nruns: u32,
-    pub data_offset: u64,
     /// A System V segment to attach here (its new id), or -1; `shm_size` is its size.
     pub shm_id: i32,
     pub shm_size: u64,
     /// Restored lazily: mapped, its hot pages read, the rest left to the page server.
     pub lazy: u32,
+    /// The saved mapping's index (its page hashes).
+    pub index: u32,
 }
 
 #[repr(C)]
@@ -96,8 +108,8 @@ pub struct PlanHeader {
     pub lazy_server: u64,
     pub lazy_server_len: u64,
     pub lazy_uffd: i32,
-    pub lazy_image_fd: i32,
-    pub lazy_out_fd: i32,
+    pub lazy_fd_lo: i32,
+    pub lazy_fd_hi: i32,
     pub nhot: u32,
     pub lazy_state: u64,
     pub hot_off: u64,
@@ -120,7 +132,7 @@ impl PlanHeader {
         // SAFETY: see `array`.
         unsafe { self.array(self.vmas_off, self.nvmas) }
     }
-    pub fn runs(&self) -> &[Range] {
+    pub fn runs(&self) -> &[PlanRun] {
         // SAFETY: see `array`.
         unsafe { self.array(self.runs_off, self.nruns) }
     }
@@ -196,9 +208,49 @@ fn same_mapping(m: &MapLine, v: &migrate_image::VmaEntry, meta: &ImageMeta, file
     m.start == v.start && m.end == v.end && m.prot == v.prot && m.offset == v.file_offset && m.name == path
 }
 
+/// The reads that fill `v`: its runs, split where pages come from an ancestor image
+/// (`ancestor_fds[k]` is ancestor k) rather than from this image's page section at
+/// `data_offset`.
+fn plan_runs(
+    v: &migrate_image::VmaEntry,
+    image_fd: i32,
+    data_offset: u64,
+    ancestor_fds: &[i32],
+    out: &mut Vec<PlanRun>,
+) -> Result<(), String> {
+    let mut stored = 0u64; // pages of this image's section used so far
+    let mut inherited = v.inherited.iter().peekable();
+    for &(first, count) in &v.runs {
+        let mut page = first;
+        let end = first + count;
+        while page < end {
+            while inherited.peek().is_some_and(|r| r.first + r.count <= page) {
+                inherited.next();
+            }
+            match inherited.peek() {
+                Some(r) if r.first <= page => {
+                    let upto = (r.first + r.count).min(end);
+                    let fd = *ancestor_fds.get(r.ancestor as usize).ok_or("an ancestor image is not open")?;
+                    out.push(PlanRun { start: page, end: upto, fd, offset: r.offset + (page - r.first) * 4096 });
+                    page = upto;
+                }
+                next => {
+                    let upto = next.map_or(end, |r| r.first.min(end));
+                    out.push(PlanRun { start: page, end: upto, fd: image_fd, offset: data_offset + stored * 4096 });
+                    stored += upto - page;
+                    page = upto;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub struct Built {
     pub addr: usize,
     pub stack_top: usize,
+    /// A page server was set up (lazy restore); otherwise the caller closes what it opened.
+    pub lazy: bool,
 }
 
 /// Builds the plan. `image_fd` is the image, open above every saved descriptor, whose pages
@@ -211,10 +263,12 @@ pub fn build(
     sections: &[SectionEntry],
     image_path: &[u8],
     image_fd: i32,
+    ancestor_fds: &[i32],
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
     sysv: &[crate::resources::ipc::Recreated],
     lazy: Option<&super::lazy::Opened>,
+    hashes: &[Vec<u64>],
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
@@ -264,7 +318,7 @@ pub fn build(
 
     // Plan records.
     let mut vmas = Vec::with_capacity(p.vmas.len());
-    let mut runs: Vec<Range> = Vec::new();
+    let mut runs: Vec<PlanRun> = Vec::new();
     for (i, v) in p.vmas.iter().enumerate() {
         if v.kind == VmaKind::Special {
             continue;
@@ -302,10 +356,10 @@ pub fn build(
                     file_offset: v.file_offset,
                     first_run: runs.len() as u32,
                     nruns: 0,
-                    data_offset: 0,
                     shm_id: new,
                     shm_size: ds.shm_segsz as u64,
                     lazy: 0,
+                    index: i as u32,
                 });
                 continue;
             }
@@ -322,27 +376,31 @@ pub fn build(
                 file_offset: offset,
                 first_run: runs.len() as u32,
                 nruns: 0,
-                data_offset: 0,
                 shm_id: -1,
                 shm_size: 0,
                 lazy: 0,
+                index: i as u32,
             });
             continue;
         }
         let want = SectionKind::Pages { proc, vma: i as u32 };
         let data_offset = match sections.iter().find(|s| s.kind == want) {
             Some(s) => s.offset,
-            None if !v.runs.is_empty() => return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end)),
+            None if v.stored_pages() > 0 => {
+                return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end))
+            }
             None => 0,
         };
         // Lazily: private anonymous memory (not the main stack, which the kernel reads for
         // /proc/PID/cmdline), readable and writable, with enough stored pages to matter.
-        let stored: u64 = v.runs.iter().map(|r| r.1).sum();
+        let stored = v.data_pages();
         let rw = libc::PROT_READ as u32 | PROT_WRITE;
         let lazy_vma = lazy.is_some()
             && matches!(v.kind, VmaKind::Anon | VmaKind::Heap)
             && v.prot & rw == rw
             && stored >= super::lazy::MIN_PAGES;
+        let first_run = runs.len() as u32;
+        plan_runs(v, image_fd, data_offset, ancestor_fds, &mut runs)?;
         vmas.push(PlanVma {
             start: v.start,
             end: v.end,
@@ -351,14 +409,13 @@ pub fn build(
             fd,
             keep: keep[i] as u32,
             file_offset: v.file_offset,
-            first_run: runs.len() as u32,
-            nruns: v.runs.len() as u32,
-            data_offset,
+            first_run,
+            nruns: runs.len() as u32 - first_run,
             shm_id: -1,
             shm_size: 0,
             lazy: lazy_vma as u32,
+            index: i as u32,
         });
-        runs.extend(v.runs.iter().map(|&(first, count)| Range { start: first, end: first + count }));
     }
     let main_vtid = p.vpid;
     let threads: Vec<PlanThread> = p
@@ -378,7 +435,8 @@ pub fn build(
     if threads.iter().filter(|t| t.is_main != 0).count() > 1 {
         return Err("the image has two main threads".into());
     }
-    let mut fds: Vec<i32> = file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).collect();
+    let mut fds: Vec<i32> =
+        file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).chain(ancestor_fds.iter().copied()).collect();
     for &(_, fd, _) in shared_maps {
         if !fds.contains(&fd) {
             fds.push(fd);
@@ -406,7 +464,7 @@ pub fn build(
                 start: v.start,
                 end: v.end,
                 runs: &runs[v.first_run as usize..(v.first_run + v.nruns) as usize],
-                data_offset: v.data_offset,
+                hashes: hashes.get(v.index as usize).map_or(&[][..], |h| &h[..]),
             })
             .collect();
         let built = super::lazy::build_server(o, &regions, &hot, image_path, |len| {
@@ -423,15 +481,21 @@ pub fn build(
             }
         }
     }
+    if lazy.is_some() {
+        // migrate-resume verified everything but the pages: the ones read eagerly are checked
+        // now (the page server checks the others as it brings them in).
+        let image = String::from_utf8_lossy(image_path);
+        super::lazy::verify_eager(&vmas, &runs, hashes, &hot, &image)?;
+    }
 
     // Lay the region out.
     let hdr = core::mem::size_of::<PlanHeader>() as u64;
     let align = |x: u64| x.next_multiple_of(64);
-    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1 + 3;
+    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1 + 4;
     let keeps_off = align(hdr);
     let vmas_off = align(keeps_off + (keeps_count * core::mem::size_of::<Range>()) as u64);
     let runs_off = align(vmas_off + (vmas.len() * core::mem::size_of::<PlanVma>()) as u64);
-    let threads_off = align(runs_off + (runs.len() * core::mem::size_of::<Range>()) as u64);
+    let threads_off = align(runs_off + (runs.len() * core::mem::size_of::<PlanRun>()) as u64);
     let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
     let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
@@ -509,9 +573,9 @@ pub fn build(
         ready_fd: super::READY_FD.load(core::sync::atomic::Ordering::Relaxed),
         lazy_server: server.as_ref().map_or(0, |b| b.addr),
         lazy_server_len: server.as_ref().map_or(0, |b| b.len),
-        lazy_uffd: lazy.map_or(-1, |o| o.uffd),
-        lazy_image_fd: lazy.map_or(-1, |o| o.image_fd),
-        lazy_out_fd: lazy.map_or(-1, |o| o.out_fd),
+        lazy_uffd: server.as_ref().and(lazy).map_or(-1, |o| o.uffd),
+        lazy_fd_lo: server.as_ref().map_or(-1, |b| b.fd_lo),
+        lazy_fd_hi: server.as_ref().map_or(-1, |b| b.fd_hi),
         nhot: hot.len() as u32,
         lazy_state: super::lazy::state_addr(),
         hot_off,
@@ -523,7 +587,7 @@ pub fn build(
         core::ptr::write(base as *mut PlanHeader, header);
         core::ptr::copy_nonoverlapping(keeps.as_ptr(), base.add(keeps_off as usize) as *mut Range, keeps.len());
         core::ptr::copy_nonoverlapping(vmas.as_ptr(), base.add(vmas_off as usize) as *mut PlanVma, vmas.len());
-        core::ptr::copy_nonoverlapping(runs.as_ptr(), base.add(runs_off as usize) as *mut Range, runs.len());
+        core::ptr::copy_nonoverlapping(runs.as_ptr(), base.add(runs_off as usize) as *mut PlanRun, runs.len());
         core::ptr::copy_nonoverlapping(
             threads.as_ptr(),
             base.add(threads_off as usize) as *mut PlanThread,
@@ -539,5 +603,5 @@ pub fn build(
         core::ptr::copy_nonoverlapping(hot.as_ptr(), base.add(hot_off as usize) as *mut Range, hot.len());
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
     }
-    Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize })
+    Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize, lazy: server.is_some() })
 }

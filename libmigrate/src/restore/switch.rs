@@ -5,7 +5,7 @@
 //! contexts; make this thread the saved main thread and jump into its parked handler.
 
 use super::lazy;
-use super::plan::{PlanHeader, PlanVma, Range, PLAN_MAGIC};
+use super::plan::{PlanHeader, PlanRun, PlanVma, Range, PLAN_MAGIC};
 use crate::sys::{self, context, uffd};
 use core::sync::atomic::Ordering;
 
@@ -123,10 +123,9 @@ fn attach_segment(efd: i32, v: &super::plan::PlanVma) {
     }
 }
 
-/// Reads the stored runs of region `v` from the image — only their parts inside `clip` when
-/// given (the hot ranges of a lazy region).
-fn read_runs(efd: i32, image_fd: u64, v: &PlanVma, runs: &[Range], clip: Option<&[Range]>) {
-    let mut off = v.data_offset;
+/// Reads the runs of region `v` from the image (or an ancestor image) — only their parts inside
+/// `clip` when given (the hot ranges of a lazy region).
+fn read_runs(efd: i32, v: &PlanVma, runs: &[PlanRun], clip: Option<&[Range]>) {
     for r in runs {
         let (run_start, run_end) = (v.start + r.start * 4096, v.start + r.end * 4096);
         let whole = [Range { start: run_start, end: run_end }];
@@ -135,7 +134,7 @@ fn read_runs(efd: i32, image_fd: u64, v: &PlanVma, runs: &[Range], clip: Option<
             while addr < end {
                 let n = check(
                     efd,
-                    raw(libc::SYS_pread64, image_fd, addr, end - addr, off + (addr - run_start), 0, 0),
+                    raw(libc::SYS_pread64, r.fd as u64, addr, end - addr, r.offset + (addr - run_start), 0, 0),
                     b"reading pages from the image",
                 );
                 if n == 0 {
@@ -144,7 +143,6 @@ fn read_runs(efd: i32, image_fd: u64, v: &PlanVma, runs: &[Range], clip: Option<
                 addr += n;
             }
         }
-        off += run_end - run_start;
     }
 }
 
@@ -152,13 +150,12 @@ fn read_runs(efd: i32, image_fd: u64, v: &PlanVma, runs: &[Range], clip: Option<
 /// hot), starts the page server, registers every lazy region with the userfaultfd and lets the
 /// server go. A region the kernel will not register, or every one if the server cannot start,
 /// is read eagerly instead.
-fn start_lazy(plan: &PlanHeader, efd: i32, image_fd: u64) {
+fn start_lazy(plan: &PlanHeader, efd: i32) {
     let state = plan.lazy_state as *const lazy::LazyState;
     // SAFETY: `LAZY`'s page is mapped and present (hot); no other thread runs yet.
     let state = unsafe { &*state };
-    state.uffd.store(plan.lazy_uffd, Ordering::Relaxed);
-    state.image_fd.store(plan.lazy_image_fd, Ordering::Relaxed);
-    state.out_fd.store(plan.lazy_out_fd, Ordering::Relaxed);
+    state.fd_lo.store(plan.lazy_fd_lo, Ordering::Relaxed);
+    state.fd_hi.store(plan.lazy_fd_hi, Ordering::Relaxed);
     state.pending.store(1, Ordering::Release);
     let server = plan.lazy_server;
     let all_runs = plan.runs();
@@ -173,10 +170,12 @@ fn start_lazy(plan: &PlanHeader, efd: i32, image_fd: u64) {
             b"migrate-resume: warning: cannot start the lazy restore's page server; restoring eagerly\n",
         );
         for v in plan.vmas().iter().filter(|v| v.lazy != 0) {
-            read_runs(efd, image_fd, v, runs_of(v), None);
+            read_runs(efd, v, runs_of(v), None);
         }
         state.pending.store(0, Ordering::Release);
-        for fd in [plan.lazy_uffd, plan.lazy_image_fd, plan.lazy_out_fd] {
+        // SAFETY: the header built by lazy::build_server; no server thread uses it.
+        let s = unsafe { &*(server as *const lazy::Server) };
+        for &fd in s.sources.iter().take(s.nsources as usize).chain([&s.uffd, &s.out_fd]) {
             raw(libc::SYS_close, fd as u64, 0, 0, 0, 0, 0);
         }
         return;
@@ -190,7 +189,7 @@ fn start_lazy(plan: &PlanHeader, efd: i32, image_fd: u64) {
                     let _ = uffd::unregister(plan.lazy_uffd, v.start, len);
                 }
                 // The server finds these pages present (EEXIST) and moves on.
-                read_runs(efd, image_fd, v, runs_of(v), None);
+                read_runs(efd, v, runs_of(v), None);
             }
         }
     }
@@ -227,7 +226,6 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     }
 
     // 2. Map and fill every saved region.
-    let image_fd = plan.image_fd as u64;
     let all_runs = plan.runs();
     for v in plan.vmas() {
         let len = v.end - v.start;
@@ -258,13 +256,13 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             check(efd, raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0), b"mprotect");
         }
         // A lazy region gets only its hot pages now (it is readable and writable already).
-        read_runs(efd, image_fd, v, runs, if v.lazy != 0 { Some(plan.hot()) } else { None });
+        read_runs(efd, v, runs, if v.lazy != 0 { Some(plan.hot()) } else { None });
         if fill_prot != v.prot {
             check(efd, raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
         }
     }
     if plan.lazy_server != 0 {
-        start_lazy(plan, efd, image_fd);
+        start_lazy(plan, efd);
     }
     for &fd in plan.fds() {
         raw(libc::SYS_close, fd as u64, 0, 0, 0, 0, 0);
