@@ -427,7 +427,15 @@ pub fn verify_eager(
                     index += 1;
                     continue;
                 }
-                let n = (r.end - page).min(CHUNK);
+                // A lazy region: only the hot pages from here on.
+                let mut n = 1;
+                while n < CHUNK && page + n < r.end {
+                    let a = v.start + (page + n) * PAGE;
+                    if v.lazy != 0 && !hot.iter().any(|c| c.start <= a && a < c.end) {
+                        break;
+                    }
+                    n += 1;
+                }
                 let bytes = (n * PAGE) as usize;
                 let off = r.offset + (page - r.start) * PAGE;
                 let mut done = 0usize;
@@ -464,6 +472,26 @@ pub fn state_addr() -> u64 {
 
 // ---------------------------------------------------------------------------------------------
 // The page server (libc-free: raw system calls, no allocation, no statics)
+
+/// For the switch, when it had to read a lazy region eagerly after all (the kernel refused to
+/// register it, or the server could not start): checks the pages of `[start, end)` that the
+/// server would have brought in against their hashes. Returns the first bad page's address.
+pub fn check_present(server: u64, start: u64, end: u64) -> Option<u64> {
+    // SAFETY: the header built by build_server; its tables are mapped.
+    let s = unsafe { &*(server as *const Server) };
+    for sp in spans(s).iter().filter(|sp| sp.addr >= start && sp.addr < end) {
+        for k in 0..sp.pages {
+            let addr = sp.addr + k * PAGE;
+            // SAFETY: the page was just read into this mapped region.
+            let page = unsafe { core::slice::from_raw_parts(addr as *const u8, PAGE as usize) };
+            // Hot pages were checked before the switch; their bits are clear.
+            if bit(s, sp.first + k) && !page_ok(s, sp.first + k, page) {
+                return Some(addr);
+            }
+        }
+    }
+    None
+}
 
 /// The page server thread's entry: runs until every stored page is in, then leaves.
 pub extern "C" fn server_main(addr: u64) -> ! {

@@ -146,6 +146,17 @@ fn read_runs(efd: i32, v: &PlanVma, runs: &[PlanRun], clip: Option<&[Range]>) {
     }
 }
 
+/// A lazy region read eagerly after all: its pages are checked against their hashes here,
+/// since the page server will not see them.
+fn check_hashes(efd: i32, server: u64, v: &PlanVma) {
+    if let Some(bad) = lazy::check_present(server, v.start, v.end) {
+        let _ = sys::write(efd, b"migrate-resume: error: restore failed: the page at 0x");
+        write_num(efd, bad, 16);
+        let _ = sys::write(efd, b" does not match its hash: the image is damaged; resume from an intact copy of it\n");
+        sys::exit_group(5);
+    }
+}
+
 /// Lazy restore: marks the restore pending in the restored `lazy::LAZY` (its page is in: it is
 /// hot), starts the page server, registers every lazy region with the userfaultfd and lets the
 /// server go. A region the kernel will not register, or every one if the server cannot start,
@@ -171,6 +182,7 @@ fn start_lazy(plan: &PlanHeader, efd: i32) {
         );
         for v in plan.vmas().iter().filter(|v| v.lazy != 0) {
             read_runs(efd, v, runs_of(v), None);
+            check_hashes(efd, server, v);
         }
         state.pending.store(0, Ordering::Release);
         // SAFETY: the header built by lazy::build_server; no server thread uses it.
@@ -190,6 +202,7 @@ fn start_lazy(plan: &PlanHeader, efd: i32) {
                 }
                 // The server finds these pages present (EEXIST) and moves on.
                 read_runs(efd, v, runs_of(v), None);
+                check_hashes(efd, server, v);
             }
         }
     }
