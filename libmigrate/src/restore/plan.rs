@@ -605,3 +605,62 @@ pub fn build(
     }
     Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize, lazy: server.is_some() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate_image::{InheritedRun, VmaEntry, VmaKind};
+
+    fn vma(runs: Vec<(u64, u64)>, inherited: Vec<InheritedRun>) -> VmaEntry {
+        VmaEntry {
+            start: 0x10000,
+            end: 0x10000 + 16 * 4096,
+            prot: 3,
+            kind: VmaKind::Anon,
+            file: None,
+            file_offset: 0,
+            name: String::new(),
+            vm_flags: String::new(),
+            runs,
+            inherited,
+            data_section: None,
+        }
+    }
+
+    fn triples(runs: &[PlanRun]) -> Vec<(u64, u64, i32, u64)> {
+        runs.iter().map(|r| (r.start, r.end, r.fd, r.offset)).collect()
+    }
+
+    #[test]
+    fn a_full_image_reads_every_run_from_its_own_section_in_order() {
+        let mut out = Vec::new();
+        plan_runs(&vma(vec![(0, 2), (5, 3)], vec![]), 7, 8192, &[], &mut out).unwrap();
+        assert_eq!(triples(&out), vec![(0, 2, 7, 8192), (5, 8, 7, 8192 + 2 * 4096)]);
+    }
+
+    #[test]
+    fn inherited_pages_are_read_from_their_ancestor_and_the_rest_from_the_section() {
+        let inherited = vec![
+            InheritedRun { first: 1, count: 2, ancestor: 0, offset: 40960 },
+            InheritedRun { first: 5, count: 1, ancestor: 1, offset: 4096 },
+            InheritedRun { first: 7, count: 1, ancestor: 0, offset: 0 },
+        ];
+        let mut out = Vec::new();
+        plan_runs(&vma(vec![(0, 4), (5, 3)], inherited), 7, 1 << 20, &[20, 21], &mut out).unwrap();
+        assert_eq!(
+            triples(&out),
+            vec![
+                (0, 1, 7, 1 << 20),
+                (1, 3, 20, 40960),
+                (3, 4, 7, (1 << 20) + 4096),
+                (5, 6, 21, 4096),
+                (6, 7, 7, (1 << 20) + 2 * 4096),
+                (7, 8, 20, 0),
+            ]
+        );
+        // An ancestor the restore did not open is an error, never a read from elsewhere.
+        let mut out = Vec::new();
+        let one = vec![InheritedRun { first: 0, count: 1, ancestor: 3, offset: 0 }];
+        assert!(plan_runs(&vma(vec![(0, 1)], one), 7, 0, &[20], &mut out).is_err());
+    }
+}
