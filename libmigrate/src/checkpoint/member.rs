@@ -37,6 +37,7 @@ pub fn freeze() -> Result<(), String> {
     if let Some(why) = crate::resources::timers::unsupported() {
         return Err(why);
     }
+    super::forked::check_idle()?;
     state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let me = sys::gettid();
     let pid = sys::getpid();
@@ -122,14 +123,23 @@ pub fn release() {
 }
 
 /// Writes with pwrite(2) at an explicit position: several processes write one image, each
-/// into its own range, through descriptors that share one file offset.
+/// into its own range, through descriptors that share one file offset. Nothing is written at
+/// or beyond `limit` (a forked checkpoint's reservation: the next process's part starts there).
 pub struct PwriteSink {
     pub fd: i32,
     pub pos: u64,
+    pub limit: u64,
 }
 
 impl Sink for PwriteSink {
     fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        if self.pos.saturating_add(buf.len() as u64) > self.limit {
+            return Err(std::io::Error::other(alloc::format!(
+                "this process's part outgrew the {} bytes reserved for it at {}",
+                self.limit.saturating_sub(self.pos),
+                self.pos
+            )));
+        }
         while !buf.is_empty() {
             match sys::pwrite(self.fd, buf, self.pos) {
                 Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::EIO)),
@@ -152,6 +162,9 @@ struct WriteCtx<'a> {
     sections: &'a mut [Option<u32>],
     mem_fd: i32,
     bounce: &'a mut [u8],
+    /// Pages copied while frozen (a forked checkpoint's MAP_SHARED mappings), by VMA index:
+    /// written instead of the live mapping.
+    copies: &'a [(u32, &'a [u8])],
     error: Option<migrate_image::ImageError>,
 }
 
@@ -166,10 +179,14 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
             continue;
         }
         let live = v.start <= here && here < v.end;
-        let res = ctx
-            .writer
-            .begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true)
-            .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live));
+        let copy = ctx.copies.iter().find(|c| c.0 == i as u32).map(|c| c.1);
+        let res =
+            ctx.writer.begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true).and_then(
+                |_| match copy {
+                    Some(bytes) => ctx.writer.write(bytes),
+                    None => memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live),
+                },
+            );
         if let Err(e) = res {
             ctx.error = Some(e);
             return;
@@ -242,6 +259,8 @@ pub struct Written {
 
 pub enum WriteOutcome {
     Written(Written),
+    /// A forked checkpoint: a writer child writes this process's sections (forked.rs).
+    Forked(super::forked::Forked),
     /// We are the restored copy of this thread: the restore is finished, the program runs.
     Restored,
 }
@@ -272,25 +291,22 @@ pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
 /// into `image_fd` from `pos` on.
 /// With `kill` the process dies after a successful checkpoint: its listeners' waiting
 /// connections are taken out of their queues and carried (resources/accept_queue.rs).
+/// With `fork` the sections are written by a writer child from a copy-on-write snapshot
+/// (forked.rs) and the process may be released at once: `Forked` is returned.
 pub fn write_process(
     image_fd: i32,
     proc: u32,
     pos: u64,
     with_binaries: bool,
     kill: bool,
+    fork: bool,
 ) -> Result<WriteOutcome, String> {
     crate::resources::accept_queue::TAKE_WAITING.store(kill, Ordering::Release);
     let dumped = dump();
     crate::resources::accept_queue::TAKE_WAITING.store(false, Ordering::Release);
-    let (mut meta, maps) = dumped?;
+    let (meta, maps) = dumped?;
     let mem_fd = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
     set_transient_any(mem_fd);
-    let close_mem = |mem_fd: i32| {
-        if mem_fd >= 0 {
-            let _ = sys::close(mem_fd);
-            super::clear_transient_fd(mem_fd);
-        }
-    };
     // The layout must not have changed while we described it (it would if anything we called
     // mapped memory): the image would miss a mapping.
     match memory::read_maps() {
@@ -300,8 +316,38 @@ pub fn write_process(
             return Err("the address space changed while it was being described; try again".into());
         }
     }
+    if fork {
+        let started = super::forked::start(image_fd, proc, pos, with_binaries, meta, mem_fd);
+        return started;
+    }
+    let sink = PwriteSink { fd: image_fd, pos, limit: u64::MAX };
+    write_sections(sink, proc, meta, mem_fd, with_binaries, &[], None)
+}
+
+pub(super) fn close_mem(mem_fd: i32) {
+    if mem_fd >= 0 {
+        let _ = sys::close(mem_fd);
+        super::clear_transient_fd(mem_fd);
+    }
+}
+
+/// Writes the sections of this process described by `meta` through `sink`: its pages (after
+/// saving the checkpoint thread's own context, so the image holds this thread right here),
+/// the contents of deleted files (and of the binaries with `with_binaries`), its metadata.
+/// Closes `mem_fd`. `page_copies` and `file_copies` are a forked checkpoint's copies, taken
+/// while frozen, of what its writer child cannot read from its copy-on-write snapshot.
+pub(super) fn write_sections(
+    sink: PwriteSink,
+    proc: u32,
+    mut meta: ImageMeta,
+    mem_fd: i32,
+    with_binaries: bool,
+    page_copies: &[(u32, &[u8])],
+    file_copies: Option<&[(u32, &[u8])]>,
+) -> Result<WriteOutcome, String> {
+    let pos = sink.pos;
     let nsections = meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
-    let mut writer = ImageWriter::continue_at(PwriteSink { fd: image_fd, pos }, pos, nsections);
+    let mut writer = ImageWriter::continue_at(sink, pos, nsections);
     let mut sections: Vec<Option<u32>> = alloc::vec![None; meta.process.vmas.len()];
     let mut bounce = alloc::vec![0u8; memory::WRITE_CHUNK];
     RESTORED_ARRIVED.store(0, Ordering::Release);
@@ -312,6 +358,7 @@ pub fn write_process(
         sections: &mut sections,
         mem_fd,
         bounce: &mut bounce,
+        copies: page_copies,
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this
@@ -330,6 +377,7 @@ pub fn write_process(
         drop(ctx);
         drop(writer);
         clear_all_transient();
+        super::forked::forget_in_restored_process();
         crate::restore::finish_in_restored_process(resumed as usize, &meta);
         return Ok(WriteOutcome::Restored);
     }
@@ -347,7 +395,16 @@ pub fn write_process(
     if with_binaries {
         write_binaries(&mut writer, proc, &meta)?;
     }
-    write_deleted_files(&mut writer, proc, &meta)?;
+    match file_copies {
+        Some(copies) => {
+            for &(file, bytes) in copies {
+                writer
+                    .add_section_bytes(SectionKind::FileContents { proc, file }, bytes, true)
+                    .map_err(|e| describe_write_error(&e))?;
+            }
+        }
+        None => write_deleted_files(&mut writer, proc, &meta)?,
+    }
     writer.add_meta(proc, &meta).map_err(|e| describe_write_error(&e))?;
     let (_, end, sections) = writer.into_sections();
     let p = &meta.process;
