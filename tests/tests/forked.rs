@@ -280,3 +280,31 @@ fn fork_with_kill_or_to_is_refused() {
     );
     to.assert_fails("--fork --to", 2, &["--fork", "--to"]);
 }
+
+#[test]
+fn a_full_disk_fails_the_forked_checkpoint_and_leaves_nothing() {
+    if !is_root() {
+        println!("SKIP: a_full_disk_fails_the_forked_checkpoint_and_leaves_nothing needs root (tmpfs mount)");
+        return;
+    }
+    let tmp = temp_dir();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let mnt = dir.join("small");
+    let mount = match TmpfsMount::new(&mnt, "size=4m") {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIP: a_full_disk_fails_the_forked_checkpoint_and_leaves_nothing: {e}");
+            return;
+        }
+    };
+    let mut p = start(&dir, 16, 0, &[], &[]);
+    let pid = p.pid();
+    tick(&mut p, 1);
+    let out = run_tool("migrate-checkpoint", checkpoint_cmd(pid, mount.path(), &["--fork"]), CKPT);
+    out.assert_fails("a forked checkpoint into a full filesystem", 6, &["no space left"]);
+    let left: Vec<_> = std::fs::read_dir(mount.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+    // The program was released before the writer failed, and goes on.
+    tick(&mut p, 2);
+    p.kill();
+}

@@ -1,8 +1,9 @@
 //! `migrate-checkpoint`: ask a managed process over its control socket to write an image.
 //!
 //! Protocol (libmigrate implements the other side): connect to the abstract AF_UNIX stream
-//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> dir=<absolute dir or empty>\n`,
-//! read one line back: `ok <absolute image path>\n` or `error <message>\n`.
+//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> [fork=1] dir=<absolute dir or empty>\n`,
+//! read one line back: `ok <absolute image path>\n` or `error <message>\n`, possibly preceded by
+//! `frozen <ms>\n` as soon as the program runs again (with --fork, before the image is done).
 
 use crate::cli::CheckpointArgs;
 use crate::exit::{fail, CHECKPOINT, PROCESS, USAGE};

@@ -315,7 +315,9 @@ mod tests {
         assert!(r.kill && r.with_binaries);
         assert_eq!(r.dir.as_deref(), Some(&b"/tmp/a b"[..]));
         let r = parse_request(b"checkpoint kill=0 dir=\n").unwrap();
-        assert!(!r.kill && r.dir.is_none());
+        assert!(!r.kill && r.dir.is_none() && !r.fork);
+        let r = parse_request(b"checkpoint kill=0 bins=0 fork=1 dir=/x\n").unwrap();
+        assert!(r.fork && !r.kill);
         assert!(parse_request(b"hello\n").is_none());
         let r = parse_request(b"checkpoint kill=1 bins=0 lock=migrate_lock_7_ff dir=/x\n").unwrap();
         assert_eq!(r.lock, "migrate_lock_7_ff");
