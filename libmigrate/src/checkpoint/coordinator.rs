@@ -7,6 +7,10 @@
 //!    objects shared between processes), the table and the trailer; fsync; publish by rename;
 //! 3. release everyone, or kill everyone with --kill.
 //!
+//! A forked checkpoint (`run_forked`, forked.rs) reorders this: the tree-level objects are read
+//! first, each process starts a writer child for its part at a reserved position, everyone is
+//! released, and only then are the parts collected and the image finished.
+//!
 //! Any failure releases every frozen member: a failed checkpoint never stops the program.
 
 use super::control::Conn;
