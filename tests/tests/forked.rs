@@ -308,3 +308,28 @@ fn a_full_disk_fails_the_forked_checkpoint_and_leaves_nothing() {
     tick(&mut p, 2);
     p.kill();
 }
+
+#[test]
+fn a_program_that_exits_during_the_write_leaves_nothing_behind() {
+    let tmp = temp_dir();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let mut p = start(&dir, 4, 0, &[], &[("MIGRATE_TEST_STOP_WRITER", "1")]);
+    let pid = p.pid();
+    tick(&mut p, 1);
+    let mut ck = Managed::spawn("migrate-checkpoint", checkpoint_cmd(pid, &dir, &["--fork"]));
+    ck.wait_stderr_line(|l: &str| l.contains(" frozen "), CKPT);
+    let writer = stopped_writer(pid);
+    // The program ends (end of its input) while its image is being written.
+    p.close_stdin();
+    assert!(p.wait_exit(LINE).success(), "the program ends normally: {}", p.report());
+    let status = ck.wait_exit(CKPT);
+    assert_eq!(status.code(), Some(6), "the checkpoint is lost: {}", ck.report());
+    // Its writer died with it, and no image, temporary or not, is left.
+    let deadline = Instant::now() + LINE;
+    while state_of(writer).is_some_and(|s| s != 'Z') {
+        assert!(Instant::now() < deadline, "the writer child {writer} outlived the program");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+}

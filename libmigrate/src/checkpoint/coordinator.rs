@@ -284,6 +284,9 @@ pub fn run(
 /// rename, or the requester's descriptor (a stream to another host).
 struct ImageFile {
     fd: i32,
+    /// Written unnamed (O_TMPFILE) and linked under its name when complete: nothing is left
+    /// behind if this process dies meanwhile (a forked checkpoint, where the program runs).
+    unnamed: bool,
     tmp_path: String,
     dir: Vec<u8>,
     dir_str: String,
@@ -303,6 +306,19 @@ impl ImageFile {
         } else {
             format!("{dir_str}/.{exe_name}-{}.mig.tmp", sys::getpid())
         };
+        // A forked checkpoint's image is written while the program runs, which may end
+        // meanwhile: unnamed until complete where the filesystem allows it.
+        let unnamed = match req.image_fd {
+            None if req.fork => {
+                sys::open(&fs::cpath(&dir), libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC, 0o600).ok()
+            }
+            _ => None,
+        };
+        if let Some(fd) = unnamed {
+            let fd = super::control::move_high(fd);
+            let tmp_path = format!("the new image in {dir_str}");
+            return Ok(ImageFile { fd, unnamed: true, tmp_path, dir, dir_str, exe_name, streamed });
+        }
         let fd = match req.image_fd {
             Some(given) => sys::fcntl(given, libc::F_DUPFD_CLOEXEC, 3).map_err(|e| format!("cannot use the image descriptor: {e}"))? as i32,
             None => sys::open(&fs::cpath(tmp_path.as_bytes()), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
@@ -313,14 +329,14 @@ impl ImageFile {
                 })?,
         };
         let fd = super::control::move_high(fd);
-        Ok(ImageFile { fd, tmp_path, dir, dir_str, exe_name, streamed })
+        Ok(ImageFile { fd, unnamed: false, tmp_path, dir, dir_str, exe_name, streamed })
     }
 
     /// Gives the image up: closes it and removes the temporary file.
     fn fail<T>(&self, msg: String) -> Result<T, String> {
         let _ = sys::close(self.fd);
         super::clear_transient_fd(self.fd);
-        if !self.streamed {
+        if !self.streamed && !self.unnamed {
             let _ = sys::unlinkat(libc::AT_FDCWD, &fs::cpath(self.tmp_path.as_bytes()));
         }
         Err(msg)
@@ -348,14 +364,15 @@ impl ImageFile {
                 return self.fail(format!("cannot flush image {} to disk: {e}", self.tmp_path));
             }
         }
+        let unnamed = self.unnamed.then_some(self.fd);
+        let published = if self.streamed {
+            Ok(self.tmp_path.clone())
+        } else {
+            publish(&self.tmp_path, unnamed, &self.dir, &self.dir_str, &self.exe_name, root_vpid)
+        };
         let _ = sys::close(self.fd);
         super::clear_transient_fd(self.fd);
-        let path = if self.streamed {
-            self.tmp_path.clone()
-        } else {
-            publish(&self.tmp_path, &self.dir, &self.dir_str, &self.exe_name, root_vpid)?
-        };
-        Ok((path, bytes))
+        Ok((published?, bytes))
     }
 }
 
@@ -642,31 +659,59 @@ fn run_forked(
 
 static SEQUENCE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
-/// Renames the finished image to `<name>-<vpid>-<n>.mig` without replacing an existing one,
-/// then makes the rename durable.
-fn publish(tmp_path: &str, dir: &[u8], dir_str: &str, exe_name: &str, vpid: i32) -> Result<String, String> {
+/// Renames the finished image to `<name>-<vpid>-<n>.mig` without replacing an existing one
+/// (or, for an unnamed temporary file, `unnamed` its descriptor, links it there), then makes
+/// the new name durable.
+fn publish(
+    tmp_path: &str,
+    unnamed: Option<i32>,
+    dir: &[u8],
+    dir_str: &str,
+    exe_name: &str,
+    vpid: i32,
+) -> Result<String, String> {
     let final_path = loop {
         let seq = SEQUENCE.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
         let candidate = format!("{dir_str}/{exe_name}-{vpid}-{seq}.mig");
         const RENAME_NOREPLACE: usize = 1;
-        let (a, b) = (fs::cpath(tmp_path.as_bytes()), fs::cpath(candidate.as_bytes()));
-        // SAFETY: both paths are NUL-terminated buffers alive for the call.
-        let r = unsafe {
-            sys::syscall6(
-                libc::SYS_renameat2,
-                libc::AT_FDCWD as usize,
-                a.as_ptr() as usize,
-                libc::AT_FDCWD as usize,
-                b.as_ptr() as usize,
-                RENAME_NOREPLACE,
-                0,
-            )
+        let a = match unnamed {
+            Some(fd) => fs::cpath(format!("/proc/thread-self/fd/{fd}").as_bytes()),
+            None => fs::cpath(tmp_path.as_bytes()),
+        };
+        let b = fs::cpath(candidate.as_bytes());
+        let r = match unnamed {
+            // SAFETY: both paths are NUL-terminated buffers alive for the call.
+            Some(_) => unsafe {
+                sys::syscall6(
+                    libc::SYS_linkat,
+                    libc::AT_FDCWD as usize,
+                    a.as_ptr() as usize,
+                    libc::AT_FDCWD as usize,
+                    b.as_ptr() as usize,
+                    libc::AT_SYMLINK_FOLLOW as usize,
+                    0,
+                )
+            },
+            // SAFETY: both paths are NUL-terminated buffers alive for the call.
+            None => unsafe {
+                sys::syscall6(
+                    libc::SYS_renameat2,
+                    libc::AT_FDCWD as usize,
+                    a.as_ptr() as usize,
+                    libc::AT_FDCWD as usize,
+                    b.as_ptr() as usize,
+                    RENAME_NOREPLACE,
+                    0,
+                )
+            },
         };
         if r == 0 {
             break candidate;
         }
         if r != -(libc::EEXIST as isize) {
-            let _ = sys::unlinkat(libc::AT_FDCWD, &a);
+            if unnamed.is_none() {
+                let _ = sys::unlinkat(libc::AT_FDCWD, &a);
+            }
             if r == -(libc::ENOENT as isize) {
                 // The image was written into a file that is no longer there: someone removed
                 // (or replaced) the directory meanwhile. Nothing was saved.
@@ -675,7 +720,7 @@ fn publish(tmp_path: &str, dir: &[u8], dir_str: &str, exe_name: &str, vpid: i32)
                      recreate it (or choose another: --dir, --ckpt-dir or MIGRATE_CKPT_DIR) and checkpoint again"
                 ));
             }
-            return Err(format!("cannot rename {tmp_path} to {candidate}: {}", sys::Errno(-r as i32)));
+            return Err(format!("cannot publish {tmp_path} as {candidate}: {}", sys::Errno(-r as i32)));
         }
     };
     if let Ok(dfd) = sys::open(&fs::cpath(dir), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0) {
