@@ -401,7 +401,9 @@ fn dump_tree_objects(
     for &i in order {
         let f = &frozen[i];
         for c in tree::children(f.real) {
-            if matches!(tree::state_of(c), Some(b'Z')) {
+            // A child with exit signal 0 (field 38) is no zombie the program's wait() reports:
+            // a forked checkpoint's writer, left behind by a program that exec'd meanwhile.
+            if matches!(tree::state_of(c), Some(b'Z')) && stat_field(c, 38) != 0 {
                 let pgid = stat_field(c, 5) as i32;
                 tree.zombies.push(ZombieEntry {
                     vpid: vpid_of(c),
