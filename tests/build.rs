@@ -27,6 +27,7 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("timers", &["-pthread", "-lrt"]),
     ("clocks", &[]),
     ("lazymem", &["-pthread"]),
+    ("forked", &[]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

@@ -40,6 +40,15 @@ fn ms(d: Duration) -> f64 {
 pub struct RunResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ckpt_ms: Option<f64>,
+    /// How long the program was stopped by that checkpoint (migrate-checkpoint's figure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<f64>,
+    /// The same with `--fork`: stopped only while described, the image written meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fork_frozen_ms: Option<f64>,
+    /// The whole `--fork` checkpoint, until its image is published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fork_ckpt_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,8 +168,21 @@ impl Bench<'_> {
             .check(&format!("migrate-checkpoint {pid}"))?;
         let image = image_path(&ckpt.stdout)?;
         result.ckpt_ms = Some(ms(ckpt.elapsed));
+        result.frozen_ms = frozen_of(&ckpt.stderr);
         result.image_bytes = Some(sys::size_of_path(&image)?);
         sys::remove_path(&image)?;
+
+        // 2b. The same with --fork: the program is stopped only while it is described.
+        self.before_measure()?;
+        let fork = proc::run(
+            Command::new(&self.bins.checkpoint).arg("--fork").arg(&pid),
+            "migrate-checkpoint --fork",
+            size_timeout(mib),
+        )?
+        .check(&format!("migrate-checkpoint --fork {pid}"))?;
+        result.fork_ckpt_ms = Some(ms(fork.elapsed));
+        result.fork_frozen_ms = frozen_of(&fork.stderr);
+        sys::remove_path(&image_path(&fork.stdout)?)?;
 
         // 3. Checkpoint and kill (not timed), then resume, timed to the next line.
         let kill = proc::run(
@@ -295,6 +317,11 @@ impl Bench<'_> {
 
 fn log_file(path: &Path) -> Result<File> {
     File::create(path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// The frozen time in migrate-checkpoint's `… frozen <ms> ms` line on stderr.
+fn frozen_of(stderr: &str) -> Option<f64> {
+    stderr.lines().find_map(|l| l.split_once(" frozen ")?.1.strip_suffix(" ms")?.trim().parse().ok())
 }
 
 /// The image path: the last line migrate-checkpoint printed.

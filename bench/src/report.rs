@@ -22,6 +22,10 @@ const NOISY_SPREAD: f64 = 0.10;
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub ckpt_ms: Option<f64>,
+    /// migrate only: the program's stop time, ordinary and with --fork.
+    pub frozen_ms: Option<f64>,
+    pub fork_frozen_ms: Option<f64>,
+    pub fork_ckpt_ms: Option<f64>,
     pub image_bytes: Option<u64>,
     pub restore_ms: Option<f64>,
     pub lazy_restore_ms: Option<f64>,
@@ -35,9 +39,13 @@ impl Summary {
         let image: Vec<f64> = all_runs.iter().filter_map(|r| r.image_bytes.map(|b| b as f64)).collect();
         let restore: Vec<f64> = all_runs.iter().filter_map(|r| r.restore_ms).collect();
         let lazy: Vec<f64> = all_runs.iter().filter_map(|r| r.lazy_restore_ms).collect();
+        let pick = |f: fn(&RunResult) -> Option<f64>| median(all_runs.iter().filter_map(f).collect());
         Summary {
             lazy_restore_ms: median(lazy),
             ckpt_ms: median(ckpt),
+            frozen_ms: pick(|r| r.frozen_ms),
+            fork_frozen_ms: pick(|r| r.fork_frozen_ms),
+            fork_ckpt_ms: pick(|r| r.fork_ckpt_ms),
             image_bytes: median(image).map(|b| b.round() as u64),
             restore_ms: median(restore),
             failed_runs: all_runs.iter().filter(|r| r.failed.is_some()).count(),
@@ -176,6 +184,22 @@ impl Report {
                 cell_mb(row.migrate.image_bytes, mf),
                 cell_ms(row.migrate.restore_ms, mf),
                 cell_ms(row.migrate.lazy_restore_ms, mf),
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "frozen (the program stopped), ordinary checkpoint vs --fork (image written in the background):"
+        );
+        for row in &self.runs {
+            let mf = row.migrate.failed_runs > 0;
+            let _ = writeln!(
+                s,
+                "{:<w$}frozen {} ms; --fork: frozen {} ms, image complete after {} ms",
+                size_label(row.size_mib),
+                cell_ms(row.migrate.frozen_ms, mf),
+                cell_ms(row.migrate.fork_frozen_ms, mf),
+                cell_ms(row.migrate.fork_ckpt_ms, mf),
             );
         }
         let _ = writeln!(s);
@@ -390,20 +414,21 @@ mod tests {
             ckpt_ms: Some(10.0),
             image_bytes: Some(100),
             restore_ms: Some(5.0),
-            lazy_restore_ms: None,
-            failed: None,
+            fork_frozen_ms: Some(2.0),
+            ..Default::default()
         };
         let bad = RunResult {
             ckpt_ms: Some(30.0),
             image_bytes: Some(300),
             restore_ms: None,
-            lazy_restore_ms: None,
             failed: Some("x".into()),
+            ..Default::default()
         };
         let s = Summary::new(vec![ok.clone(), bad, ok]);
         assert_eq!(s.ckpt_ms, Some(10.0));
         assert_eq!(s.image_bytes, Some(100));
         assert_eq!(s.restore_ms, Some(5.0));
+        assert_eq!(s.fork_frozen_ms, Some(2.0));
         assert_eq!(s.failed_runs, 1);
     }
 

@@ -37,6 +37,11 @@ pub struct RunArgs {
     #[arg(long, requires = "interval")]
     pub incremental: bool,
 
+    /// With --interval: forked checkpoints (see migrate-checkpoint --fork): the program stops
+    /// only while it is described, its memory is written in the background
+    #[arg(long, requires = "interval")]
+    pub fork: bool,
+
     /// The program to run and its arguments
     #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<OsString>,
@@ -52,6 +57,13 @@ pub struct CheckpointArgs {
     /// Let the process exit after the image is written (and wait until it is gone)
     #[arg(long)]
     pub kill: bool,
+
+    /// Stop the program only while it is described: its memory is then written from a
+    /// copy-on-write snapshot (a writer child per process) while it runs on. The frozen time
+    /// no longer grows with the memory size; the snapshot costs memory for the pages the
+    /// program changes meanwhile
+    #[arg(long)]
+    pub fork: bool,
 
     /// Migrate the process to the `migrate-resume --listen` daemon at HOST:PORT: the image is
     /// streamed (never written here), the process stays frozen until the target runs it, then

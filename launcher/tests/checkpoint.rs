@@ -70,6 +70,19 @@ fn prints_the_image_path() {
 }
 
 #[test]
+fn fork_reports_the_frozen_time_before_the_path() {
+    let t = Target::new();
+    let server = serve(t.pid(), Some("frozen 7\nok /tmp/ckpt/prog.img\n"), None);
+    let mut c = bin("checkpoint");
+    c.args(["--fork", "--dir", "/tmp"]).arg(t.pid().to_string());
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().last(), Some("/tmp/ckpt/prog.img"));
+    assert!(r.stderr.contains(&format!("process {} frozen 7 ms", t.pid())), "{}", r.stderr);
+    assert_eq!(server.join().unwrap(), "checkpoint kill=0 bins=0 fork=1 dir=/tmp\n");
+}
+
+#[test]
 fn kill_waits_until_the_process_is_gone() {
     let t = Target::new();
     let server = serve(t.pid(), Some("ok /x/y.img\n"), Some(t.pid()));

@@ -919,6 +919,28 @@ impl Drop for TmpfsMount {
 // Stderr waits
 
 impl Managed {
+    /// Waits until some stdout line (any seen so far, or a new one) matches, and returns it,
+    /// whatever the cursor of [`Managed::wait_line`] (for lines of several processes whose
+    /// order is not fixed). Panics with the whole output on timeout or when stdout closes first.
+    #[track_caller]
+    pub fn wait_line_seen<M: Matcher>(&mut self, m: M, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain();
+            if let Some(l) = self.out.iter().find(|l| m.matches(l)) {
+                return l.clone();
+            }
+            if self.out_eof {
+                let r = self.report();
+                panic!("{}: stdout closed while waiting for {}\n{r}", self.name, m.describe());
+            }
+            if !self.pump(deadline) && Instant::now() >= deadline {
+                let r = self.report();
+                panic!("{}: timed out after {timeout:?} waiting for {}\n{r}", self.name, m.describe());
+            }
+        }
+    }
+
     /// Waits until some stderr line (any seen so far, or a new one) matches, and returns it.
     /// Panics with the whole output on timeout or when stderr closes first.
     #[track_caller]

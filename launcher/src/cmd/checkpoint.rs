@@ -1,8 +1,9 @@
 //! `migrate-checkpoint`: ask a managed process over its control socket to write an image.
 //!
 //! Protocol (libmigrate implements the other side): connect to the abstract AF_UNIX stream
-//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> dir=<absolute dir or empty>\n`,
-//! read one line back: `ok <absolute image path>\n` or `error <message>\n`.
+//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> [fork=1] dir=<absolute dir or empty>\n`,
+//! read one line back: `ok <absolute image path>\n` or `error <message>\n`, possibly preceded by
+//! `frozen <ms>\n` as soon as the program runs again (with --fork, before the image is done).
 
 use crate::cli::CheckpointArgs;
 use crate::exit::{fail, CHECKPOINT, PROCESS, USAGE};
@@ -31,14 +32,22 @@ pub fn control_socket_name(pid: i32) -> String {
 pub fn request_line(
     kill: bool,
     with_binaries: bool,
+    fork: bool,
     incremental: bool,
     lock: Option<&str>,
     dir: Option<&Path>,
 ) -> String {
     let dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
     let lock = lock.map(|l| format!("lock={l} ")).unwrap_or_default();
+    let fork = if fork { "fork=1 " } else { "" };
     let incr = if incremental { "incr=1 " } else { "" };
-    format!("checkpoint kill={} bins={} {incr}{lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
+    format!("checkpoint kill={} bins={} {fork}{incr}{lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
+}
+
+/// The frozen time in a `frozen <ms>` line, which comes before the reply as soon as the
+/// program runs again.
+pub fn parse_frozen(line: &str) -> Option<u64> {
+    line.strip_prefix("frozen ")?.trim().parse().ok()
 }
 
 /// A parsed reply.
@@ -83,6 +92,16 @@ pub(crate) fn target_of(pid: i32) -> i32 {
 }
 
 pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
+    if args.fork && (args.kill || args.to.is_some()) {
+        return Err(fail(
+            USAGE,
+            format!(
+                "--fork leaves the program running while its image is written in the background; with {} the program \
+                 stops for good, so there is nothing to gain: drop --fork",
+                if args.kill { "--kill" } else { "--to" }
+            ),
+        ));
+    }
     if let Some(to) = args.to.clone() {
         return super::send::main(args, &to);
     }
@@ -109,17 +128,28 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
     let request = request_line(
         args.kill,
         args.with_binaries,
+        args.fork,
         args.incremental,
         lock.as_ref().map(|l| l.name.as_str()),
         dir.as_deref(),
     );
+    let mut frozen_ms = None;
+    let json = args.json;
+    let mut on_frozen = |ms: u64| {
+        frozen_ms = Some(ms);
+        if !json {
+            // As soon as the program runs again (with --fork, before the image is complete).
+            eprintln!("migrate-checkpoint: process {pid} frozen {ms} ms");
+        }
+    };
     let reply = set_timeout(&stream, pid, deadline, args.timeout)
         .and_then(|_| {
             stream.write_all(request.as_bytes()).map_err(|e| io_failure(pid, e, args.timeout, "sending the request"))
         })
         .and_then(|_| {
             let mut progress = Progress::new(pid);
-            let reply = read_reply_with(&mut stream, pid, deadline, args.timeout, progress.as_mut());
+            let reply =
+                read_reply_with(&mut stream, pid, deadline, args.timeout, progress.as_mut(), Some(&mut on_frozen));
             if let Some(p) = progress {
                 p.finish();
             }
@@ -163,6 +193,8 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
             "killed": args.kill,
             "network_lock": lock.as_ref().map(|l| l.name.clone()),
             "seconds": seconds,
+            "frozen_ms": frozen_ms,
+            "fork": args.fork,
         });
         writeln!(out, "{v}")?;
     } else {
@@ -276,20 +308,38 @@ fn io_failure(pid: i32, e: io::Error, timeout: f64, doing: &str) -> anyhow::Erro
 
 /// Reads the one reply line, bounded by the deadline.
 pub(crate) fn read_reply(stream: &mut UnixStream, pid: i32, deadline: Instant, timeout: f64) -> anyhow::Result<String> {
-    read_reply_with(stream, pid, deadline, timeout, None)
+    read_reply_with(stream, pid, deadline, timeout, None, None)
 }
 
-/// `read_reply`, updating `progress` every PROGRESS_PERIOD while waiting.
+/// `read_reply`, updating `progress` every PROGRESS_PERIOD while waiting, and passing the
+/// time of a `frozen <ms>` line that comes first to `on_frozen`.
 fn read_reply_with(
     stream: &mut UnixStream,
     pid: i32,
     deadline: Instant,
     timeout: f64,
     mut progress: Option<&mut Progress>,
+    mut on_frozen: Option<&mut dyn FnMut(u64)>,
 ) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+            match parse_frozen(&line) {
+                Some(ms) => {
+                    buf.drain(..=end);
+                    if let Some(p) = progress.as_mut() {
+                        p.clear();
+                    }
+                    if let Some(f) = on_frozen.as_mut() {
+                        f(ms);
+                    }
+                    continue;
+                }
+                None => return Ok(line),
+            }
+        }
         let left = remaining(deadline).ok_or_else(|| timed_out(pid, timeout))?;
         let wait = if progress.is_some() { left.min(PROGRESS_PERIOD) } else { left };
         stream.set_read_timeout(Some(wait))?;
@@ -307,9 +357,8 @@ fn read_reply_with(
             }
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                    buf.truncate(end);
-                    break;
+                if buf.contains(&b'\n') {
+                    continue;
                 }
                 if buf.len() > MAX_REPLY {
                     return Err(fail(CHECKPOINT, format!("process {pid} sent an overlong reply")));
@@ -368,9 +417,15 @@ impl Progress {
     }
 
     /// Clears the progress line.
-    fn finish(self) {
+    fn finish(mut self) {
+        self.clear();
+    }
+
+    /// Clears the progress line (it comes back at the next update).
+    fn clear(&mut self) {
         if self.shown {
             eprint!("\r\x1b[K");
+            self.shown = false;
         }
     }
 }
@@ -445,12 +500,15 @@ mod tests {
 
     #[test]
     fn request_and_reply() {
-        assert_eq!(request_line(false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
-        assert_eq!(request_line(false, false, true, None, None), "checkpoint kill=0 bins=0 incr=1 dir=\n");
+        assert_eq!(request_line(false, false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
+        assert_eq!(request_line(false, false, false, true, None, None), "checkpoint kill=0 bins=0 incr=1 dir=\n");
         assert_eq!(
-            request_line(true, true, false, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
+            request_line(true, true, false, false, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
             "checkpoint kill=1 bins=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
         );
+        assert_eq!(request_line(false, false, true, false, None, None), "checkpoint kill=0 bins=0 fork=1 dir=\n");
+        assert_eq!(parse_frozen("frozen 12"), Some(12));
+        assert_eq!(parse_frozen("ok /tmp/frozen 12"), None);
         assert_eq!(parse_reply("ok /tmp/x.img"), Ok(Reply::Ok("/tmp/x.img".into())));
         assert_eq!(parse_reply("error disk full"), Ok(Reply::Error("disk full".into())));
         assert!(parse_reply("ok ").is_err());

@@ -40,7 +40,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     match args.interval {
         Some(secs) => cmd.env(
             "MIGRATE_INTERVAL",
-            format!("{}:{}:{me}:{}", (secs * 1000.0) as u64, args.keep, if args.incremental { "i" } else { "" }),
+            format!("{}:{}:{me}:{}", (secs * 1000.0) as u64, args.keep, periodic_options(args.fork, args.incremental)),
         ),
         None => cmd.env_remove("MIGRATE_INTERVAL"),
     };
@@ -169,6 +169,18 @@ fn is_executable(path: &Path) -> bool {
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call; access(2) only
     // reads it.
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// MIGRATE_INTERVAL's options field: comma-separated `fork`, `incr` (libmigrate's checkpoint/mod.rs).
+fn periodic_options(fork: bool, incremental: bool) -> String {
+    let mut o: Vec<&str> = Vec::new();
+    if fork {
+        o.push("fork");
+    }
+    if incremental {
+        o.push("incr");
+    }
+    o.join(",")
 }
 
 #[cfg(test)]

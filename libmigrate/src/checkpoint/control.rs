@@ -7,13 +7,19 @@
 //!
 //! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
 //! ```text
-//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [hold=1] [incr=1] [lock=<table>] dir=<path> [+ image fd]
-//!                                                                         → ok <image> | error <msg>
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [hold=1] [fork=1] [incr=1] [lock=<table>] dir=<path> [+ image fd]
+//!                                                                         → [frozen <ms>] ok <image> | error <msg>
+//!                         `frozen <ms>` comes as soon as the tree runs again (with fork=1, before
+//!                         the image is complete; never with kill=1 or hold=1)
 //!                         with hold=1 (image fd required):               → ok held <bytes>, then
 //!                         commit → committed (the tree dies) | abort → aborted (it goes on)
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
 //!                         write <proc> <pos> bins=<0|1> kill=<0|1> [parent=<hex path>] [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
+//!                         write <proc> <pos> bins=<0|1> kill=0 fork=1 [parent=<hex path>] [+ image fd] → forked <reserved end> | error <msg>
 //!                         release                                         → released
+//!                         (after `forked`: the member runs again but keeps the connection)
+//!                         collect                                         → written … | error <msg>
+//!                         (after `forked` and `release`; closing instead stops the writer child)
 //!                         kill                                            → (the member dies)
 //! ```
 
@@ -92,7 +98,8 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
             b"bins=1" => req.with_binaries = true,
             b"hold=1" => req.hold = true,
             b"incr=1" => req.incremental = true,
-            b"kill=0" | b"bins=0" | b"hold=0" | b"incr=0" | b"" => {}
+            b"fork=1" => req.fork = true,
+            b"kill=0" | b"bins=0" | b"hold=0" | b"incr=0" | b"fork=0" | b"" => {}
             w if w.starts_with(b"lock=") => {
                 let name = &w[5..];
                 // An nftables identifier: it ends up in an `nft` command line.
@@ -185,6 +192,13 @@ pub fn next_incoming() -> Incoming {
                 req.image_fd = conn.received_fd.take();
                 if req.hold && req.image_fd.is_none() {
                     conn.reply(b"error a held checkpoint needs an image descriptor sent with the request\n");
+                    continue;
+                }
+                if req.fork && (req.kill || req.hold || req.image_fd.is_some()) {
+                    conn.reply(
+                        b"error a forked checkpoint leaves the program running while a file is written; \
+                          it cannot be combined with kill, hold or an image descriptor\n",
+                    );
                     continue;
                 }
                 return Incoming::User(req, Some(conn));
@@ -312,7 +326,9 @@ mod tests {
         assert!(r.kill && r.with_binaries);
         assert_eq!(r.dir.as_deref(), Some(&b"/tmp/a b"[..]));
         let r = parse_request(b"checkpoint kill=0 dir=\n").unwrap();
-        assert!(!r.kill && r.dir.is_none());
+        assert!(!r.kill && r.dir.is_none() && !r.fork);
+        let r = parse_request(b"checkpoint kill=0 bins=0 fork=1 dir=/x\n").unwrap();
+        assert!(r.fork && !r.kill);
         assert!(parse_request(b"hello\n").is_none());
         let r = parse_request(b"checkpoint kill=1 bins=0 lock=migrate_lock_7_ff dir=/x\n").unwrap();
         assert_eq!(r.lock, "migrate_lock_7_ff");

@@ -16,7 +16,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
-use migrate_image::{ImageMeta, ImageWriter, ProcessEntry, SectionEntry, SectionKind, Sink};
+use migrate_image::{ImageMeta, ImageWriter, ProcessEntry, SectionEntry, SectionKind, Sink, PAGE_SIZE};
 
 struct SavedSp(UnsafeCell<u64>);
 // SAFETY: only the checkpoint thread touches it.
@@ -33,13 +33,11 @@ fn is_zombie(tid: i32) -> bool {
 /// Stops every program thread in its suspend handler (a main thread that called pthread_exit
 /// stays a zombie and has nothing to save).
 pub fn freeze() -> Result<(), String> {
-    // After a lazy resume, only once every page is in: pagemap would show the missing ones as
-    // never touched, and the image would lose them.
-    crate::restore::lazy::wait_complete();
     // Refused before anything is stopped: the program runs on untouched.
     if let Some(why) = crate::resources::timers::unsupported() {
         return Err(why);
     }
+    super::forked::check_idle()?;
     state::INTERRUPTIONS.fetch_add(1, Ordering::AcqRel);
     let me = sys::gettid();
     let pid = sys::getpid();
@@ -125,14 +123,23 @@ pub fn release() {
 }
 
 /// Writes with pwrite(2) at an explicit position: several processes write one image, each
-/// into its own range, through descriptors that share one file offset.
+/// into its own range, through descriptors that share one file offset. Nothing is written at
+/// or beyond `limit` (a forked checkpoint's reservation: the next process's part starts there).
 pub struct PwriteSink {
     pub fd: i32,
     pub pos: u64,
+    pub limit: u64,
 }
 
 impl Sink for PwriteSink {
     fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        if self.pos.saturating_add(buf.len() as u64) > self.limit {
+            return Err(std::io::Error::other(alloc::format!(
+                "this process's part outgrew the {} bytes reserved for it at {}",
+                self.limit.saturating_sub(self.pos),
+                self.pos
+            )));
+        }
         while !buf.is_empty() {
             match sys::pwrite(self.fd, buf, self.pos) {
                 Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::EIO)),
@@ -154,6 +161,9 @@ struct WriteCtx<'a> {
     process: &'a ProcessEntry,
     mem_fd: i32,
     bounce: &'a mut [u8],
+    /// Pages copied while frozen (a forked checkpoint's MAP_SHARED mappings), by VMA index:
+    /// written instead of the live mapping.
+    copies: &'a [(u32, &'a [u8])],
     /// Where each VMA's pages start in `hashes` (and `decided`).
     first_page: &'a [usize],
     /// Every page's hash, VMA after VMA, in run order.
@@ -183,17 +193,29 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
             || overlaps(ctx.hashes.as_ptr() as *const u8, ctx.hashes.len() * 8)
             || overlaps(ctx.decided.as_ptr() as *const u8, ctx.decided.len() * 4);
         let pages = ctx.first_page[i]..ctx.first_page[i + 1];
-        let mut out = memory::PageOutcome {
-            hashes: &mut ctx.hashes[pages.clone()],
-            parent: match ctx.parent {
-                Some(parent) => Some((parent, &mut ctx.decided[pages])),
-                None => None,
-            },
-        };
-        let res = ctx
-            .writer
-            .begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true)
-            .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, &mut out));
+        let copy = ctx.copies.iter().find(|c| c.0 == i as u32).map(|c| c.1);
+        let res = ctx.writer.begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true).and_then(|_| {
+            match copy {
+                // A copy taken while frozen: every page stored (never inherited).
+                Some(bytes) => {
+                    let hashes = &mut ctx.hashes[pages];
+                    for (h, page) in hashes.iter_mut().zip(bytes.chunks_exact(PAGE_SIZE as usize)) {
+                        *h = migrate_image::page_hash(page);
+                    }
+                    ctx.writer.write_hashed_pages(bytes, hashes)
+                }
+                None => {
+                    let mut out = memory::PageOutcome {
+                        hashes: &mut ctx.hashes[pages.clone()],
+                        parent: match ctx.parent {
+                            Some(parent) => Some((parent, &mut ctx.decided[pages])),
+                            None => None,
+                        },
+                    };
+                    memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, &mut out)
+                }
+            }
+        });
         if let Err(e) = res {
             ctx.error = Some(e);
             return;
@@ -266,6 +288,8 @@ pub struct Written {
 
 pub enum WriteOutcome {
     Written(Written),
+    /// A forked checkpoint: a writer child writes this process's sections (forked.rs).
+    Forked(super::forked::Forked),
     /// We are the restored copy of this thread: the restore is finished, the program runs.
     Restored,
 }
@@ -296,26 +320,23 @@ pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
 /// into `image_fd` from `pos` on.
 /// With `kill` the process dies after a successful checkpoint: its listeners' waiting
 /// connections are taken out of their queues and carried (resources/accept_queue.rs).
+/// With `fork` the sections are written by a writer child from a copy-on-write snapshot
+/// (forked.rs) and the process may be released at once: `Forked` is returned.
 pub fn write_process(
     image_fd: i32,
     proc: u32,
     pos: u64,
     with_binaries: bool,
     kill: bool,
+    fork: bool,
     parent: Option<&ParentImage>,
 ) -> Result<WriteOutcome, String> {
     crate::resources::accept_queue::TAKE_WAITING.store(kill, Ordering::Release);
     let dumped = dump();
     crate::resources::accept_queue::TAKE_WAITING.store(false, Ordering::Release);
-    let (mut meta, maps) = dumped?;
+    let (meta, maps) = dumped?;
     let mem_fd = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
     set_transient_any(mem_fd);
-    let close_mem = |mem_fd: i32| {
-        if mem_fd >= 0 {
-            let _ = sys::close(mem_fd);
-            super::clear_transient_fd(mem_fd);
-        }
-    };
     // The layout must not have changed while we described it (it would if anything we called
     // mapped memory): the image would miss a mapping.
     match memory::read_maps() {
@@ -325,8 +346,51 @@ pub fn write_process(
             return Err("the address space changed while it was being described; try again".into());
         }
     }
+    if fork {
+        let started = super::forked::start(image_fd, proc, pos, with_binaries, meta, mem_fd, parent);
+        return started;
+    }
+    let sink = PwriteSink { fd: image_fd, pos, limit: u64::MAX };
+    let what = WriteWhat { with_binaries, page_copies: &[], file_copies: None, parent };
+    write_sections(sink, proc, meta, mem_fd, &what)
+}
+
+pub(super) fn close_mem(mem_fd: i32) {
+    if mem_fd >= 0 {
+        let _ = sys::close(mem_fd);
+        super::clear_transient_fd(mem_fd);
+    }
+}
+
+/// What a process writes besides what `meta` describes.
+#[derive(Clone, Copy)]
+pub(super) struct WriteWhat<'a> {
+    /// The contents of the mapped executable, libraries and libmigrate too.
+    pub with_binaries: bool,
+    /// A forked checkpoint's copies, taken while frozen, of what its writer child cannot read
+    /// from its copy-on-write snapshot: pages of MAP_SHARED mappings, and deleted files.
+    pub page_copies: &'a [(u32, &'a [u8])],
+    pub file_copies: Option<&'a [(u32, &'a [u8])]>,
+    /// An incremental checkpoint's parent image.
+    pub parent: Option<&'a ParentImage>,
+}
+
+/// Writes the sections of this process described by `meta` through `sink`: its pages (after
+/// saving the checkpoint thread's own context, so the image holds this thread right here),
+/// the contents of deleted files (and of the binaries with `with_binaries`), its metadata.
+/// Closes `mem_fd`. `page_copies` and `file_copies` are a forked checkpoint's copies, taken
+/// while frozen, of what its writer child cannot read from its copy-on-write snapshot.
+pub(super) fn write_sections(
+    sink: PwriteSink,
+    proc: u32,
+    mut meta: ImageMeta,
+    mem_fd: i32,
+    what: &WriteWhat<'_>,
+) -> Result<WriteOutcome, String> {
+    let WriteWhat { with_binaries, page_copies, file_copies, parent } = *what;
+    let pos = sink.pos;
     let nsections = 2 * meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
-    let mut writer = ImageWriter::continue_at(PwriteSink { fd: image_fd, pos }, pos, nsections);
+    let mut writer = ImageWriter::continue_at(sink, pos, nsections);
     let mut bounce = alloc::vec![0u8; memory::WRITE_CHUNK];
     // Everything the page writer fills is allocated now: it may not allocate.
     let mut first_page = Vec::with_capacity(meta.process.vmas.len() + 1);
@@ -338,7 +402,13 @@ pub fn write_process(
     first_page.push(total);
     let mut hashes = alloc::vec![0u64; total];
     let parent_pages = match parent {
-        Some(p) => Some(load_parent(p, &meta.process)?),
+        Some(p) => match load_parent(p, &meta.process) {
+            Ok(pages) => Some(pages),
+            Err(e) => {
+                close_mem(mem_fd);
+                return Err(e);
+            }
+        },
         None => None,
     };
     let mut decided = if parent_pages.is_some() { alloc::vec![memory::NOT_INHERITED; total] } else { Vec::new() };
@@ -349,6 +419,7 @@ pub fn write_process(
         process: &meta.process,
         mem_fd,
         bounce: &mut bounce,
+        copies: page_copies,
         first_page: &first_page,
         hashes: &mut hashes,
         parent: parent_pages.as_deref(),
@@ -371,6 +442,7 @@ pub fn write_process(
         drop(ctx);
         drop(writer);
         clear_all_transient();
+        super::forked::forget_in_restored_process();
         crate::restore::finish_in_restored_process(resumed as usize, &meta);
         return Ok(WriteOutcome::Restored);
     }
@@ -401,7 +473,16 @@ pub fn write_process(
     if with_binaries {
         write_binaries(&mut writer, proc, &meta)?;
     }
-    write_deleted_files(&mut writer, proc, &meta)?;
+    match file_copies {
+        Some(copies) => {
+            for &(file, bytes) in copies {
+                writer
+                    .add_section_bytes(SectionKind::FileContents { proc, file }, bytes, true)
+                    .map_err(|e| describe_write_error(&e))?;
+            }
+        }
+        None => write_deleted_files(&mut writer, proc, &meta)?,
+    }
     writer.add_meta(proc, &meta).map_err(|e| describe_write_error(&e))?;
     let (_, end, sections) = writer.into_sections();
     let p = &meta.process;

@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod coordinator;
+pub mod forked;
 pub mod member;
 pub mod suspend;
 
@@ -34,6 +35,9 @@ pub struct Request {
     /// Store only the pages that changed since the newest image of the program in the
     /// checkpoint directory (its parent); the rest are named in the ancestors.
     pub incremental: bool,
+    /// A forked checkpoint (forked.rs): the tree is released once described, and writer
+    /// children write the image from copy-on-write snapshots.
+    pub fork: bool,
 }
 
 impl Request {
@@ -47,6 +51,7 @@ impl Request {
             hold: false,
             periodic: false,
             incremental: false,
+            fork: false,
         }
     }
 }
@@ -58,13 +63,15 @@ impl Request {
 static PERIOD_MS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static KEEP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 static NEXT_DUE_NS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Periodic checkpoints are forked ones (`migrate-run --fork`).
+static PERIOD_FORK: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Periodic checkpoints are incremental (`i` in MIGRATE_INTERVAL's options).
+/// Periodic checkpoints are incremental (`incr` in MIGRATE_INTERVAL's options).
 static PERIODIC_INCREMENTAL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Reads MIGRATE_INTERVAL (`<ms>:<keep>:<pid>[:<options>]`, options letters: `i` incremental):
-/// only the process migrate-run started (its pid) checkpoints periodically; its descendants
-/// do not (a fork child inherits the statics).
+/// Reads MIGRATE_INTERVAL (`<ms>:<keep>:<pid>[:<options>]`, options comma-separated: `fork`,
+/// `incr`): only the process migrate-run started (its pid) checkpoints periodically; its
+/// descendants do not (a fork child inherits the statics).
 pub fn configure_periodic(pid: i32) {
     let spec = crate::env::var("MIGRATE_INTERVAL").unwrap_or_default();
     let parts: Vec<&str> = spec.split(':').collect();
@@ -74,9 +81,11 @@ pub fn configure_periodic(pid: i32) {
         }
         _ => (0, 0, ""),
     };
-    PERIODIC_INCREMENTAL.store(options.contains('i'), Ordering::Relaxed);
+    let fork = options.split(',').any(|o| o == "fork");
+    PERIODIC_INCREMENTAL.store(options.split(',').any(|o| o == "incr"), Ordering::Relaxed);
     PERIOD_MS.store(period, Ordering::Relaxed);
     KEEP.store(keep, Ordering::Relaxed);
+    PERIOD_FORK.store(fork, Ordering::Relaxed);
     NEXT_DUE_NS.store(sys::monotonic_ns() + period * 1_000_000, Ordering::Relaxed);
 }
 
@@ -87,6 +96,7 @@ pub fn periodic_request() -> Request {
     let mut req = Request::new();
     req.periodic = true;
     req.incremental = PERIODIC_INCREMENTAL.load(Ordering::Relaxed);
+    req.fork = PERIOD_FORK.load(Ordering::Relaxed);
     req
 }
 
@@ -105,6 +115,7 @@ pub fn periodic_wait_ms() -> i32 {
     (due.saturating_sub(now) / 1_000_000).min(i32::MAX as u64) as i32
 }
 
+/// Whether periodic checkpoints are forked ones.
 fn schedule_next_periodic() {
     let period = PERIOD_MS.load(Ordering::Relaxed);
     if period > 0 {
@@ -207,6 +218,9 @@ fn serve_user(req: Request, mut conn: Option<Conn>) {
     // Any checkpoint restarts the period (a manual one counts too).
     schedule_next_periodic();
     let mut kill = req.kill;
+    // The requester learns the frozen time as soon as the tree runs again (with --fork, long
+    // before the image is complete); not when the tree is to die or is held.
+    let notify = conn.as_ref().map(|c| c.fd).filter(|_| !hold && !kill);
     // A held checkpoint: the requester decides, once it has the image, whether the tree dies
     // (its copy runs elsewhere now) or goes on.
     let mut settle = |written: &Outcome| -> bool {
@@ -218,7 +232,12 @@ fn serve_user(req: Request, mut conn: Option<Conn>) {
         kill = matches!(c.read_line(3600).as_deref(), Ok(b"commit"));
         kill
     };
-    let result = coordinator::run(&req, &mut settle);
+    let mut released = |frozen_ms: u64| {
+        if let Some(fd) = notify {
+            let _ = sys::write_all(fd, alloc::format!("frozen {frozen_ms}\n").as_bytes());
+        }
+    };
+    let result = coordinator::run(&req, &mut settle, &mut released);
     if let Some(fd) = req.image_fd {
         let _ = sys::close(fd);
         clear_transient_fd(fd);
@@ -259,7 +278,9 @@ fn serve_user(req: Request, mut conn: Option<Conn>) {
     }
 }
 
-/// Another member coordinates: freeze, write our sections when asked, then go on or die.
+/// Another member coordinates: freeze, write our sections when asked, then go on or die. In a
+/// forked checkpoint our writer child writes them: after `release` we keep the connection and
+/// answer `collect` with its result; a connection closed before that stops the child.
 fn serve_coordinator(mut conn: Conn) {
     if let Err(e) = member::freeze() {
         conn.reply(&control::error_line(&e));
@@ -272,12 +293,21 @@ fn serve_coordinator(mut conn: Conn) {
         conn.close();
         return;
     }
+    let mut writer: Option<forked::Forked> = None;
+    let mut released = false;
     loop {
-        let line = match conn.read_line(600) {
+        // Once released, the coordinator may first wait for the other members' writers.
+        let timeout = if released { (forked::WRITER_TIMEOUT_MS / 1000) as i64 * 2 } else { 600 };
+        let line = match conn.read_line(timeout) {
             Ok(l) => l,
             Err(e) => {
-                crate::info!("the checkpoint's coordinator went away ({e}); the program continues");
-                member::release();
+                if !released {
+                    crate::info!("the checkpoint's coordinator went away ({e}); the program continues");
+                    member::release();
+                }
+                if let Some(w) = writer.take() {
+                    forked::abandon(w);
+                }
                 conn.close();
                 return;
             }
@@ -295,11 +325,23 @@ fn serve_coordinator(mut conn: Conn) {
                     .find_map(|w| w.strip_prefix(b"parent="))
                     .and_then(control::unhex)
                     .map(|p| member::ParentImage { path: String::from_utf8_lossy(&p).into_owned() });
+                let fork = words.iter().skip(4).any(|w| *w == b"fork=1");
                 let Some(image_fd) = conn.received_fd.take() else {
                     let _ = conn.send(b"error no image descriptor came with the write command\n");
                     continue;
                 };
-                let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins, kill, parent.as_ref());
+                if released || writer.is_some() || (fork && kill) {
+                    let _ = sys::close(image_fd);
+                    clear_transient_fd(image_fd);
+                    let _ = conn.send(b"error write out of order\n");
+                    continue;
+                }
+                let outcome =
+                    member::write_process(image_fd, proc as u32, pos as u64, bins, kill, fork, parent.as_ref());
+                if !matches!(outcome, Ok(member::WriteOutcome::Restored)) {
+                    let _ = sys::close(image_fd);
+                    clear_transient_fd(image_fd);
+                }
                 match outcome {
                     Ok(member::WriteOutcome::Restored) => {
                         // Its descriptor belonged to the old process: dropped (frees the
@@ -308,25 +350,47 @@ fn serve_coordinator(mut conn: Conn) {
                         return;
                     }
                     Ok(member::WriteOutcome::Written(w)) => {
-                        let _ = sys::close(image_fd);
-                        clear_transient_fd(image_fd);
-                        let table = postcard::to_allocvec(&w.sections).unwrap_or_default();
-                        let (a, b, c, d) = w.ids;
-                        let mut msg =
-                            alloc::format!("written {} {} {a} {b} {c} {d}\n", w.end, table.len()).into_bytes();
-                        msg.extend_from_slice(&table);
-                        let _ = conn.send(&msg);
+                        let _ = conn.send(&written_reply(&w));
+                    }
+                    Ok(member::WriteOutcome::Forked(f)) => {
+                        let reply = alloc::format!("forked {}\n", f.reserved_end);
+                        writer = Some(f);
+                        let _ = conn.send(reply.as_bytes());
                     }
                     Err(e) => {
-                        let _ = sys::close(image_fd);
-                        clear_transient_fd(image_fd);
                         let _ = conn.send(&control::error_line(&e));
                     }
                 }
             }
             Some(b"release") => {
-                member::release();
+                let first = !released;
+                if first {
+                    member::release();
+                    released = true;
+                }
                 let _ = conn.send(b"released\n");
+                // A forked checkpoint goes on: the coordinator collects our writer's result.
+                if first && writer.is_some() {
+                    continue;
+                }
+                if let Some(w) = writer.take() {
+                    forked::abandon(w);
+                }
+                conn.close();
+                return;
+            }
+            Some(b"collect") => {
+                let reply = match writer.take() {
+                    Some(w) => match forked::collect(w) {
+                        Ok(w) => written_reply(&w),
+                        Err(e) => control::error_line(&e),
+                    },
+                    None => control::error_line("there is no forked write to collect"),
+                };
+                if !released {
+                    member::release();
+                }
+                let _ = conn.send(&reply);
                 conn.close();
                 return;
             }
@@ -339,4 +403,13 @@ fn serve_coordinator(mut conn: Conn) {
             }
         }
     }
+}
+
+/// `written <end> <n> <vpid> <vppid> <vpgid> <vsid>` and the n bytes of the section table.
+fn written_reply(w: &member::Written) -> Vec<u8> {
+    let table = postcard::to_allocvec(&w.sections).unwrap_or_default();
+    let (a, b, c, d) = w.ids;
+    let mut msg = alloc::format!("written {} {} {a} {b} {c} {d}\n", w.end, table.len()).into_bytes();
+    msg.extend_from_slice(&table);
+    msg
 }

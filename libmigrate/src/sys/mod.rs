@@ -234,6 +234,27 @@ pub fn kill(pid: i32, sig: i32) -> SysResult<()> {
 pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> SysResult<()> {
     sc!(libc::SYS_tgkill, tgid, tid, sig).map(|_| ())
 }
+/// A child process that is a copy of this one (copy-on-write memory, a copy of the descriptor
+/// table), made with a raw clone(2) — not glibc's fork: no atfork handlers, no cached-pid
+/// update — with exit signal 0: the parent gets no SIGCHLD when it ends, and only a wait with
+/// `__WCLONE`/`__WALL` reports it (the program's own wait() and waitpid() never do). Returns the
+/// child's pid in the parent and 0 in the child, which continues on its own copy of this
+/// thread's stack and is single-threaded.
+pub fn clone_process() -> SysResult<i32> {
+    // No flags: neither CLONE_VM nor a new stack, so the child returns from the call like a
+    // fork child; the low byte (the exit signal) is 0.
+    sc!(libc::SYS_clone, 0, 0, 0, 0, 0).map(|v| v as i32)
+}
+/// Reaps child `pid` (`options`: WEXITED | WNOHANG | __WCLONE …). Returns (si_pid, si_code,
+/// si_status): si_pid 0 when WNOHANG found it still running.
+pub fn waitid_pid(pid: i32, options: i32) -> SysResult<(i32, i32, i32)> {
+    let mut info = [0i32; 32];
+    sc!(libc::SYS_waitid, libc::P_PID, pid, info.as_mut_ptr(), options, 0).map(|_| (info[4], info[2], info[6]))
+}
+/// Closes descriptors `first..=last`.
+pub fn close_range(first: u32, last: u32) -> SysResult<()> {
+    sc!(libc::SYS_close_range, first, last, 0).map(|_| ())
+}
 pub fn exit_group(code: i32) -> ! {
     let _ = sc!(libc::SYS_exit_group, code);
     unreachable!("exit_group returned")
