@@ -175,8 +175,28 @@ fn kind_of(m: &MapLine, mm_start_brk: u64, mm_brk: u64) -> VmaKind {
     }
 }
 
+/// How far below the describing thread's stack pointer its stack is stored whether or not the
+/// pages are in use yet: the image holds this thread's context, which it saves later and deeper
+/// (a forked checkpoint's writer child, or the write path, calls further down than the dump).
+const LIVE_STACK_MARGIN: u64 = 256 * 1024;
+
+/// `runs` of the mapping holding the checkpoint thread's own stack (at `sp`), plus every page
+/// from `LIVE_STACK_MARGIN` below `sp` to the mapping's end.
+fn with_live_stack(runs: Vec<(u64, u64)>, m: &MapLine, sp: u64) -> Vec<(u64, u64)> {
+    let pages = (m.end - m.start) / 4096;
+    let first = (sp.saturating_sub(LIVE_STACK_MARGIN).max(m.start) - m.start) / 4096;
+    let mut out: Vec<(u64, u64)> = runs.into_iter().filter(|&(f, _)| f < first).collect();
+    match out.last_mut() {
+        // A run reaching into the forced range is cut there, then the range continues it.
+        Some(last) if last.0 + last.1 >= first => last.1 = pages - last.0,
+        _ => out.push((first, pages - first)),
+    }
+    out
+}
+
 /// Describes every VMA of the process, with the page runs to store.
 pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Result<Vec<VmaEntry>, String> {
+    let here = &maps as *const _ as u64;
     let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map_err(|e| alloc::format!("cannot open /proc/thread-self/pagemap: {e}"))?;
     let mut buf = alloc::vec![0u64; 65536];
@@ -236,6 +256,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
         }
         let runs = match stored_runs(pagemap, m, kind, &mut buf) {
             Ok(_) if whole => alloc::vec![(0, (m.end - m.start) / 4096)],
+            Ok(r) if m.start <= here && here < m.end => with_live_stack(r, m, here),
             Ok(r) => r,
             Err(e) => {
                 result =
@@ -360,4 +381,29 @@ pub fn write_pages<S: migrate_image::Sink>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod live_stack_tests {
+    use super::*;
+
+    #[test]
+    fn the_live_stack_is_stored_from_the_margin_below_the_stack_pointer_to_its_top() {
+        let m = MapLine {
+            start: 0x100000,
+            end: 0x200000,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            dev: 0,
+            inode: 0,
+            name: String::new(),
+        };
+        // sp in page 200 of 256: pages from 200 - 64 on, and the older runs below.
+        let sp = 0x100000 + 200 * 4096 + 16;
+        assert_eq!(with_live_stack(alloc::vec![(0, 2), (130, 10), (250, 6)], &m, sp), alloc::vec![(0, 2), (130, 126)]);
+        assert_eq!(with_live_stack(alloc::vec![(0, 2)], &m, sp), alloc::vec![(0, 2), (136, 120)]);
+        // Near the bottom of the mapping: from its first page.
+        assert_eq!(with_live_stack(Vec::new(), &m, 0x100000 + 4096), alloc::vec![(0, 256)]);
+    }
 }
