@@ -122,6 +122,7 @@ fn vma(start: u64, pages: u64, kind: VmaKind, file: Option<u32>, runs: Vec<(u64,
         vm_flags: String::new(),
         runs,
         data_section: None,
+        compression: PageCompression::None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! `migrate-checkpoint`: ask a managed process over its control socket to write an image.
 //!
 //! Protocol (libmigrate implements the other side): connect to the abstract AF_UNIX stream
-//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> dir=<absolute dir or empty>\n`,
+//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> [compress=1] dir=<absolute dir or empty>\n`,
 //! read one line back: `ok <absolute image path>\n` or `error <message>\n`.
 
 use crate::cli::CheckpointArgs;
@@ -28,10 +28,12 @@ pub fn control_socket_name(pid: i32) -> String {
 }
 
 /// The request line for a checkpoint.
-pub fn request_line(kill: bool, with_binaries: bool, lock: Option<&str>, dir: Option<&Path>) -> String {
+pub fn request_line(kill: bool, with_binaries: bool, compress: bool, lock: Option<&str>, dir: Option<&Path>) -> String {
     let dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
     let lock = lock.map(|l| format!("lock={l} ")).unwrap_or_default();
-    format!("checkpoint kill={} bins={} {lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
+    // Only when asked: a program started by an older libmigrate knows no such word.
+    let compress = if compress { "compress=1 " } else { "" };
+    format!("checkpoint kill={} bins={} {compress}{lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
 }
 
 /// A parsed reply.
@@ -99,7 +101,13 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
     let mut stream = connect(pid, deadline)?;
     // The program dies with the checkpoint: its TCP traffic is held until the resume.
     let lock = if args.kill && !args.no_network_lock { super::netlock::lock(pid) } else { None };
-    let request = request_line(args.kill, args.with_binaries, lock.as_ref().map(|l| l.name.as_str()), dir.as_deref());
+    let request = request_line(
+        args.kill,
+        args.with_binaries,
+        args.compress,
+        lock.as_ref().map(|l| l.name.as_str()),
+        dir.as_deref(),
+    );
     let reply = set_timeout(&stream, pid, deadline, args.timeout)
         .and_then(|_| {
             stream.write_all(request.as_bytes()).map_err(|e| io_failure(pid, e, args.timeout, "sending the request"))
@@ -432,10 +440,10 @@ mod tests {
 
     #[test]
     fn request_and_reply() {
-        assert_eq!(request_line(false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
+        assert_eq!(request_line(false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
         assert_eq!(
-            request_line(true, true, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
-            "checkpoint kill=1 bins=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
+            request_line(true, true, true, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
+            "checkpoint kill=1 bins=1 compress=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
         );
         assert_eq!(parse_reply("ok /tmp/x.img"), Ok(Reply::Ok("/tmp/x.img".into())));
         assert_eq!(parse_reply("error disk full"), Ok(Reply::Error("disk full".into())));

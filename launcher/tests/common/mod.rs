@@ -121,6 +121,7 @@ pub fn sample_meta(exe: &Path, argv: &[&str]) -> ImageMeta {
                 vm_flags: "rd wr mr mw me ac".into(),
                 runs: vec![(0, 1)],
                 data_section: Some(0),
+                compression: migrate_image::PageCompression::None,
             }],
             threads: vec![ThreadEntry {
                 vtid: 42,

@@ -7,12 +7,12 @@
 //!
 //! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
 //! ```text
-//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [hold=1] [lock=<table>] dir=<path> [+ image fd]
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [compress=<0|1>] [hold=1] [lock=<table>] dir=<path> [+ image fd]
 //!                                                                         → ok <image> | error <msg>
 //!                         with hold=1 (image fd required):               → ok held <bytes>, then
 //!                         commit → committed (the tree dies) | abort → aborted (it goes on)
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
-//!                         write <proc> <pos> bins=<0|1> kill=<0|1> [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
+//!                         write <proc> <pos> bins=<0|1> kill=<0|1> compress=<0|1> [+ image fd] → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
 //!                         release                                         → released
 //!                         kill                                            → (the member dies)
 //! ```
@@ -91,6 +91,8 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
             b"kill=1" => req.kill = true,
             b"bins=1" => req.with_binaries = true,
             b"hold=1" => req.hold = true,
+            b"compress=1" => req.compress = true,
+            b"compress=0" => req.compress = false,
             b"kill=0" | b"bins=0" | b"hold=0" | b"" => {}
             w if w.starts_with(b"lock=") => {
                 let name = &w[5..];
@@ -300,7 +302,9 @@ mod tests {
         assert!(r.kill && r.with_binaries);
         assert_eq!(r.dir.as_deref(), Some(&b"/tmp/a b"[..]));
         let r = parse_request(b"checkpoint kill=0 dir=\n").unwrap();
-        assert!(!r.kill && r.dir.is_none());
+        assert!(!r.kill && r.dir.is_none() && !r.compress);
+        let r = parse_request(b"checkpoint kill=0 bins=0 compress=1 dir=/x\n").unwrap();
+        assert!(r.compress && !r.with_binaries);
         assert!(parse_request(b"hello\n").is_none());
         let r = parse_request(b"checkpoint kill=1 bins=0 lock=migrate_lock_7_ff dir=/x\n").unwrap();
         assert_eq!(r.lock, "migrate_lock_7_ff");

@@ -184,15 +184,17 @@ fn write_member(
     pos: u64,
     bins: bool,
     kill: bool,
+    compress: bool,
 ) -> Result<Option<member::Written>, String> {
     let Some(conn) = f.conn.as_mut() else {
-        return match member::write_process(image_fd, proc, pos, bins, kill)? {
+        return match member::write_process(image_fd, proc, pos, bins, kill, compress)? {
             WriteOutcome::Written(w) => Ok(Some(w)),
             WriteOutcome::Restored => Ok(None),
         };
     };
     conn.send_with_fd(
-        format!("write {proc} {pos} bins={} kill={}\n", u8::from(bins), u8::from(kill)).as_bytes(),
+        format!("write {proc} {pos} bins={} kill={} compress={}\n", u8::from(bins), u8::from(kill), u8::from(compress))
+            .as_bytes(),
         image_fd,
     )?;
     let line = conn.read_line(600).map_err(|e| format!("process {} did not write its part: {e}", f.vpid))?;
@@ -310,7 +312,7 @@ fn write_image(
     };
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();
-        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries, req.kill) {
+        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries, req.kill, req.compress) {
             Ok(Some(w)) => {
                 writer.adopt_sections(&w.sections, w.end);
                 // The members wrote with pwrite: our own writes continue after their part.

@@ -152,6 +152,8 @@ struct WriteCtx<'a> {
     sections: &'a mut [Option<u32>],
     mem_fd: i32,
     bounce: &'a mut [u8],
+    /// Set for a compressed checkpoint (the VMAs are marked `PageCompression::Lz4`).
+    lz4: Option<&'a mut memory::Lz4Writer>,
     error: Option<migrate_image::ImageError>,
 }
 
@@ -166,10 +168,18 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
             continue;
         }
         let live = v.start <= here && here < v.end;
-        let res = ctx
-            .writer
-            .begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true)
-            .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live));
+        let kind = SectionKind::Pages { proc: ctx.proc, vma: i as u32 };
+        // Compressed sections need no page alignment (nothing maps or pre-copies them).
+        let res = match ctx.lz4.as_deref_mut() {
+            Some(z) => ctx
+                .writer
+                .begin_section(kind, false)
+                .and_then(|_| memory::write_pages_lz4(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, z)),
+            None => ctx
+                .writer
+                .begin_section(kind, true)
+                .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live)),
+        };
         if let Err(e) = res {
             ctx.error = Some(e);
             return;
@@ -272,12 +282,14 @@ pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
 /// into `image_fd` from `pos` on.
 /// With `kill` the process dies after a successful checkpoint: its listeners' waiting
 /// connections are taken out of their queues and carried (resources/accept_queue.rs).
+/// With `compress` every page section is lz4 frames (migrate_image::frames).
 pub fn write_process(
     image_fd: i32,
     proc: u32,
     pos: u64,
     with_binaries: bool,
     kill: bool,
+    compress: bool,
 ) -> Result<WriteOutcome, String> {
     crate::resources::accept_queue::TAKE_WAITING.store(kill, Ordering::Release);
     let dumped = dump();
@@ -304,6 +316,15 @@ pub fn write_process(
     let mut writer = ImageWriter::continue_at(PwriteSink { fd: image_fd, pos }, pos, nsections);
     let mut sections: Vec<Option<u32>> = alloc::vec![None; meta.process.vmas.len()];
     let mut bounce = alloc::vec![0u8; memory::WRITE_CHUNK];
+    // Everything the compressor needs, made now: the page writer must not allocate.
+    let mut lz4 = compress.then(|| {
+        let mut most = 0usize;
+        for v in meta.process.vmas.iter_mut().filter(|v| !v.runs.is_empty()) {
+            v.compression = migrate_image::PageCompression::Lz4;
+            most = most.max(migrate_image::frames::frame_count(&v.runs) as usize);
+        }
+        memory::Lz4Writer::new(most)
+    });
     RESTORED_ARRIVED.store(0, Ordering::Release);
     let mut ctx = WriteCtx {
         writer: &mut writer,
@@ -312,6 +333,7 @@ pub fn write_process(
         sections: &mut sections,
         mem_fd,
         bounce: &mut bounce,
+        lz4: lz4.as_mut(),
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this

@@ -19,6 +19,8 @@ pub struct Request {
     pub kill: bool,
     /// Store the contents of the mapped executable, libraries and libmigrate too.
     pub with_binaries: bool,
+    /// Write every page section as lz4 frames.
+    pub compress: bool,
     pub dir: Option<Vec<u8>>,
     /// The network lock migrate-checkpoint set up for this checkpoint (an nftables table),
     /// recorded in the image for migrate-resume to lift.
@@ -38,6 +40,7 @@ impl Request {
         Request {
             kill: false,
             with_binaries: false,
+            compress: COMPRESS_BY_DEFAULT.load(Ordering::Relaxed),
             dir: None,
             lock: String::new(),
             image_fd: None,
@@ -46,6 +49,10 @@ impl Request {
         }
     }
 }
+
+/// `migrate-run --compress` (MIGRATE_COMPRESS=1): the checkpoints the program takes on its own
+/// (periodic ones, the checkpoint signal) are compressed; migrate-checkpoint says so itself.
+pub static COMPRESS_BY_DEFAULT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Periodic checkpoints (migrate-run --interval SECS --keep N): the checkpoint thread wakes
 /// every PERIOD_MS and checkpoints the tree, leaving it running, then removes all but the
@@ -271,11 +278,12 @@ fn serve_coordinator(mut conn: Conn) {
                 let (proc, pos) = (num(words[1]), num(words[2]));
                 let bins = words[3] == b"bins=1";
                 let kill = words.get(4).is_some_and(|w| *w == b"kill=1");
+                let compress = words.get(5).is_some_and(|w| *w == b"compress=1");
                 let Some(image_fd) = conn.received_fd.take() else {
                     let _ = conn.send(b"error no image descriptor came with the write command\n");
                     continue;
                 };
-                let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins, kill);
+                let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins, kill, compress);
                 match outcome {
                     Ok(member::WriteOutcome::Restored) => {
                         // Its descriptor belonged to the old process: dropped (frees the

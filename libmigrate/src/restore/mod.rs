@@ -151,6 +151,14 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         }
         out
     };
+    // The frame tables of the compressed mappings, for the switch (checked against the runs
+    // and the sections by the reader).
+    let mut frame_tables: alloc::vec::Vec<(u32, alloc::vec::Vec<u32>)> = alloc::vec::Vec::new();
+    for i in 0..p.vmas.len() as u32 {
+        if let Some(table) = reader.frame_table(proc, i, &meta).map_err(|e| e.to_string())? {
+            frame_tables.push((i, table));
+        }
+    }
     drop(reader);
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
@@ -178,7 +186,9 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids())?;
+    let built =
+        plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids(), &frame_tables)?;
+    drop(frame_tables);
     // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
     process::restore(p)?;
     // SAFETY: build() wrote a complete header at the start of the plan region.

@@ -7,10 +7,12 @@ use crate::sys::{self, fs, PrctlMmMap};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use migrate_image::{ImageMeta, SectionEntry, SectionKind, VmaKind, PROT_WRITE};
+use migrate_image::{ImageMeta, PageCompression, SectionEntry, SectionKind, VmaKind, PROT_WRITE};
 
 pub const PLAN_MAGIC: u64 = 0x6e61_6c70_7267_696d; // "migrplan"
 pub const STACK_SIZE: usize = 256 * 1024;
+/// The switch reads compressed frames (up to this many bytes of consecutive ones at once) here.
+pub const SCRATCH_SIZE: usize = 1 << 20;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -35,6 +37,10 @@ pub struct PlanVma {
     /// A System V segment to attach here (its new id), or -1; `shm_size` is its size.
     pub shm_id: i32,
     pub shm_size: u64,
+    /// Compressed pages: this VMA's frame table words are `frames()[first_frame..][..nframes]`
+    /// (migrate_image::frames); 0 frames: the runs are raw pages at `data_offset`.
+    pub first_frame: u32,
+    pub nframes: u32,
 }
 
 #[repr(C)]
@@ -89,6 +95,13 @@ pub struct PlanHeader {
     pub error_fd: i32,
     /// migrate-resume's readiness pipe (MIGRATE_READY_FD), or -1: told once the tree runs.
     pub ready_fd: i32,
+    /// The frame tables of the compressed VMAs, one after the other (u32 words).
+    pub frames_off: u64,
+    pub nframes: u32,
+    /// Where compressed frames are read before they are decoded into place (empty when no
+    /// VMA is compressed).
+    pub scratch_off: u64,
+    pub scratch_len: u64,
 }
 
 impl PlanHeader {
@@ -123,6 +136,14 @@ impl PlanHeader {
     pub fn sysv(&self) -> &[crate::resources::ipc::Recreated] {
         // SAFETY: see `array`.
         unsafe { self.array(self.sysv_off, self.nsysv) }
+    }
+    pub fn frames(&self) -> &[u32] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.frames_off, self.nframes) }
+    }
+    /// The scratch buffer's address.
+    pub fn scratch(&self) -> *mut u8 {
+        (self as *const Self as u64 + self.scratch_off) as *mut u8
     }
     pub fn image_path(&self) -> &[u8] {
         // SAFETY: see `array`.
@@ -198,6 +219,7 @@ pub fn build(
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
     sysv: &[crate::resources::ipc::Recreated],
+    frame_tables: &[(u32, Vec<u32>)],
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
@@ -248,6 +270,7 @@ pub fn build(
     // Plan records.
     let mut vmas = Vec::with_capacity(p.vmas.len());
     let mut runs: Vec<Range> = Vec::new();
+    let mut frames: Vec<u32> = Vec::new();
     for (i, v) in p.vmas.iter().enumerate() {
         if v.kind == VmaKind::Special {
             continue;
@@ -288,6 +311,8 @@ pub fn build(
                     data_offset: 0,
                     shm_id: new,
                     shm_size: ds.shm_segsz as u64,
+                    first_frame: 0,
+                    nframes: 0,
                 });
                 continue;
             }
@@ -307,6 +332,8 @@ pub fn build(
                 data_offset: 0,
                 shm_id: -1,
                 shm_size: 0,
+                first_frame: 0,
+                nframes: 0,
             });
             continue;
         }
@@ -316,6 +343,13 @@ pub fn build(
             None if !v.runs.is_empty() => return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end)),
             None => 0,
         };
+        let first_frame = frames.len() as u32;
+        if v.compression == PageCompression::Lz4 && !v.runs.is_empty() {
+            let Some((_, table)) = frame_tables.iter().find(|(k, _)| *k == i as u32) else {
+                return Err(format!("no frame table for the compressed mapping {:#x}-{:#x}", v.start, v.end));
+            };
+            frames.extend_from_slice(table);
+        }
         vmas.push(PlanVma {
             start: v.start,
             end: v.end,
@@ -329,6 +363,8 @@ pub fn build(
             data_offset,
             shm_id: -1,
             shm_size: 0,
+            first_frame,
+            nframes: frames.len() as u32 - first_frame,
         });
         runs.extend(v.runs.iter().map(|&(first, count)| Range { start: first, end: first + count }));
     }
@@ -368,8 +404,11 @@ pub fn build(
     let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
     let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
-    let path_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
-    let data_len = align(path_off + image_path.len() as u64).next_multiple_of(4096);
+    let frames_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
+    let path_off = align(frames_off + (frames.len() * 4) as u64);
+    let scratch_off = align(path_off + image_path.len() as u64).next_multiple_of(4096);
+    let scratch_len = if frames.is_empty() { 0 } else { SCRATCH_SIZE as u64 };
+    let data_len = scratch_off + scratch_len;
     let region_len = data_len + STACK_SIZE as u64;
 
     let mut busy: Vec<(u64, u64)> = current.iter().map(|m| (m.start, m.end)).collect();
@@ -438,6 +477,10 @@ pub fn build(
         nsysv: sysv.len() as u32,
         error_fd: super::ERROR_FD.load(core::sync::atomic::Ordering::Relaxed),
         ready_fd: super::READY_FD.load(core::sync::atomic::Ordering::Relaxed),
+        frames_off,
+        nframes: frames.len() as u32,
+        scratch_off,
+        scratch_len,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.
@@ -460,6 +503,7 @@ pub fn build(
             sysv.len(),
         );
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
+        core::ptr::copy_nonoverlapping(frames.as_ptr(), base.add(frames_off as usize) as *mut u32, frames.len());
     }
     Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize })
 }
