@@ -26,8 +26,8 @@ pub const MAGIC: [u8; 8] = *b"MIGRATE\x7f";
 pub const TRAILER_MAGIC: [u8; 8] = *b"\x7fETARGIM";
 /// The format version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 4;
-/// The oldest format version this build reads (4 added compressed page sections; the metadata
-/// of 3 decodes differently).
+/// The oldest format version this build reads (4 added per-page hashes, incremental images
+/// and compressed page sections; the metadata of 3 decodes differently).
 pub const OLDEST_READABLE_VERSION: u32 = 4;
 /// Size of the header block; sections start here.
 pub const HEADER_LEN: u64 = 4096;
@@ -75,6 +75,10 @@ pub enum SectionKind {
     FileContents { proc: u32, file: u32 },
     /// Contents of an object shared between processes (e.g. shared anonymous memory).
     Shared { object: u32 },
+    /// The xxh3-64 (little-endian u64) of every page of one VMA's `runs`, in order, wherever
+    /// the page is stored: an incremental checkpoint compares pages against them, a lazy
+    /// restore checks each page it brings in.
+    PageHashes { proc: u32, vma: u32 },
 }
 
 /// One entry of the section table.
@@ -115,6 +119,78 @@ fn header_bytes(flags: u32) -> [u8; HEADER_LEN as usize] {
     h
 }
 
+/// The xxh3-64 of one page, as a `PageHashes` section stores it.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxh3_64(page)
+}
+
+/// Computes a section's checksum. For most sections it is the xxh3-64 of its bytes; for a
+/// `Pages` section it is the xxh3-64 of its pages' hashes (little-endian u64 each): the writer
+/// hashes every page anyway (page hashes, incremental checkpoints), so one pass over the memory
+/// yields both, and a reader checks the same bytes as strongly.
+pub struct SectionHasher {
+    pages: bool,
+    outer: Xxh3,
+    partial: Xxh3,
+    fill: usize,
+}
+
+impl SectionHasher {
+    pub fn new(kind: SectionKind) -> Self {
+        SectionHasher {
+            pages: matches!(kind, SectionKind::Pages { .. }),
+            outer: Xxh3::new(),
+            partial: Xxh3::new(),
+            fill: 0,
+        }
+    }
+
+    pub fn update(&mut self, mut buf: &[u8]) {
+        if !self.pages {
+            self.outer.update(buf);
+            return;
+        }
+        const PAGE: usize = PAGE_SIZE as usize;
+        if self.fill > 0 {
+            let take = (PAGE - self.fill).min(buf.len());
+            self.partial.update(&buf[..take]);
+            self.fill += take;
+            buf = &buf[take..];
+            if self.fill == PAGE {
+                self.outer.update(&self.partial.digest().to_le_bytes());
+                self.partial.reset();
+                self.fill = 0;
+            }
+        }
+        while buf.len() >= PAGE {
+            self.outer.update(&xxh3_64(&buf[..PAGE]).to_le_bytes());
+            buf = &buf[PAGE..];
+        }
+        if !buf.is_empty() {
+            self.partial.update(buf);
+            self.fill = buf.len();
+        }
+    }
+
+    /// Adds pages whose hashes the caller already computed (a `Pages` section only).
+    pub fn update_page_hashes(&mut self, hashes: &[u64]) {
+        debug_assert!(self.pages && self.fill == 0);
+        for h in hashes {
+            self.outer.update(&h.to_le_bytes());
+        }
+    }
+
+    pub fn digest(&self) -> u64 {
+        if self.fill > 0 {
+            // Not a whole number of pages (a malformed section): still a deterministic value.
+            let mut o = self.outer.clone();
+            o.update(&self.partial.digest().to_le_bytes());
+            return o.digest();
+        }
+        self.outer.digest()
+    }
+}
+
 /// Writes an image front to back. Allocation happens only in `new` (table capacity), in
 /// `add_section_bytes` callers' buffers and in `finish`: the page-writing path
 /// (`begin_section`/`write`/`end_section`) allocates nothing while the table has capacity.
@@ -122,7 +198,7 @@ pub struct ImageWriter<S: Sink> {
     sink: S,
     pos: u64,
     sections: Vec<SectionEntry>,
-    current: Option<(SectionKind, u64, Xxh3)>,
+    current: Option<(SectionKind, u64, SectionHasher)>,
 }
 
 impl<S: Sink> ImageWriter<S> {
@@ -159,7 +235,7 @@ impl<S: Sink> ImageWriter<S> {
         if page_aligned {
             self.align_to_page()?;
         }
-        self.current = Some((kind, self.pos, Xxh3::new()));
+        self.current = Some((kind, self.pos, SectionHasher::new(kind)));
         Ok(self.pos)
     }
 
@@ -167,6 +243,17 @@ impl<S: Sink> ImageWriter<S> {
     pub fn write(&mut self, buf: &[u8]) -> Result<(), ImageError> {
         match self.current.as_mut() {
             Some((_, _, hasher)) => hasher.update(buf),
+            None => panic!("write outside a section"),
+        }
+        self.raw(buf)
+    }
+
+    /// Appends whole pages to the open `Pages` section whose hashes (`page_hash`, one per
+    /// page) the caller already computed.
+    pub fn write_hashed_pages(&mut self, buf: &[u8], hashes: &[u64]) -> Result<(), ImageError> {
+        debug_assert_eq!(buf.len() as u64, hashes.len() as u64 * PAGE_SIZE);
+        match self.current.as_mut() {
+            Some((_, _, hasher)) => hasher.update_page_hashes(hashes),
             None => panic!("write outside a section"),
         }
         self.raw(buf)
@@ -415,7 +502,9 @@ impl ImageReader {
         })?;
         buf.resize(len, 0);
         self.file.read_exact_at(&mut buf, s.offset).map_err(|e| self.read_error(&format!("section {index}"), e))?;
-        let computed = xxh3_64(&buf);
+        let mut hasher = SectionHasher::new(s.kind);
+        hasher.update(&buf);
+        let computed = hasher.digest();
         if computed != s.checksum {
             return Err(ImageError::Corrupted {
                 path: self.path.clone(),
@@ -491,35 +580,58 @@ impl ImageReader {
 
     /// Every mapping of process `proc` with stored pages has its page section, holding exactly
     /// those pages: the restore reads `stored_pages() * PAGE_SIZE` bytes from the section's
-    /// offset, never past its end. A page section names a mapping that stores pages.
+    /// offset, never past its end; and its page hashes, one per page with data. A page or hash
+    /// section names a mapping that has such pages. Inherited pages name an existing ancestor.
     fn check_pages(&self, proc: u32, meta: &crate::schema::ImageMeta) -> Result<(), String> {
         let vmas = &meta.process.vmas;
+        let ancestors = if vmas.iter().any(|v| !v.inherited.is_empty()) {
+            self.tree().map_err(|e| e.to_string())?.ancestors.len()
+        } else {
+            0
+        };
         for (i, v) in vmas.iter().enumerate() {
-            if v.runs.is_empty() {
-                continue;
+            if let Some(r) = v.inherited.iter().find(|r| r.ancestor as usize >= ancestors) {
+                return Err(format!("vma {i} inherits pages from ancestor {} of {ancestors}", r.ancestor));
             }
+            let section_len = |kind: SectionKind| self.sections.iter().find(|s| s.kind == kind).map(|s| s.length);
+            let stored = v.stored_pages();
             let kind = SectionKind::Pages { proc, vma: i as u32 };
-            let Some(s) = self.sections.iter().find(|s| s.kind == kind) else {
-                return Err(format!("vma {i} stores pages but the image has no {kind:?} section"));
-            };
-            if v.compression == crate::schema::PageCompression::Lz4 {
+            if v.compression == crate::schema::PageCompression::Lz4 && stored > 0 {
+                // Frames hold this image's pages; an ancestor's pages are raw at an offset.
+                if !v.inherited.is_empty() {
+                    return Err(format!("vma {i} is compressed but inherits pages"));
+                }
+                let Some(s) = self.sections.iter().find(|s| s.kind == kind) else {
+                    return Err(format!("vma {i} stores pages but the image has no {kind:?} section"));
+                };
                 // The frame table must account for every stored page and every byte.
                 self.read_frame_table(s, v).map_err(|e| format!("vma {i}: {e}"))?;
-                continue;
+            } else {
+                match section_len(kind) {
+                    None if stored > 0 => {
+                        return Err(format!("vma {i} stores pages but the image has no {kind:?} section"))
+                    }
+                    Some(len) if Some(len) != stored.checked_mul(PAGE_SIZE) => {
+                        return Err(format!("vma {i} stores {stored} pages but its section holds {len} bytes"));
+                    }
+                    _ => {}
+                }
             }
-            let want = v.stored_pages().checked_mul(PAGE_SIZE);
-            if want != Some(s.length) {
-                return Err(format!(
-                    "vma {i} stores {} pages but its section holds {} bytes",
-                    v.stored_pages(),
-                    s.length
-                ));
+            let kind = SectionKind::PageHashes { proc, vma: i as u32 };
+            let data = v.data_pages();
+            match section_len(kind) {
+                None if data > 0 => return Err(format!("vma {i} has pages but the image has no {kind:?} section")),
+                Some(len) if Some(len) != data.checked_mul(8) => {
+                    return Err(format!("vma {i} has {data} pages but {len} bytes of page hashes"));
+                }
+                _ => {}
             }
         }
+        // (A page section is empty when every page is inherited.)
         for s in &self.sections {
-            if let SectionKind::Pages { proc: q, vma } = s.kind {
+            if let SectionKind::Pages { proc: q, vma } | SectionKind::PageHashes { proc: q, vma } = s.kind {
                 if q == proc && vmas.get(vma as usize).is_none_or(|v| v.runs.is_empty()) {
-                    return Err(format!("section {:?} belongs to no mapping that stores pages", s.kind));
+                    return Err(format!("section {:?} belongs to no mapping that has pages", s.kind));
                 }
             }
         }
@@ -572,6 +684,14 @@ impl ImageReader {
         self.read_frame_table(s, v).map(Some).map_err(malformed)
     }
 
+    /// The page hashes of VMA `vma` of process `proc` (empty when it has no pages).
+    pub fn page_hashes(&self, proc: u32, vma: u32) -> Result<Vec<u64>, ImageError> {
+        let kind = SectionKind::PageHashes { proc, vma };
+        let Some(index) = self.sections.iter().position(|s| s.kind == kind) else { return Ok(Vec::new()) };
+        let bytes = self.read_section(index)?;
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+
     /// Verifies the checksum of every section, then the padding between them. Reading and
     /// hashing overlap: one thread reads the next 4 MiB while this one hashes the last (two
     /// buffers passed back and forth); a small image is read and hashed on this thread alone.
@@ -609,7 +729,7 @@ impl ImageReader {
             let _ = to_read.send(vec![0u8; CHUNK]);
             let _ = to_read.send(vec![0u8; CHUNK]);
             for (index, s) in self.sections.iter().enumerate() {
-                let mut hasher = Xxh3::new();
+                let mut hasher = SectionHasher::new(s.kind);
                 let mut left = s.length;
                 while left > 0 {
                     let (buf, n) = filled
@@ -659,7 +779,7 @@ impl ImageReader {
         let mut local = [0u8; 4096];
         let buf = if buf.is_empty() { &mut local[..] } else { buf };
         for (index, s) in self.sections.iter().enumerate().filter(|(_, s)| pick(s)) {
-            let mut hasher = Xxh3::new();
+            let mut hasher = SectionHasher::new(s.kind);
             let mut off = s.offset;
             let end = s.offset + s.length;
             while off < end {

@@ -9,7 +9,7 @@ pub mod frames;
 pub mod schema;
 
 pub use format::{
-    verified_identity, ImageError, ImageReader, ImageWriter, SectionEntry, SectionKind, Sink, FORMAT_VERSION,
-    HEADER_LEN, MAGIC, PAGE_SIZE,
+    page_hash, verified_identity, ImageError, ImageReader, ImageWriter, SectionEntry, SectionHasher, SectionKind, Sink,
+    FORMAT_VERSION, HEADER_LEN, MAGIC, PAGE_SIZE,
 };
 pub use schema::*;

@@ -185,8 +185,13 @@ pub struct VmaEntry {
     pub name: String,
     /// VmFlags from smaps that matter for restore (e.g. "gd" for grows-down).
     pub vm_flags: String,
-    /// Stored page runs (page index relative to `start`, page count), ascending.
+    /// Page runs that hold data (page index relative to `start`, page count), ascending:
+    /// every page the restore fills, wherever its bytes are.
     pub runs: Vec<(u64, u64)>,
+    /// The pages of `runs` whose bytes an ancestor image holds (an incremental image: they had
+    /// not changed since it was written), ascending and within `runs`. Every other page of
+    /// `runs` is in this image's `Pages` section, in order.
+    pub inherited: Vec<InheritedRun>,
     /// Section holding the runs' bytes, when any page is stored.
     pub data_section: Option<u32>,
     /// How the `Pages` section holds the runs (format version 4): raw pages, or lz4 frames
@@ -205,6 +210,16 @@ pub enum PageCompression {
     Lz4,
 }
 
+/// Pages of a mapping that an ancestor image holds: `count` pages from page `first` of the
+/// mapping are the `count` pages at byte `offset` of image `TreeMeta::ancestors[ancestor]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InheritedRun {
+    pub first: u64,
+    pub count: u64,
+    pub ancestor: u32,
+    pub offset: u64,
+}
+
 impl VmaEntry {
     pub fn len(&self) -> u64 {
         self.end - self.start
@@ -214,8 +229,14 @@ impl VmaEntry {
         self.end == self.start
     }
 
-    pub fn stored_pages(&self) -> u64 {
+    /// Pages with data, wherever they are stored.
+    pub fn data_pages(&self) -> u64 {
         self.runs.iter().map(|r| r.1).sum()
+    }
+
+    /// Pages stored in this image's own `Pages` section.
+    pub fn stored_pages(&self) -> u64 {
+        self.data_pages() - self.inherited.iter().map(|r| r.count).sum::<u64>()
     }
 }
 
@@ -436,6 +457,19 @@ pub struct TreeMeta {
     /// checkpoint until the resume (migrate-checkpoint --kill); empty if none. migrate-resume
     /// deletes it once the tree runs again.
     pub network_lock: String,
+    /// A random number naming this image: an incremental image names its ancestors by it.
+    pub image_id: u64,
+    /// The images whose pages this one uses (`InheritedRun::ancestor` indexes it): its parent
+    /// first, then the parent's ancestors; empty for a full image.
+    pub ancestors: Vec<AncestorRef>,
+}
+
+/// An ancestor of an incremental image: its file name (in the same directory as the image
+/// that names it) and its `image_id`, checked when it is opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AncestorRef {
+    pub file: String,
+    pub image_id: u64,
 }
 
 /// An established TCP connection as TCP repair reads it: enough to rebuild it so that the
@@ -526,10 +560,22 @@ pub enum SharedObject {
     Memory { size: u64, mappings: Vec<(u32, u64, u64)> },
 }
 
+/// The longest chain of ancestors an incremental image may use.
+pub const MAX_ANCESTORS: usize = 16;
+
 impl TreeMeta {
     pub fn validate(&self) -> Result<(), String> {
         if self.processes.is_empty() || self.processes.len() > 65536 {
             return Err(format!("{} processes", self.processes.len()));
+        }
+        if self.ancestors.len() > MAX_ANCESTORS {
+            return Err(format!("{} ancestors (at most {MAX_ANCESTORS})", self.ancestors.len()));
+        }
+        // A bare file name in the image's own directory: an image never points elsewhere.
+        if let Some(a) =
+            self.ancestors.iter().find(|a| a.file.is_empty() || a.file.contains('/') || a.file.starts_with('.'))
+        {
+            return Err(format!("ancestor {:?} is not a plain image file name", a.file));
         }
         if self.shared.len() > 1 << 20 || self.shared_fd_base < 3 {
             return Err("bad shared object table".into());
@@ -588,6 +634,17 @@ impl ImageMeta {
                     return Err(format!("vma {i} has a bad page run ({first}, {count})"));
                 }
                 next = first + count;
+            }
+            // Inherited pages lie within the runs, in order, and within the ancestor list's
+            // reach (checked against the tree by `TreeMeta::check_ancestors`).
+            let mut next = 0u64;
+            for r in &v.inherited {
+                let end = r.first.checked_add(r.count);
+                let inside = end.is_some_and(|e| v.runs.iter().any(|&(f, c)| f <= r.first && e <= f + c));
+                if r.first < next || r.count == 0 || !inside || r.offset % crate::PAGE_SIZE != 0 {
+                    return Err(format!("vma {i} has a bad inherited run ({}, {})", r.first, r.count));
+                }
+                next = r.first + r.count;
             }
         }
         for f in &p.fds {

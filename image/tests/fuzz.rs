@@ -121,6 +121,7 @@ fn vma(start: u64, pages: u64, kind: VmaKind, file: Option<u32>, runs: Vec<(u64,
         name: if file.is_some() { "/usr/bin/prog".into() } else { String::new() },
         vm_flags: String::new(),
         runs,
+        inherited: vec![],
         data_section: None,
         compression: PageCompression::None,
     }
@@ -335,6 +336,8 @@ fn sample_tree(processes: u32) -> TreeMeta {
             SysvObject::Msg { id: 8, key: 0x1235, mode: 0o600, messages: vec![(1, b"hi".to_vec())] },
         ],
         network_lock: "migrate_lock_1".into(),
+        image_id: 0x1234_5678_9abc_def0,
+        ancestors: vec![],
     }
 }
 
@@ -364,7 +367,11 @@ fn sample_parts(processes: u32) -> Vec<Part> {
         for (i, v) in meta.process.vmas.iter().enumerate() {
             if !v.runs.is_empty() {
                 let kind = SectionKind::Pages { proc, vma: i as u32 };
-                parts.push((kind, pages(u64::from(proc) * 64 + i as u64, v.stored_pages()), true));
+                let bytes = pages(u64::from(proc) * 64 + i as u64, v.stored_pages());
+                let hashes: Vec<u8> =
+                    bytes.chunks(PAGE_SIZE as usize).flat_map(|p| migrate_image::page_hash(p).to_le_bytes()).collect();
+                parts.push((kind, bytes, true));
+                parts.push((SectionKind::PageHashes { proc, vma: i as u32 }, hashes, false));
             }
         }
         if proc == 0 {
@@ -510,7 +517,9 @@ fn read_everything(path: &Path, len: u64) -> Result<Outcome, TestCaseError> {
     for (i, s) in sections.iter().enumerate() {
         if let Some(bytes) = check!(path, format!("read_section({i})"), r.read_section(i)) {
             prop_assert_eq!(bytes.len() as u64, s.length);
-            prop_assert_eq!(xxh3_64(&bytes), s.checksum);
+            let mut hasher = SectionHasher::new(s.kind);
+            hasher.update(&bytes);
+            prop_assert_eq!(hasher.digest(), s.checksum);
         }
     }
     check!(path, "read_section(len)", r.read_section(sections.len()));

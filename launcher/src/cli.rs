@@ -27,13 +27,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     pub interval: Option<f64>,
 
-    /// With --interval: keep the newest N images of the program, remove older ones
+    /// With --interval: keep the newest N images of the program, remove older ones (and the
+    /// older images an incremental one still takes pages from stay too)
     #[arg(long, value_name = "N", default_value = "3", requires = "interval", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: u32,
 
+    /// With --interval: incremental images, each storing only the pages that changed since
+    /// the one before (a full image every 8)
+    #[arg(long, requires = "interval")]
+    pub incremental: bool,
+
     /// Compress the memory in the images the program writes on its own (--interval, the
     /// checkpoint signal) with lz4; migrate-checkpoint chooses for its own with --compress
-    #[arg(long)]
+    #[arg(long, conflicts_with = "incremental")]
     pub compress: bool,
 
     /// The program to run and its arguments
@@ -86,9 +92,16 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub with_binaries: bool,
 
+    /// Store only the pages that changed since the program's newest image in the checkpoint
+    /// directory (its parent); the image names its chain of ancestors, which must stay beside
+    /// it (a full image when there is none, or after 8 in a chain)
+    #[arg(long, conflicts_with = "to")]
+    pub incremental: bool,
+
     /// Compress the memory in the image with lz4 (smaller image, more CPU while the program is
-    /// stopped). With --to there is no pre-copy: the compressed image travels whole
-    #[arg(long, conflicts_with = "precopy")]
+    /// stopped). With --to there is no pre-copy: the compressed image travels whole. Not with
+    /// --incremental (an incremental image takes raw pages from its ancestors)
+    #[arg(long, conflicts_with_all = ["precopy", "incremental"])]
     pub compress: bool,
 
     /// Directory to write the image to [default: the process's checkpoint directory]

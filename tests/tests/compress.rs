@@ -329,3 +329,41 @@ fn periodic_checkpoints_can_be_compressed() {
     let back = tick(&r.wait_line(is_who("p"), STARTUP));
     assert_eq!(back.sum, t.sum);
 }
+
+/// Compression and incremental images: `--compress --incremental` is refused as a usage error
+/// (an incremental image takes raw pages from its ancestors); an incremental checkpoint whose
+/// newest image is compressed stores that memory again (full) and resumes on its own.
+#[test]
+fn an_incremental_image_never_takes_pages_from_a_compressed_one() {
+    let dir = temp_dir();
+    let prog = zmem(dir.path());
+    let mut orig = migrate_run(dir.path(), &prog, ["4", "2", "50", "0"]);
+    let pid: i32 = field_num(&orig.wait_line("ready ", STARTUP), "pid");
+    let first = tick(&orig.wait_line(is_who("p"), LINE));
+
+    let mut cmd = Command::new(bin("migrate-checkpoint"));
+    cmd.args(["--compress", "--incremental", "--dir"]).arg(dir.path()).arg(pid.to_string());
+    run_tool("migrate-checkpoint", cmd, CKPT).assert_fails("--compress --incremental", 2, &["--incremental"]);
+
+    let packed = checkpoint_with(pid, true, false, dir.path());
+    let mut cmd = Command::new(bin("migrate-checkpoint"));
+    cmd.args(["--incremental", "--kill", "--dir"]).arg(dir.path()).arg(pid.to_string());
+    let out = run_tool("migrate-checkpoint", cmd, CKPT);
+    assert!(out.status.success(), "{}", out.describe());
+    let incr = PathBuf::from(out.stdout.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default());
+    let rest = orig.read_to_eof(LINE);
+    let last = last_of(&rest, "p", first.n);
+    orig.wait_exit(Duration::from_secs(5));
+
+    let reader = migrate_image::ImageReader::open(&incr).unwrap();
+    let tree = reader.tree().unwrap();
+    let meta = reader.meta().unwrap();
+    assert!(meta.process.vmas.iter().all(|v| v.inherited.is_empty()), "pages taken from the compressed {packed:?}");
+    assert!(tree.ancestors.len() <= 1, "{:?}", tree.ancestors);
+    drop(reader);
+    // It resumes without its parent.
+    std::fs::remove_file(&packed).unwrap();
+    let mut r = resume(&incr);
+    let back = tick(&r.wait_line(is_who("p"), STARTUP));
+    assert_eq!((back.n, back.pid, back.sum), (last + 1, pid, first.sum));
+}

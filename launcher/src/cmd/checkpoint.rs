@@ -28,12 +28,20 @@ pub fn control_socket_name(pid: i32) -> String {
 }
 
 /// The request line for a checkpoint.
-pub fn request_line(kill: bool, with_binaries: bool, compress: bool, lock: Option<&str>, dir: Option<&Path>) -> String {
+pub fn request_line(
+    kill: bool,
+    with_binaries: bool,
+    incremental: bool,
+    compress: bool,
+    lock: Option<&str>,
+    dir: Option<&Path>,
+) -> String {
     let dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
     let lock = lock.map(|l| format!("lock={l} ")).unwrap_or_default();
+    let incr = if incremental { "incr=1 " } else { "" };
     // Only when asked: a program started by an older libmigrate knows no such word.
     let compress = if compress { "compress=1 " } else { "" };
-    format!("checkpoint kill={} bins={} {compress}{lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
+    format!("checkpoint kill={} bins={} {incr}{compress}{lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
 }
 
 /// A parsed reply.
@@ -104,6 +112,7 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
     let request = request_line(
         args.kill,
         args.with_binaries,
+        args.incremental,
         args.compress,
         lock.as_ref().map(|l| l.name.as_str()),
         dir.as_deref(),
@@ -440,9 +449,10 @@ mod tests {
 
     #[test]
     fn request_and_reply() {
-        assert_eq!(request_line(false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
+        assert_eq!(request_line(false, false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
+        assert_eq!(request_line(false, false, true, false, None, None), "checkpoint kill=0 bins=0 incr=1 dir=\n");
         assert_eq!(
-            request_line(true, true, true, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
+            request_line(true, true, false, true, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
             "checkpoint kill=1 bins=1 compress=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
         );
         assert_eq!(parse_reply("ok /tmp/x.img"), Ok(Reply::Ok("/tmp/x.img".into())));

@@ -18,12 +18,23 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
     if !args.no_verify {
         reader.verify_all()?;
     }
+    // An incremental image: its chain must be there (and intact, unless --no-verify).
+    let ancestors =
+        if tree.ancestors.is_empty() { Vec::new() } else { super::chain::open_ancestors(&args.image, &tree, &metas)? };
+    if !args.no_verify {
+        for a in &ancestors {
+            a.reader.verify_all()?;
+        }
+    }
     let out = if args.json {
         let mut s = serde_json::to_string_pretty(&json(&reader, &tree, &metas, !args.no_verify)?)?;
         s.push('\n');
         s
     } else {
         let mut o = String::new();
+        if !tree.ancestors.is_empty() {
+            o.push_str(&chain_text(&tree, &metas, &ancestors));
+        }
         if metas.len() > 1 || !tree.zombies.is_empty() || !tree.shared.is_empty() || !tree.sysv.is_empty() {
             o.push_str(&tree_text(&tree));
         }
@@ -49,6 +60,27 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
     }
+}
+
+/// The chain of an incremental image: how many of its pages each ancestor holds.
+fn chain_text(tree: &TreeMeta, metas: &[ImageMeta], ancestors: &[super::chain::Ancestor]) -> String {
+    let mut o = String::new();
+    let own: u64 = metas.iter().flat_map(|m| &m.process.vmas).map(|v| v.stored_pages()).sum();
+    let all: u64 = metas.iter().flat_map(|m| &m.process.vmas).map(|v| v.data_pages()).sum();
+    let _ = writeln!(
+        o,
+        "incremental image: {own} of {all} pages stored here ({}), the rest in {} ancestor(s):",
+        bytes(own * PAGE_SIZE),
+        ancestors.len()
+    );
+    let pages = super::chain::pages_per_ancestor(tree, metas);
+    for (k, a) in tree.ancestors.iter().enumerate() {
+        let found =
+            ancestors.iter().find(|x| x.index == k).map_or(String::new(), |x| format!(" ({})", x.path.display()));
+        let _ = writeln!(o, "  ancestor {k}: {} id {:#018x}, {} pages{found}", a.file, a.image_id, pages[k]);
+    }
+    let _ = writeln!(o);
+    o
 }
 
 /// The JSON document: `{"format_version", "flags", "image_bytes", "verified", "sections",
@@ -152,6 +184,7 @@ fn kind_text(k: SectionKind) -> String {
         SectionKind::Pages { proc, vma } => format!("pages of process {proc} vma {vma}"),
         SectionKind::FileContents { proc, file } => format!("contents of process {proc} file {file}"),
         SectionKind::Shared { object } => format!("shared object {object}"),
+        SectionKind::PageHashes { proc, vma } => format!("page hashes of process {proc} vma {vma}"),
     }
 }
 
@@ -202,7 +235,11 @@ pub fn text(reader: &ImageReader, proc: u32, meta: &ImageMeta, verified: bool) -
     for (i, v) in p.vmas.iter().enumerate() {
         let pages = v.len() / PAGE_SIZE;
         stored_total += v.stored_pages();
-        let mut stored = format!("{}/{}", v.stored_pages(), pages);
+        let mut stored = if v.inherited.is_empty() {
+            format!("{}/{}", v.stored_pages(), pages)
+        } else {
+            format!("{}+{}/{}", v.stored_pages(), v.data_pages() - v.stored_pages(), pages)
+        };
         if v.compression == PageCompression::Lz4 && !v.runs.is_empty() {
             let kind = SectionKind::Pages { proc, vma: i as u32 };
             let len = reader.sections().iter().find(|s| s.kind == kind).map_or(0, |s| s.length);

@@ -1,5 +1,6 @@
 //! One module per command: `run`, `checkpoint`, `resume`, `inspect`.
 
+pub mod chain;
 pub mod checkpoint;
 pub mod exact_pids;
 pub mod inspect;

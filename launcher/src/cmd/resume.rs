@@ -50,9 +50,17 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
     // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
     verify_all(&reader, args.ready_fd.is_none())?;
+    // An incremental image takes pages from its ancestors: each is checked as a whole too.
+    let ancestors = super::chain::open_ancestors(&image_arg, &tree, &metas)?;
+    for a in &ancestors {
+        verify_all(&a.reader, args.ready_fd.is_none())?;
+    }
     // The restore in the new process checks its pages again unless the file is the very one
     // verified here, unchanged (a write changes its ctime): this spares a second read.
-    std::env::set_var("MIGRATE_VERIFIED_IMAGE", file_identity(reader.file()));
+    let identities: Vec<String> =
+        std::iter::once(reader.file()).chain(ancestors.iter().map(|a| a.reader.file())).map(file_identity).collect();
+    std::env::set_var("MIGRATE_VERIFIED_IMAGE", identities.join(";"));
+    drop(ancestors);
     let image = fs::canonicalize(&image_arg)
         .with_context(|| format!("cannot resolve the image path {}", image_arg.display()))
         .code(IMAGE)?;

@@ -38,7 +38,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     match args.interval {
-        Some(secs) => cmd.env("MIGRATE_INTERVAL", format!("{}:{}:{me}", (secs * 1000.0) as u64, args.keep)),
+        Some(secs) => cmd.env(
+            "MIGRATE_INTERVAL",
+            format!("{}:{}:{me}:{}", (secs * 1000.0) as u64, args.keep, if args.incremental { "i" } else { "" }),
+        ),
         None => cmd.env_remove("MIGRATE_INTERVAL"),
     };
     // The checkpoints the program takes on its own (period, checkpoint signal) are compressed.

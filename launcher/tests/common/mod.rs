@@ -120,6 +120,7 @@ pub fn sample_meta(exe: &Path, argv: &[&str]) -> ImageMeta {
                 name: "".into(),
                 vm_flags: "rd wr mr mw me ac".into(),
                 runs: vec![(0, 1)],
+                inherited: vec![],
                 data_section: Some(0),
                 compression: migrate_image::PageCompression::None,
             }],
@@ -164,6 +165,8 @@ pub fn write_image(path: &Path, meta: &ImageMeta) {
     let mut w = ImageWriter::new(file, 4).unwrap();
     let page = vec![0xabu8; PAGE_SIZE as usize];
     w.add_section_bytes(SectionKind::Pages { proc: 0, vma: 0 }, &page, true).unwrap();
+    let hash = migrate_image::page_hash(&page).to_le_bytes();
+    w.add_section_bytes(SectionKind::PageHashes { proc: 0, vma: 0 }, &hash, false).unwrap();
     w.add_meta(0, meta).unwrap();
     let p = &meta.process;
     let tree = migrate_image::TreeMeta {
@@ -173,6 +176,8 @@ pub fn write_image(path: &Path, meta: &ImageMeta) {
         shared_fd_base: 3,
         sysv: vec![],
         network_lock: String::new(),
+        image_id: 1,
+        ancestors: vec![],
     };
     w.add_tree(&tree).unwrap();
     w.finish().unwrap();

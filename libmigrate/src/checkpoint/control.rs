@@ -7,12 +7,12 @@
 //!
 //! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
 //! ```text
-//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [compress=<0|1>] [hold=1] [lock=<table>] dir=<path> [+ image fd]
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [compress=1] [hold=1] [incr=1] [lock=<table>] dir=<path> [+ image fd]
 //!                                                                         → ok <image> | error <msg>
 //!                         with hold=1 (image fd required):               → ok held <bytes>, then
 //!                         commit → committed (the tree dies) | abort → aborted (it goes on)
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
-//!                         write <proc> <pos> bins=<0|1> kill=<0|1> compress=<0|1> [+ image fd] → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
+//!                         write <proc> <pos> bins=<0|1> kill=<0|1> [compress=1] [parent=<hex path>] [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
 //!                         release                                         → released
 //!                         kill                                            → (the member dies)
 //! ```
@@ -93,7 +93,8 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
             b"hold=1" => req.hold = true,
             b"compress=1" => req.compress = true,
             b"compress=0" => req.compress = false,
-            b"kill=0" | b"bins=0" | b"hold=0" | b"" => {}
+            b"incr=1" => req.incremental = true,
+            b"kill=0" | b"bins=0" | b"hold=0" | b"incr=0" | b"" => {}
             w if w.starts_with(b"lock=") => {
                 let name = &w[5..];
                 // An nftables identifier: it ends up in an `nft` command line.
@@ -107,6 +108,18 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
     }
     req.dir = dir.filter(|d| !d.is_empty()).map(|d| d.to_vec());
     Some(req)
+}
+
+/// Hex for a path inside a space-separated command.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| alloc::format!("{b:02x}")).collect()
+}
+
+pub fn unhex(text: &[u8]) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.chunks(2).map(|p| core::str::from_utf8(p).ok().and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
 }
 
 /// What woke the checkpoint thread.
@@ -128,8 +141,7 @@ pub fn next_incoming() -> Incoming {
         ];
         match sys::poll(&mut fds, super::periodic_wait_ms()) {
             Ok(0) => {
-                let mut req = Request::new();
-                req.periodic = true;
+                let req = super::periodic_request();
                 return Incoming::User(req, None);
             }
             Ok(_) => {}

@@ -176,25 +176,31 @@ fn vpid_of(real: i32) -> i32 {
     tree::registry().and_then(|r| r.vpid_of(real)).filter(|&v| v > 0).unwrap_or(real)
 }
 
-/// Writes process `proc` (frozen member `f`) into the image at `pos`.
+/// Writes process `proc` (frozen member `f`) into the image at `pos`, as `req` asks.
 fn write_member(
     f: &mut Frozen,
     image_fd: i32,
     proc: u32,
     pos: u64,
-    bins: bool,
-    kill: bool,
-    compress: bool,
+    req: &Request,
+    parent: Option<&member::ParentImage>,
 ) -> Result<Option<member::Written>, String> {
+    let (bins, kill, compress) = (req.with_binaries, req.kill, req.compress);
     let Some(conn) = f.conn.as_mut() else {
-        return match member::write_process(image_fd, proc, pos, bins, kill, compress)? {
+        return match member::write_process(image_fd, proc, pos, bins, kill, compress, parent)? {
             WriteOutcome::Written(w) => Ok(Some(w)),
             WriteOutcome::Restored => Ok(None),
         };
     };
+    let parent = parent.map(|p| format!(" parent={}", super::control::hex(p.path.as_bytes()))).unwrap_or_default();
     conn.send_with_fd(
-        format!("write {proc} {pos} bins={} kill={} compress={}\n", u8::from(bins), u8::from(kill), u8::from(compress))
-            .as_bytes(),
+        format!(
+            "write {proc} {pos} bins={} kill={}{}{parent}\n",
+            u8::from(bins),
+            u8::from(kill),
+            if compress { " compress=1" } else { "" }
+        )
+        .as_bytes(),
         image_fd,
     )?;
     let line = conn.read_line(600).map_err(|e| format!("process {} did not write its part: {e}", f.vpid))?;
@@ -309,10 +315,22 @@ fn write_image(
         shared_fd_base: 3,
         sysv: Vec::new(),
         network_lock: req.lock.clone(),
+        image_id: sys::random_u64().unwrap_or_else(|_| sys::monotonic_ns() ^ ((sys::getpid() as u64) << 32)),
+        ancestors: Vec::new(),
     };
+    // A compressed image is a full one: its frames cannot refer to an ancestor's pages.
+    let parent = match req.incremental && !streamed && !req.compress {
+        true => choose_parent(&dir_str, &exe_name, root_vpid),
+        false => None,
+    };
+    if let Some((path, ancestors)) = parent.as_ref().map(|(p, a)| (p, a)) {
+        crate::debug!("incremental checkpoint on top of {path}");
+        tree.ancestors = ancestors.clone();
+    }
+    let parent = parent.map(|(path, _)| member::ParentImage { path });
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();
-        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries, req.kill, req.compress) {
+        match write_member(&mut frozen[i], fd, k as u32, pos, req, parent.as_ref()) {
             Ok(Some(w)) => {
                 writer.adopt_sections(&w.sections, w.end);
                 // The members wrote with pwrite: our own writes continue after their part.
@@ -412,13 +430,49 @@ fn write_image(
     Ok(Outcome::Written { path: final_path, bytes, frozen_ms, processes })
 }
 
-static SEQUENCE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+/// An incremental image's chain never grows longer than this: past it a full image is taken.
+pub const CHAIN_LIMIT: usize = 8;
+
+/// The images `<name>-<vpid>-<n>.mig` in `dir`, oldest first (by modification time, then n).
+pub fn program_images(dir: &str, stem: &str) -> Vec<(String, u64)> {
+    let prefix = format!("{stem}-");
+    let mut images: Vec<(i64, u64, String)> = fs::list_dir(dir.as_bytes())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|name| {
+            let n = fs::parse_dec(name.strip_prefix(prefix.as_bytes())?.strip_suffix(b".mig")?)? as u64;
+            let st = sys::stat(&fs::cpath(format!("{dir}/{}", path_string(&name)).as_bytes())).ok()?;
+            Some((st.st_mtime * 1_000_000_000 + st.st_mtime_nsec, n, path_string(&name)))
+        })
+        .collect();
+    images.sort_unstable();
+    images.into_iter().map(|(_, n, name)| (name, n)).collect()
+}
+
+/// The parent of an incremental checkpoint: the program's newest image in `dir` that is
+/// intact, with the ancestor list the new image gets (the parent, then its ancestors). None
+/// (a full image) when there is none, or its chain is already `CHAIN_LIMIT` long.
+fn choose_parent(dir: &str, exe_name: &str, vpid: i32) -> Option<(String, Vec<migrate_image::AncestorRef>)> {
+    let images = program_images(dir, &format!("{exe_name}-{vpid}"));
+    let (name, _) = images.last()?;
+    let path = format!("{dir}/{name}");
+    let tree = migrate_image::ImageReader::open(std::path::Path::new(&path)).and_then(|r| r.tree()).ok()?;
+    if tree.ancestors.len() + 1 >= CHAIN_LIMIT {
+        crate::debug!("{path} ends a chain of {} images: a full image now", tree.ancestors.len() + 1);
+        return None;
+    }
+    let mut ancestors = alloc::vec![migrate_image::AncestorRef { file: name.clone(), image_id: tree.image_id }];
+    ancestors.extend(tree.ancestors);
+    Some((path, ancestors))
+}
 
 /// Renames the finished image to `<name>-<vpid>-<n>.mig` without replacing an existing one,
 /// then makes the rename durable.
 fn publish(tmp_path: &str, dir: &[u8], dir_str: &str, exe_name: &str, vpid: i32) -> Result<String, String> {
+    // Numbers grow with every image of the program in this directory, also across resumes.
+    let mut seq = program_images(dir_str, &format!("{exe_name}-{vpid}")).iter().map(|(_, n)| *n).max().unwrap_or(0);
     let final_path = loop {
-        let seq = SEQUENCE.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
+        seq += 1;
         let candidate = format!("{dir_str}/{exe_name}-{vpid}-{seq}.mig");
         const RENAME_NOREPLACE: usize = 1;
         let (a, b) = (fs::cpath(tmp_path.as_bytes()), fs::cpath(candidate.as_bytes()));

@@ -149,9 +149,16 @@ struct WriteCtx<'a> {
     writer: &'a mut ImageWriter<PwriteSink>,
     proc: u32,
     process: &'a ProcessEntry,
-    sections: &'a mut [Option<u32>],
     mem_fd: i32,
     bounce: &'a mut [u8],
+    /// Where each VMA's pages start in `hashes` (and `decided`).
+    first_page: &'a [usize],
+    /// Every page's hash, VMA after VMA, in run order.
+    hashes: &'a mut [u64],
+    /// For an incremental checkpoint: the parent image's pages, and for each page which of
+    /// them it equals (memory::NOT_INHERITED if none).
+    parent: Option<&'a [memory::ParentPage]>,
+    decided: &'a mut [u32],
     /// Set for a compressed checkpoint (the VMAs are marked `PageCompression::Lz4`).
     lz4: Option<&'a mut memory::Lz4Writer>,
     error: Option<migrate_image::ImageError>,
@@ -167,24 +174,39 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
         if v.runs.is_empty() {
             continue;
         }
-        let live = v.start <= here && here < v.end;
+        // Memory that changes while it is written — this thread's stack, the page hashes and
+        // decisions being filled in, the compressor's buffers — is copied first, so each page
+        // is hashed and written as the same bytes.
+        let overlaps = |p: *const u8, len: usize| (p as u64) < v.end && v.start < p as u64 + len as u64;
+        let live = (v.start <= here && here < v.end)
+            || overlaps(ctx.hashes.as_ptr() as *const u8, ctx.hashes.len() * 8)
+            || overlaps(ctx.decided.as_ptr() as *const u8, ctx.decided.len() * 4)
+            || ctx.lz4.as_deref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(p, len)));
+        let pages = ctx.first_page[i]..ctx.first_page[i + 1];
         let kind = SectionKind::Pages { proc: ctx.proc, vma: i as u32 };
-        // Compressed sections need no page alignment (nothing maps or pre-copies them).
         let res = match ctx.lz4.as_deref_mut() {
-            Some(z) => ctx
-                .writer
-                .begin_section(kind, false)
-                .and_then(|_| memory::write_pages_lz4(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, z)),
-            None => ctx
-                .writer
-                .begin_section(kind, true)
-                .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live)),
+            // Compressed sections need no page alignment (nothing maps or pre-copies them).
+            Some(z) => ctx.writer.begin_section(kind, false).and_then(|_| {
+                memory::write_pages_lz4(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, z, &mut ctx.hashes[pages])
+            }),
+            None => {
+                let mut out = memory::PageOutcome {
+                    hashes: &mut ctx.hashes[pages.clone()],
+                    parent: match ctx.parent {
+                        Some(parent) => Some((parent, &mut ctx.decided[pages])),
+                        None => None,
+                    },
+                };
+                ctx.writer
+                    .begin_section(kind, true)
+                    .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, &mut out))
+            }
         };
         if let Err(e) = res {
             ctx.error = Some(e);
             return;
         }
-        ctx.sections[i] = Some(ctx.writer.end_section());
+        ctx.writer.end_section();
     }
 }
 
@@ -290,6 +312,7 @@ pub fn write_process(
     with_binaries: bool,
     kill: bool,
     compress: bool,
+    parent: Option<&ParentImage>,
 ) -> Result<WriteOutcome, String> {
     crate::resources::accept_queue::TAKE_WAITING.store(kill, Ordering::Release);
     let dumped = dump();
@@ -312,10 +335,25 @@ pub fn write_process(
             return Err("the address space changed while it was being described; try again".into());
         }
     }
-    let nsections = meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
+    let nsections = 2 * meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
     let mut writer = ImageWriter::continue_at(PwriteSink { fd: image_fd, pos }, pos, nsections);
-    let mut sections: Vec<Option<u32>> = alloc::vec![None; meta.process.vmas.len()];
     let mut bounce = alloc::vec![0u8; memory::WRITE_CHUNK];
+    // Everything the page writer fills is allocated now: it may not allocate.
+    let mut first_page = Vec::with_capacity(meta.process.vmas.len() + 1);
+    let mut total = 0usize;
+    for v in &meta.process.vmas {
+        first_page.push(total);
+        total += v.data_pages() as usize;
+    }
+    first_page.push(total);
+    let mut hashes = alloc::vec![0u64; total];
+    let parent_pages = match parent {
+        // A compressed image is a full one (its frames cannot refer to an ancestor's pages).
+        Some(p) if !compress => Some(load_parent(p, &meta.process)?),
+        Some(_) => None,
+        None => None,
+    };
+    let mut decided = if parent_pages.is_some() { alloc::vec![memory::NOT_INHERITED; total] } else { Vec::new() };
     // Everything the compressor needs, made now: the page writer must not allocate.
     let mut lz4 = compress.then(|| {
         let mut most = 0usize;
@@ -330,10 +368,13 @@ pub fn write_process(
         writer: &mut writer,
         proc,
         process: &meta.process,
-        sections: &mut sections,
         mem_fd,
         bounce: &mut bounce,
         lz4: lz4.as_mut(),
+        first_page: &first_page,
+        hashes: &mut hashes,
+        parent: parent_pages.as_deref(),
+        decided: &mut decided,
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this
@@ -359,9 +400,22 @@ pub fn write_process(
     if let Some(e) = ctx.error.take() {
         return Err(describe_write_error(&e));
     }
+    drop(ctx);
     // The coordinator merges every process's sections into one table: the restore finds a
     // VMA's pages by kind (Pages { proc, vma }), not by index.
-    let _ = &sections;
+    for (i, v) in meta.process.vmas.iter_mut().enumerate() {
+        if v.runs.is_empty() {
+            continue;
+        }
+        let pages = first_page[i]..first_page[i + 1];
+        if let Some(parent) = parent_pages.as_deref() {
+            v.inherited = inherited_runs(v, &decided[pages.clone()], parent);
+        }
+        let bytes: Vec<u8> = hashes[pages].iter().flat_map(|h| h.to_le_bytes()).collect();
+        writer
+            .add_section_bytes(SectionKind::PageHashes { proc, vma: i as u32 }, &bytes, false)
+            .map_err(|e| describe_write_error(&e))?;
+    }
     if let Some(t) = meta.process.threads.iter_mut().find(|t| t.is_checkpoint_thread) {
         // SAFETY: written by park_and_save on this thread.
         t.resume_sp = unsafe { *CHECKPOINT_THREAD_SP.0.get() };
@@ -435,4 +489,83 @@ fn write_binaries(writer: &mut ImageWriter<PwriteSink>, proc: u32, meta: &ImageM
         res?;
     }
     Ok(())
+}
+
+/// The image an incremental checkpoint builds on: its path, and the ancestor list of the new
+/// image (the parent first, then its own ancestors, as the coordinator chose).
+pub struct ParentImage {
+    pub path: String,
+}
+
+/// The parent image's pages of this process (the process with the same vpid), sorted by
+/// address: hash and where the bytes are, as the new image will name them (the parent is the
+/// new image's ancestor 0, the parent's ancestor k its ancestor k + 1). Pages held by an
+/// ancestor beyond the longest chain allowed are left out: they are stored again.
+fn load_parent(parent: &ParentImage, me: &ProcessEntry) -> Result<Vec<memory::ParentPage>, String> {
+    let reader = migrate_image::ImageReader::open(std::path::Path::new(&parent.path)).map_err(|e| e.to_string())?;
+    let tree = reader.tree().map_err(|e| e.to_string())?;
+    let mut pages = Vec::new();
+    let Some(index) = tree.processes.iter().position(|p| p.vpid == me.vpid) else { return Ok(pages) };
+    let meta = reader.process_meta(index as u32).map_err(|e| e.to_string())?;
+    for (i, v) in meta.process.vmas.iter().enumerate() {
+        // Compressed pages are not raw pages at an offset: a child stores them again.
+        if v.runs.is_empty() || v.compression == migrate_image::PageCompression::Lz4 {
+            continue;
+        }
+        let hashes = reader.page_hashes(index as u32, i as u32).map_err(|e| e.to_string())?;
+        let data = reader
+            .sections()
+            .iter()
+            .find(|s| s.kind == SectionKind::Pages { proc: index as u32, vma: i as u32 })
+            .map_or(0, |s| s.offset);
+        let mut inherited = v.inherited.iter().peekable();
+        let mut stored = 0u64;
+        let mut k = 0usize;
+        for &(first, count) in &v.runs {
+            for page in first..first + count {
+                while inherited.peek().is_some_and(|r| r.first + r.count <= page) {
+                    inherited.next();
+                }
+                let (ancestor, offset) = match inherited.peek() {
+                    Some(r) if r.first <= page => (r.ancestor + 1, r.offset + (page - r.first) * 4096),
+                    _ => {
+                        stored += 1;
+                        (0, data + (stored - 1) * 4096)
+                    }
+                };
+                if (ancestor as usize) < migrate_image::MAX_ANCESTORS {
+                    pages.push(memory::ParentPage { addr: v.start + page * 4096, hash: hashes[k], ancestor, offset });
+                }
+                k += 1;
+            }
+        }
+    }
+    Ok(pages)
+}
+
+/// The inherited runs of `v` from the page writer's decisions (one per page of its runs).
+fn inherited_runs(
+    v: &migrate_image::VmaEntry,
+    decided: &[u32],
+    parent: &[memory::ParentPage],
+) -> Vec<migrate_image::InheritedRun> {
+    let mut out: Vec<migrate_image::InheritedRun> = Vec::new();
+    let pages = v.runs.iter().flat_map(|&(first, count)| first..first + count);
+    for (page, &d) in pages.zip(decided) {
+        if d == memory::NOT_INHERITED {
+            continue;
+        }
+        let p = parent[d as usize];
+        match out.last_mut() {
+            Some(r)
+                if r.first + r.count == page && r.ancestor == p.ancestor && r.offset + r.count * 4096 == p.offset =>
+            {
+                r.count += 1
+            }
+            _ => {
+                out.push(migrate_image::InheritedRun { first: page, count: 1, ancestor: p.ancestor, offset: p.offset })
+            }
+        }
+    }
+    out
 }

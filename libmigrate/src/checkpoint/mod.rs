@@ -33,6 +33,9 @@ pub struct Request {
     pub hold: bool,
     /// A periodic checkpoint (migrate-run --interval): quiet, and older images are pruned.
     pub periodic: bool,
+    /// Store only the pages that changed since the newest image of the program in the
+    /// checkpoint directory (its parent); the rest are named in the ancestors.
+    pub incremental: bool,
 }
 
 impl Request {
@@ -46,6 +49,7 @@ impl Request {
             image_fd: None,
             hold: false,
             periodic: false,
+            incremental: false,
         }
     }
 }
@@ -62,15 +66,22 @@ static PERIOD_MS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64:
 static KEEP: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 static NEXT_DUE_NS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
-/// Reads MIGRATE_INTERVAL (`<ms>:<keep>:<pid>`): only the process migrate-run started (its
-/// pid) checkpoints periodically; its descendants do not (a fork child inherits the statics).
+/// Periodic checkpoints are incremental (`i` in MIGRATE_INTERVAL's options).
+static PERIODIC_INCREMENTAL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Reads MIGRATE_INTERVAL (`<ms>:<keep>:<pid>[:<options>]`, options letters: `i` incremental):
+/// only the process migrate-run started (its pid) checkpoints periodically; its descendants
+/// do not (a fork child inherits the statics).
 pub fn configure_periodic(pid: i32) {
     let spec = crate::env::var("MIGRATE_INTERVAL").unwrap_or_default();
     let parts: Vec<&str> = spec.split(':').collect();
-    let (period, keep) = match parts.as_slice() {
-        [ms, keep, p] if p.parse::<i32>().ok() == Some(pid) => (ms.parse().unwrap_or(0), keep.parse().unwrap_or(3)),
-        _ => (0, 0),
+    let (period, keep, options) = match parts.as_slice() {
+        [ms, keep, p, rest @ ..] if p.parse::<i32>().ok() == Some(pid) && rest.len() <= 1 => {
+            (ms.parse().unwrap_or(0), keep.parse().unwrap_or(3), rest.first().copied().unwrap_or(""))
+        }
+        _ => (0, 0, ""),
     };
+    PERIODIC_INCREMENTAL.store(options.contains('i'), Ordering::Relaxed);
     PERIOD_MS.store(period, Ordering::Relaxed);
     KEEP.store(keep, Ordering::Relaxed);
     NEXT_DUE_NS.store(sys::monotonic_ns() + period * 1_000_000, Ordering::Relaxed);
@@ -78,6 +89,14 @@ pub fn configure_periodic(pid: i32) {
 
 /// How long the checkpoint thread may wait for a request before a periodic checkpoint is due
 /// (poll timeout in ms; -1: no periodic checkpoints).
+/// A periodic checkpoint's request.
+pub fn periodic_request() -> Request {
+    let mut req = Request::new();
+    req.periodic = true;
+    req.incremental = PERIODIC_INCREMENTAL.load(Ordering::Relaxed);
+    req
+}
+
 pub fn periodic_wait_ms() -> i32 {
     let period = PERIOD_MS.load(Ordering::Relaxed);
     if period == 0 {
@@ -105,21 +124,20 @@ fn prune_images(path: &str) {
     let keep = KEEP.load(Ordering::Relaxed) as usize;
     let Some((dir, file)) = path.rsplit_once('/') else { return };
     let Some(stem) = file.strip_suffix(".mig").and_then(|f| f.rsplit_once('-')).map(|(s, _)| s) else { return };
-    let prefix = alloc::format!("{stem}-");
-    let mut images: Vec<(u64, Vec<u8>)> = sys::fs::list_dir(dir.as_bytes())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|name| {
-            let n = name.strip_prefix(prefix.as_bytes())?.strip_suffix(b".mig")?;
-            Some((sys::fs::parse_dec(n)? as u64, name.clone()))
-        })
-        .collect();
-    images.sort_unstable();
+    let images = coordinator::program_images(dir, stem);
     let excess = images.len().saturating_sub(keep.max(1));
-    for (_, name) in &images[..excess] {
-        let mut p = alloc::format!("{dir}/").into_bytes();
-        p.extend_from_slice(name);
-        let _ = sys::unlinkat(libc::AT_FDCWD, &sys::fs::cpath(&p));
+    // The images an incremental image that stays takes pages from stay too.
+    let mut needed: Vec<String> = Vec::new();
+    for (name, _) in &images[excess..] {
+        let p = alloc::format!("{dir}/{name}");
+        if let Ok(tree) = migrate_image::ImageReader::open(std::path::Path::new(&p)).and_then(|r| r.tree()) {
+            needed.extend(tree.ancestors.into_iter().map(|a| a.file));
+        }
+    }
+    for (name, _) in &images[..excess] {
+        if !needed.contains(name) {
+            let _ = sys::unlinkat(libc::AT_FDCWD, &sys::fs::cpath(alloc::format!("{dir}/{name}").as_bytes()));
+        }
     }
 }
 
@@ -278,12 +296,19 @@ fn serve_coordinator(mut conn: Conn) {
                 let (proc, pos) = (num(words[1]), num(words[2]));
                 let bins = words[3] == b"bins=1";
                 let kill = words.get(4).is_some_and(|w| *w == b"kill=1");
-                let compress = words.get(5).is_some_and(|w| *w == b"compress=1");
+                let compress = words.iter().any(|w| *w == b"compress=1");
+                // `parent=<hex path>`: an incremental checkpoint's parent image.
+                let parent = words
+                    .iter()
+                    .find_map(|w| w.strip_prefix(b"parent="))
+                    .and_then(control::unhex)
+                    .map(|p| member::ParentImage { path: String::from_utf8_lossy(&p).into_owned() });
                 let Some(image_fd) = conn.received_fd.take() else {
                     let _ = conn.send(b"error no image descriptor came with the write command\n");
                     continue;
                 };
-                let outcome = member::write_process(image_fd, proc as u32, pos as u64, bins, kill, compress);
+                let outcome =
+                    member::write_process(image_fd, proc as u32, pos as u64, bins, kill, compress, parent.as_ref());
                 match outcome {
                     Ok(member::WriteOutcome::Restored) => {
                         // Its descriptor belonged to the old process: dropped (frees the

@@ -197,6 +197,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 name: m.name.clone(),
                 vm_flags: String::new(),
                 runs: Vec::new(),
+                inherited: Vec::new(),
                 data_section: None,
                 compression: migrate_image::PageCompression::None,
             });
@@ -217,6 +218,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 name: m.name.clone(),
                 vm_flags: String::new(),
                 runs: Vec::new(),
+                inherited: Vec::new(),
                 data_section: None,
                 compression: migrate_image::PageCompression::None,
             });
@@ -253,6 +255,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
             name: m.name.clone(),
             vm_flags: if kind == VmaKind::Stack { "gd".into() } else { String::new() },
             runs,
+            inherited: Vec::new(),
             data_section: None,
             compression: migrate_image::PageCompression::None,
         });
@@ -264,41 +267,99 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
 /// Chunk size for writing pages: hashed while hot in cache, then written.
 pub const WRITE_CHUNK: usize = 256 * 1024;
 
-/// Writes the stored runs of `v` into the open section. Allocates nothing. `live` marks the
-/// mapping that holds the writing thread's own stack: it changes while being hashed and
-/// written, so it is first copied (through /proc/self/mem) into `bounce`.
+/// A page with data in the parent image of an incremental checkpoint: its address, its hash,
+/// and where its bytes are (an ancestor of the new image, by index, and the byte offset there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParentPage {
+    pub addr: u64,
+    pub hash: u64,
+    pub ancestor: u32,
+    pub offset: u64,
+}
+
+/// What the page writer learns about each page of a VMA's runs, in order: its hash, and for an
+/// incremental checkpoint the index of the parent's identical page (`NOT_INHERITED` when the
+/// page is stored in the new image).
+pub struct PageOutcome<'a> {
+    pub hashes: &'a mut [u64],
+    pub parent: Option<(&'a [ParentPage], &'a mut [u32])>,
+}
+
+pub const NOT_INHERITED: u32 = u32::MAX;
+
+/// Writes the pages of `v`'s runs into the open section: every page is hashed (into
+/// `out.hashes`); a page identical to the parent image's page at its address is not written
+/// but recorded as inherited. Allocates nothing. `live` marks the mapping that holds the
+/// writing thread's own stack: it changes while being hashed and written, so it is first copied
+/// (through /proc/self/mem) into `bounce`; so is unreadable (PROT_NONE) memory.
 pub fn write_pages<S: migrate_image::Sink>(
     w: &mut migrate_image::ImageWriter<S>,
     v: &VmaEntry,
     mem_fd: i32,
     bounce: &mut [u8],
     live: bool,
+    out: &mut PageOutcome<'_>,
 ) -> Result<(), migrate_image::ImageError> {
+    let io = |e: i32| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e));
+    // The parent's pages from this VMA's start on (they are sorted by address).
+    let mut cursor = match &out.parent {
+        Some((pages, _)) => pages.partition_point(|p| p.addr < v.start),
+        None => 0,
+    };
+    let mut k = 0usize; // index of the page among the runs
     for &(first, count) in &v.runs {
         let mut addr = v.start + first * 4096;
         let end = addr + count * 4096;
         while addr < end {
-            let n = ((end - addr) as usize).min(WRITE_CHUNK);
-            if v.prot & PROT_READ != 0 && !live {
+            let n = ((end - addr) as usize).min(WRITE_CHUNK).min(bounce.len());
+            let chunk: &[u8] = if v.prot & PROT_READ != 0 && !live {
                 // SAFETY: the range is a mapped, readable part of our own address space that no
                 // other thread modifies (they are all parked).
-                let chunk = unsafe { core::slice::from_raw_parts(addr as *const u8, n) };
-                w.write(chunk)?;
+                unsafe { core::slice::from_raw_parts(addr as *const u8, n) }
             } else {
-                // Unreadable memory (PROT_NONE after use) or our own stack: read it through
-                // /proc/self/mem into a stable copy.
-                let take = n.min(bounce.len());
-                let b = &mut bounce[..take];
-                let got = sys::pread(mem_fd, b, addr)
-                    .map_err(|e| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0)))?;
-                if got == 0 {
-                    return Err(migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(libc::EIO)));
+                let got = sys::pread(mem_fd, &mut bounce[..n], addr).map_err(|e| io(e.0))?;
+                if got < 4096 {
+                    return Err(io(libc::EIO));
                 }
-                w.write(&b[..got])?;
-                addr += got as u64;
-                continue;
+                &bounce[..got - got % 4096]
+            };
+            let npages = chunk.len() / 4096;
+            // Consecutive pages to store are written together.
+            let mut batch_start = 0usize;
+            let mut batch_len = 0usize;
+            for i in 0..npages {
+                let page = &chunk[i * 4096..(i + 1) * 4096];
+                let h = migrate_image::page_hash(page);
+                out.hashes[k + i] = h;
+                let mut inherited = false;
+                if let Some((pages, decided)) = out.parent.as_mut() {
+                    let here = addr + (i as u64) * 4096;
+                    while cursor < pages.len() && pages[cursor].addr < here {
+                        cursor += 1;
+                    }
+                    decided[k + i] = NOT_INHERITED;
+                    if cursor < pages.len() && pages[cursor].addr == here && pages[cursor].hash == h {
+                        decided[k + i] = cursor as u32;
+                        inherited = true;
+                    }
+                }
+                if inherited {
+                    if batch_len > 0 {
+                        let b = &chunk[batch_start * 4096..(batch_start + batch_len) * 4096];
+                        w.write_hashed_pages(b, &out.hashes[k + batch_start..k + batch_start + batch_len])?;
+                    }
+                    batch_start = i + 1;
+                    batch_len = 0;
+                } else {
+                    batch_len += 1;
+                }
             }
-            addr += n as u64;
+            if batch_len > 0 {
+                let b = &chunk[batch_start * 4096..(batch_start + batch_len) * 4096];
+                w.write_hashed_pages(b, &out.hashes[k + batch_start..k + batch_start + batch_len])?;
+            }
+            k += npages;
+            addr += (npages * 4096) as u64;
         }
     }
     Ok(())
@@ -325,10 +386,24 @@ impl Lz4Writer {
     }
 }
 
+impl Lz4Writer {
+    /// The memory it writes into while pages are written: (address, length) of each buffer.
+    pub fn buffers(&self) -> [(*const u8, usize); 3] {
+        [
+            (self.out.as_ptr(), self.out.len()),
+            (self.words.as_ptr() as *const u8, self.words.capacity() * 4),
+            (
+                &*self.table as *const migrate_image::frames::CompressTable as *const u8,
+                core::mem::size_of_val(&*self.table),
+            ),
+        ]
+    }
+}
+
 /// Writes the stored runs of `v` as lz4 frames followed by the frame table
-/// (migrate_image::frames). Allocates nothing. Frames that lz4 cannot shrink are written raw,
-/// straight from the mapping, consecutive ones together; `live` and unreadable memory go
-/// through `bounce` as in [`write_pages`].
+/// (migrate_image::frames), and every page's hash into `hashes` (run order). Allocates nothing.
+/// Frames that lz4 cannot shrink are written raw, straight from the mapping, consecutive ones
+/// together; `live` and unreadable memory go through `bounce` as in [`write_pages`].
 pub fn write_pages_lz4<S: migrate_image::Sink>(
     w: &mut migrate_image::ImageWriter<S>,
     v: &VmaEntry,
@@ -336,6 +411,7 @@ pub fn write_pages_lz4<S: migrate_image::Sink>(
     bounce: &mut [u8],
     live: bool,
     z: &mut Lz4Writer,
+    hashes: &mut [u64],
 ) -> Result<(), migrate_image::ImageError> {
     use migrate_image::frames::{compress_frame, frame_pages, word_len, word_raw, MAX_COMPRESSED};
     let io = |e: sys::Errno| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0));
@@ -345,6 +421,7 @@ pub fn write_pages_lz4<S: migrate_image::Sink>(
     // `raw.0..raw.0+raw.1` of our own memory (never both).
     let mut fill = 0usize;
     let mut raw = (0u64, 0usize);
+    let mut hashed = 0usize;
     let flush_raw =
         |w: &mut migrate_image::ImageWriter<S>, raw: &mut (u64, usize)| -> Result<(), migrate_image::ImageError> {
             if raw.1 > 0 {
@@ -373,6 +450,11 @@ pub fn write_pages_lz4<S: migrate_image::Sink>(
             }
             b
         };
+        // (`hashes` has one slot per page of the runs: sized by the caller.)
+        for (h, page) in hashes.iter_mut().skip(hashed).zip(src.chunks_exact(4096)) {
+            *h = migrate_image::page_hash(page);
+        }
+        hashed += pages as usize;
         if fill + MAX_COMPRESSED > z.out.len() {
             w.write(&z.out[..fill])?;
             fill = 0;

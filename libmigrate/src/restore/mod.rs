@@ -61,10 +61,11 @@ fn sysv_ids() -> alloc::vec::Vec<crate::resources::ipc::Recreated> {
     crate::resources::ipc::parse_env(&crate::env::var("MIGRATE_SYSV_IDS").unwrap_or_default())
 }
 
-/// Whether open image `fd` is the file migrate-resume verified (MIGRATE_VERIFIED_IMAGE:
-/// `dev:ino:size:mtime:ctime`), unchanged since: any write changes its ctime.
+/// Whether open image `fd` is a file migrate-resume verified (MIGRATE_VERIFIED_IMAGE:
+/// `dev:ino:size:mtime:ctime`, one per image of the chain, separated by `;`), unchanged since:
+/// any write changes its ctime.
 fn verified_by_migrate_resume(fd: i32) -> bool {
-    let Some(want) = crate::env::var("MIGRATE_VERIFIED_IMAGE") else { return false };
+    let Some(list) = crate::env::var("MIGRATE_VERIFIED_IMAGE") else { return false };
     let Ok(st) = sys::fstat(fd) else { return false };
     let have = migrate_image::verified_identity(
         st.st_dev,
@@ -73,7 +74,49 @@ fn verified_by_migrate_resume(fd: i32) -> bool {
         (st.st_mtime, st.st_mtime_nsec),
         (st.st_ctime, st.st_ctime_nsec),
     );
-    !want.is_empty() && have == want
+    list.split(';').any(|want| !want.is_empty() && have == want)
+}
+
+/// Opens the ancestors of an incremental image whose pages this process uses (the others stay
+/// -1), above descriptor `above`, each checked to be the image the chain names and, unless
+/// migrate-resume just verified it, its page sections checked.
+fn open_ancestors(
+    path: &str,
+    tree: &migrate_image::TreeMeta,
+    meta: &ImageMeta,
+    above: i32,
+) -> Result<alloc::vec::Vec<i32>, String> {
+    let mut fds = alloc::vec![-1; tree.ancestors.len()];
+    let dir = path.rsplit_once('/').map_or(".", |(d, _)| if d.is_empty() { "/" } else { d });
+    for v in &meta.process.vmas {
+        for r in &v.inherited {
+            let k = r.ancestor as usize;
+            if fds[k] >= 0 {
+                continue;
+            }
+            let a = &tree.ancestors[k];
+            let apath = format!("{dir}/{}", a.file);
+            let reader = migrate_image::ImageReader::open(std::path::Path::new(&apath)).map_err(|e| {
+                format!("{e} (it is an ancestor of the incremental image {path}, which takes pages from it)")
+            })?;
+            let id = reader.tree().map_err(|e| e.to_string())?.image_id;
+            if id != a.image_id {
+                return Err(format!(
+                    "{apath} is not the image {path} was built on (another image took its name); the chain is broken: resume an older image or restore the original {}",
+                    a.file
+                ));
+            }
+            if !verified_by_migrate_resume(reader.file().as_raw_fd()) {
+                let mut buf = alloc::vec![0u8; 1 << 20];
+                reader
+                    .verify_sections(|s| matches!(s.kind, SectionKind::Pages { .. }), &mut buf)
+                    .map_err(|e| e.to_string())?;
+            }
+            fds[k] = sys::fcntl(reader.file().as_raw_fd(), libc::F_DUPFD_CLOEXEC, above as usize)
+                .map_err(|e| format!("cannot keep the image {apath} open: {e}"))? as i32;
+        }
+    }
+    Ok(fds)
 }
 
 fn restore(path: &[u8], force: bool) -> Result<Never, String> {
@@ -113,6 +156,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     // The switch's descriptor of the image: above every saved and handed-down number.
     let image_fd = sys::fcntl(reader.file().as_raw_fd(), libc::F_DUPFD_CLOEXEC, above as usize)
         .map_err(|e| format!("cannot keep the image {path_str} open: {e}"))? as i32;
+    let ancestor_fds = open_ancestors(&path_str, &tree, &meta, above)?;
     if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
         return Err("no tree registry was handed down; resume with migrate-resume".into());
     }
@@ -163,6 +207,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
     handed.push((-1, image_fd));
+    handed.extend(ancestor_fds.iter().filter(|&&fd| fd >= 0).map(|&fd| (-1, fd)));
     if READY_FD.load(Ordering::Relaxed) >= 0 {
         handed.push((-1, READY_FD.load(Ordering::Relaxed)));
     }
@@ -186,8 +231,18 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built =
-        plan::build(&meta, proc, &sections, path, image_fd, &current, &shared_maps, &sysv_ids(), &frame_tables)?;
+    let built = plan::build(
+        &meta,
+        proc,
+        &sections,
+        path,
+        image_fd,
+        &ancestor_fds,
+        &current,
+        &shared_maps,
+        &sysv_ids(),
+        &frame_tables,
+    )?;
     drop(frame_tables);
     // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
     process::restore(p)?;

@@ -21,6 +21,17 @@ pub struct Range {
     pub end: u64,
 }
 
+/// Pages `start..end` (page indexes within their VMA) are read from descriptor `fd` (the
+/// image, or an ancestor of an incremental image) at byte `offset`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct PlanRun {
+    pub start: u64,
+    pub end: u64,
+    pub fd: i32,
+    pub offset: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct PlanVma {
@@ -33,14 +44,15 @@ pub struct PlanVma {
     pub file_offset: u64,
     pub first_run: u32,
     pub nruns: u32,
-    pub data_offset: u64,
     /// A System V segment to attach here (its new id), or -1; `shm_size` is its size.
     pub shm_id: i32,
     pub shm_size: u64,
     /// Compressed pages: this VMA's frame table words are `frames()[first_frame..][..nframes]`
-    /// (migrate_image::frames); 0 frames: the runs are raw pages at `data_offset`.
+    /// (migrate_image::frames) and its frames start at `frames_offset` of the image; 0 frames:
+    /// each run says where its raw pages are.
     pub first_frame: u32,
     pub nframes: u32,
+    pub frames_offset: u64,
 }
 
 #[repr(C)]
@@ -121,7 +133,7 @@ impl PlanHeader {
         // SAFETY: see `array`.
         unsafe { self.array(self.vmas_off, self.nvmas) }
     }
-    pub fn runs(&self) -> &[Range] {
+    pub fn runs(&self) -> &[PlanRun] {
         // SAFETY: see `array`.
         unsafe { self.array(self.runs_off, self.nruns) }
     }
@@ -201,6 +213,44 @@ fn same_mapping(m: &MapLine, v: &migrate_image::VmaEntry, meta: &ImageMeta, file
     m.start == v.start && m.end == v.end && m.prot == v.prot && m.offset == v.file_offset && m.name == path
 }
 
+/// The reads that fill `v`: its runs, split where pages come from an ancestor image
+/// (`ancestor_fds[k]` is ancestor k) rather than from this image's page section at
+/// `data_offset`.
+fn plan_runs(
+    v: &migrate_image::VmaEntry,
+    image_fd: i32,
+    data_offset: u64,
+    ancestor_fds: &[i32],
+    out: &mut Vec<PlanRun>,
+) -> Result<(), String> {
+    let mut stored = 0u64; // pages of this image's section used so far
+    let mut inherited = v.inherited.iter().peekable();
+    for &(first, count) in &v.runs {
+        let mut page = first;
+        let end = first + count;
+        while page < end {
+            while inherited.peek().is_some_and(|r| r.first + r.count <= page) {
+                inherited.next();
+            }
+            match inherited.peek() {
+                Some(r) if r.first <= page => {
+                    let upto = (r.first + r.count).min(end);
+                    let fd = *ancestor_fds.get(r.ancestor as usize).ok_or("an ancestor image is not open")?;
+                    out.push(PlanRun { start: page, end: upto, fd, offset: r.offset + (page - r.first) * 4096 });
+                    page = upto;
+                }
+                next => {
+                    let upto = next.map_or(end, |r| r.first.min(end));
+                    out.push(PlanRun { start: page, end: upto, fd: image_fd, offset: data_offset + stored * 4096 });
+                    stored += upto - page;
+                    page = upto;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub struct Built {
     pub addr: usize,
     pub stack_top: usize,
@@ -216,6 +266,7 @@ pub fn build(
     sections: &[SectionEntry],
     image_path: &[u8],
     image_fd: i32,
+    ancestor_fds: &[i32],
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
     sysv: &[crate::resources::ipc::Recreated],
@@ -269,7 +320,7 @@ pub fn build(
 
     // Plan records.
     let mut vmas = Vec::with_capacity(p.vmas.len());
-    let mut runs: Vec<Range> = Vec::new();
+    let mut runs: Vec<PlanRun> = Vec::new();
     let mut frames: Vec<u32> = Vec::new();
     for (i, v) in p.vmas.iter().enumerate() {
         if v.kind == VmaKind::Special {
@@ -308,11 +359,11 @@ pub fn build(
                     file_offset: v.file_offset,
                     first_run: runs.len() as u32,
                     nruns: 0,
-                    data_offset: 0,
                     shm_id: new,
                     shm_size: ds.shm_segsz as u64,
                     first_frame: 0,
                     nframes: 0,
+                    frames_offset: 0,
                 });
                 continue;
             }
@@ -329,18 +380,20 @@ pub fn build(
                 file_offset: offset,
                 first_run: runs.len() as u32,
                 nruns: 0,
-                data_offset: 0,
                 shm_id: -1,
                 shm_size: 0,
                 first_frame: 0,
                 nframes: 0,
+                frames_offset: 0,
             });
             continue;
         }
         let want = SectionKind::Pages { proc, vma: i as u32 };
         let data_offset = match sections.iter().find(|s| s.kind == want) {
             Some(s) => s.offset,
-            None if !v.runs.is_empty() => return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end)),
+            None if v.stored_pages() > 0 => {
+                return Err(format!("no page data for mapping {:#x}-{:#x}", v.start, v.end))
+            }
             None => 0,
         };
         let first_frame = frames.len() as u32;
@@ -350,6 +403,8 @@ pub fn build(
             };
             frames.extend_from_slice(table);
         }
+        let first_run = runs.len() as u32;
+        plan_runs(v, image_fd, data_offset, ancestor_fds, &mut runs)?;
         vmas.push(PlanVma {
             start: v.start,
             end: v.end,
@@ -358,15 +413,14 @@ pub fn build(
             fd,
             keep: keep[i] as u32,
             file_offset: v.file_offset,
-            first_run: runs.len() as u32,
-            nruns: v.runs.len() as u32,
-            data_offset,
+            first_run,
+            nruns: runs.len() as u32 - first_run,
             shm_id: -1,
             shm_size: 0,
             first_frame,
             nframes: frames.len() as u32 - first_frame,
+            frames_offset: data_offset,
         });
-        runs.extend(v.runs.iter().map(|&(first, count)| Range { start: first, end: first + count }));
     }
     let main_vtid = p.vpid;
     let threads: Vec<PlanThread> = p
@@ -386,7 +440,8 @@ pub fn build(
     if threads.iter().filter(|t| t.is_main != 0).count() > 1 {
         return Err("the image has two main threads".into());
     }
-    let mut fds: Vec<i32> = file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).collect();
+    let mut fds: Vec<i32> =
+        file_fds.iter().map(|&(_, fd)| fd).chain([image_fd]).chain(ancestor_fds.iter().copied()).collect();
     for &(_, fd, _) in shared_maps {
         if !fds.contains(&fd) {
             fds.push(fd);
@@ -400,7 +455,7 @@ pub fn build(
     let keeps_off = align(hdr);
     let vmas_off = align(keeps_off + (keeps_count * core::mem::size_of::<Range>()) as u64);
     let runs_off = align(vmas_off + (vmas.len() * core::mem::size_of::<PlanVma>()) as u64);
-    let threads_off = align(runs_off + (runs.len() * core::mem::size_of::<Range>()) as u64);
+    let threads_off = align(runs_off + (runs.len() * core::mem::size_of::<PlanRun>()) as u64);
     let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
     let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
@@ -489,7 +544,7 @@ pub fn build(
         core::ptr::write(base as *mut PlanHeader, header);
         core::ptr::copy_nonoverlapping(keeps.as_ptr(), base.add(keeps_off as usize) as *mut Range, keeps.len());
         core::ptr::copy_nonoverlapping(vmas.as_ptr(), base.add(vmas_off as usize) as *mut PlanVma, vmas.len());
-        core::ptr::copy_nonoverlapping(runs.as_ptr(), base.add(runs_off as usize) as *mut Range, runs.len());
+        core::ptr::copy_nonoverlapping(runs.as_ptr(), base.add(runs_off as usize) as *mut PlanRun, runs.len());
         core::ptr::copy_nonoverlapping(
             threads.as_ptr(),
             base.add(threads_off as usize) as *mut PlanThread,

@@ -142,13 +142,13 @@ fn fill_lz4(
     efd: i32,
     image_fd: u64,
     v: &super::plan::PlanVma,
-    runs: &[super::plan::Range],
+    runs: &[super::plan::PlanRun],
     words: &[u32],
     scratch: *mut u8,
     scratch_len: u64,
 ) {
     use migrate_image::frames::{decompress_frame, word_len, word_raw, FRAME_PAGES};
-    let mut off = v.data_offset;
+    let mut off = v.frames_offset;
     // The scratch buffer holds the image's bytes buf_at..buf_at+buf_len.
     let (mut buf_at, mut buf_len) = (0u64, 0u64);
     let mut k = 0usize;
@@ -229,7 +229,6 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     }
 
     // 2. Map and fill every saved region.
-    let image_fd = plan.image_fd as u64;
     let all_runs = plan.runs();
     for v in plan.vmas() {
         let len = v.end - v.start;
@@ -260,14 +259,11 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
         }
         if v.nframes > 0 {
             let words = &plan.frames()[v.first_frame as usize..(v.first_frame + v.nframes) as usize];
-            fill_lz4(efd, image_fd, v, runs, words, plan.scratch(), plan.scratch_len);
+            fill_lz4(efd, plan.image_fd as u64, v, runs, words, plan.scratch(), plan.scratch_len);
         } else {
-            let mut off = v.data_offset;
             for r in runs {
                 let addr = v.start + r.start * 4096;
-                let len = (r.end - r.start) * 4096;
-                read_exact(efd, image_fd, addr, len, off);
-                off += len;
+                read_exact(efd, r.fd as u64, addr, (r.end - r.start) * 4096, r.offset);
             }
         }
         if fill_prot != v.prot {

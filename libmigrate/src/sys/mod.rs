@@ -171,6 +171,11 @@ pub fn unlinkat(dir: i32, path: &[u8]) -> SysResult<()> {
     assert!(path.last() == Some(&0));
     sc!(libc::SYS_unlinkat, dir, path.as_ptr(), 0).map(|_| ())
 }
+/// A random u64 from the kernel (getrandom(2), never blocking once the pool is ready).
+pub fn random_u64() -> SysResult<u64> {
+    let mut v = 0u64;
+    sc!(libc::SYS_getrandom, &mut v as *mut u64, 8usize, 0).map(|_| v)
+}
 pub fn fstat(fd: i32) -> SysResult<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { core::mem::zeroed() };
