@@ -217,6 +217,21 @@ unsafe fn copy_forward(dst: *mut u8, src: *const u8, n: usize) {
     }
 }
 
+/// Copies 16 bytes (two unaligned 8-byte loads and stores; no call).
+///
+/// # Safety
+/// 16 bytes must be readable at `src` and writable at `dst`, the two ranges not overlapping.
+#[inline(always)]
+unsafe fn copy16(dst: *mut u8, src: *const u8) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let a = core::ptr::read_unaligned(src as *const u64);
+        let b = core::ptr::read_unaligned(src.add(8) as *const u64);
+        core::ptr::write_unaligned(dst as *mut u64, a);
+        core::ptr::write_unaligned(dst.add(8) as *mut u64, b);
+    }
+}
+
 /// Reads an lz4 length continuation (bytes of 255 add up until a smaller one).
 #[inline(always)]
 fn more_length(src: &[u8], pos: &mut usize, mut n: usize) -> Result<usize, FrameError> {
@@ -253,8 +268,15 @@ pub fn decompress_frame(src: &[u8], dst: &mut [u8]) -> Result<(), FrameError> {
         if literals > cap - op {
             return Err(FrameError::WrongSize);
         }
-        // SAFETY: ip + literals <= src.len() and op + literals <= cap, checked just above.
-        unsafe { copy_forward(out.add(op), src.as_ptr().add(ip), literals) };
+        if literals <= 16 && src.len() - ip >= 16 && cap - op >= 16 {
+            // Short literals (the common case): one 16-byte copy; what it writes past them is
+            // overwritten by what follows (the frame is filled to its end or refused).
+            // SAFETY: 16 bytes are readable at ip and writable at op, checked just above.
+            unsafe { copy16(out.add(op), src.as_ptr().add(ip)) };
+        } else {
+            // SAFETY: ip + literals <= src.len() and op + literals <= cap, checked above.
+            unsafe { copy_forward(out.add(op), src.as_ptr().add(ip), literals) };
+        }
         ip += literals;
         op += literals;
         if ip == src.len() {
@@ -275,6 +297,20 @@ pub fn decompress_frame(src: &[u8], dst: &mut [u8]) -> Result<(), FrameError> {
         length += 4;
         if length > cap - op {
             return Err(FrameError::WrongSize);
+        }
+        if offset >= 16 && length <= 32 && cap - op >= 32 {
+            // A short match from at least 16 bytes back: two 16-byte copies, the second after
+            // the first (it may read what the first wrote, as the match means).
+            // SAFETY: the source op-offset.. lies in what was written (offset <= op) and its
+            // 32 bytes end at op-offset+32 <= op+16, written by the first copy before the
+            // second reads them; 32 bytes are writable at op (checked); each 16-byte copy's
+            // ranges do not overlap (offset >= 16).
+            unsafe {
+                copy16(out.add(op), out.add(op - offset));
+                copy16(out.add(op + 16), out.add(op + 16 - offset));
+            }
+            op += length;
+            continue;
         }
         // The match repeats the `offset` bytes before it. Copy it in non-overlapping pieces
         // that double in size: what is already written is periodic with period `offset`.
