@@ -217,6 +217,11 @@ fn own_library_path(maps: &[memory::MapLine]) -> Option<String> {
 
 /// Describes the frozen process.
 fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
+    // First: it writes the process-wide pending signals into a static (SHARED_PENDING, 8 KiB),
+    // whose pages must be present when the memory dump reads the page map, or a page never
+    // written before is not stored and the signals are lost at resume (it happened once the
+    // static's page moved with the library's layout).
+    let shared_pending = signals::take_shared_pending();
     let mut files = Files::default();
     let basics = process::dump(&mut files)?;
     let maps = memory::read_maps().map_err(|e| format!("cannot read the memory map: {e}"))?;
@@ -225,7 +230,7 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
     let host = host::dump(&maps);
     let vmas = memory::dump(&maps, &mut files, basics.mm.start_brk, basics.mm.brk)?;
     let fds = files::dump(&mut files)?;
-    let signals = signals::dump(signals::take_shared_pending());
+    let signals = signals::dump(shared_pending);
     let timers = crate::resources::timers::dump();
     let mut thread_entries: Vec<_> = SLOTS
         .iter()
