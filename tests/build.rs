@@ -26,6 +26,7 @@ const PROGRAMS: &[(&str, &[&str])] = &[
     ("sysv_private", &[]),
     ("timers", &["-pthread", "-lrt"]),
     ("clocks", &[]),
+    ("lazymem", &["-pthread"]),
 ];
 
 fn compile(cc: &str, src: &Path, out: &Path, extra: &[&str]) {

@@ -44,6 +44,9 @@ pub struct RunResult {
     pub image_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<f64>,
+    /// The same resume with `--lazy` (migrate only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_restore_ms: Option<f64>,
     /// Why the run failed (a wrong line after restore is a correctness failure).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
@@ -182,12 +185,34 @@ impl Bench<'_> {
         std::thread::sleep(settled.saturating_duration_since(Instant::now()));
         self.before_measure()?;
         let (offset, last) = last_counter(&out)?;
-        let resume_log = self.path(tag, "resume.log");
+        // What the output file was at the checkpoint, put back for the lazy resume.
+        let saved = std::fs::read(&out).with_context(|| format!("cannot read {}", out.display()))?;
+        let mtime = std::fs::metadata(&out).and_then(|m| m.modified()).context("cannot stat the output file")?;
+        result.restore_ms = Some(self.timed_resume(&image, &out, tag, offset, last, false)?);
+
+        // 4. The same image resumed with --lazy, timed the same way, once the output file is
+        //    back as it was (contents and mtime: migrate-resume checks both).
+        let file = std::fs::File::create(&out).with_context(|| format!("cannot rewrite {}", out.display()))?;
+        std::io::Write::write_all(&mut &file, &saved).context("cannot rewrite the output file")?;
+        file.set_modified(mtime).context("cannot set the output file's mtime")?;
+        drop(file);
+        self.before_measure()?;
+        result.lazy_restore_ms = Some(self.timed_resume(&image, &out, tag, offset, last, true)?);
+        Ok(())
+    }
+
+    /// Resumes `image` (with `--lazy` if asked), timed from the command to the program's next
+    /// line in `out` after `offset`, which must continue the count from `last`; then ends it.
+    fn timed_resume(&self, image: &Path, out: &Path, tag: &str, offset: u64, last: u64, lazy: bool) -> Result<f64> {
+        let resume_log = self.path(tag, if lazy { "resume-lazy.log" } else { "resume.log" });
         let mut cmd = Command::new(&self.bins.resume);
-        cmd.arg(&image).env("MIGRATE_LOG", "quiet").stdout(Stdio::null()).stderr(log_file(&resume_log)?);
+        if lazy {
+            cmd.arg("--lazy");
+        }
+        cmd.arg(image).env("MIGRATE_LOG", "quiet").stdout(Stdio::null()).stderr(log_file(&resume_log)?);
         let start = Instant::now();
         let (mut resumed, _, _) = Group::spawn(&mut cmd, "migrate-resume", Detach::Group)?;
-        let (line, seen) = wait_next_line(&out, offset, || match resumed.try_status()? {
+        let (line, seen) = wait_next_line(out, offset, || match resumed.try_status()? {
             Some(status) => bail!(
                 "migrate-resume {} exited ({status}) before the program wrote its next line; stderr:\n{}",
                 image.display(),
@@ -196,8 +221,7 @@ impl Bench<'_> {
             None => Ok(()),
         })?;
         check_next(line, last)?;
-        result.restore_ms = Some(ms(seen.saturating_duration_since(start)));
-        Ok(())
+        Ok(ms(seen.saturating_duration_since(start)))
     }
 
     fn criu_inner(&self, mib: u64, tag: &str, result: &mut RunResult) -> Result<()> {

@@ -24,6 +24,7 @@ pub struct Summary {
     pub ckpt_ms: Option<f64>,
     pub image_bytes: Option<u64>,
     pub restore_ms: Option<f64>,
+    pub lazy_restore_ms: Option<f64>,
     pub failed_runs: usize,
     pub all_runs: Vec<RunResult>,
 }
@@ -33,7 +34,9 @@ impl Summary {
         let ckpt: Vec<f64> = all_runs.iter().filter_map(|r| r.ckpt_ms).collect();
         let image: Vec<f64> = all_runs.iter().filter_map(|r| r.image_bytes.map(|b| b as f64)).collect();
         let restore: Vec<f64> = all_runs.iter().filter_map(|r| r.restore_ms).collect();
+        let lazy: Vec<f64> = all_runs.iter().filter_map(|r| r.lazy_restore_ms).collect();
         Summary {
+            lazy_restore_ms: median(lazy),
             ckpt_ms: median(ckpt),
             image_bytes: median(image).map(|b| b.round() as u64),
             restore_ms: median(restore),
@@ -157,8 +160,8 @@ impl Report {
         let w = self.runs.iter().map(|r| size_label(r.size_mib).len() + 1).max().unwrap_or(0).max(9);
         let _ = writeln!(
             s,
-            "{:<w$}| {:>7} | {:>8} | {:>10} || {:>12} | {:>13} | {:>15}",
-            "size", "ckpt ms", "image MB", "restore ms", "criu ckpt ms", "criu image MB", "criu restore ms"
+            "{:<w$}| {:>7} | {:>8} | {:>10} | {:>7} || {:>12} | {:>13} | {:>15}",
+            "size", "ckpt ms", "image MB", "restore ms", "lazy ms", "criu ckpt ms", "criu image MB", "criu restore ms"
         );
         for row in &self.runs {
             let mf = row.migrate.failed_runs > 0;
@@ -171,11 +174,12 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{:<w$}| {:>7} | {:>8} | {:>10} || {cc:>12} | {ci:>13} | {cr:>15}",
+                "{:<w$}| {:>7} | {:>8} | {:>10} | {:>7} || {cc:>12} | {ci:>13} | {cr:>15}",
                 size_label(row.size_mib),
                 cell_ms(row.migrate.ckpt_ms, mf),
                 cell_mb(row.migrate.image_bytes, mf),
                 cell_ms(row.migrate.restore_ms, mf),
+                cell_ms(row.migrate.lazy_restore_ms, mf),
             );
             if let Some(z) = &row.migrate_lz4 {
                 let f = z.failed_runs > 0;
@@ -404,8 +408,20 @@ mod tests {
 
     #[test]
     fn summary_skips_failed_measurements() {
-        let ok = RunResult { ckpt_ms: Some(10.0), image_bytes: Some(100), restore_ms: Some(5.0), failed: None };
-        let bad = RunResult { ckpt_ms: Some(30.0), image_bytes: Some(300), restore_ms: None, failed: Some("x".into()) };
+        let ok = RunResult {
+            ckpt_ms: Some(10.0),
+            image_bytes: Some(100),
+            restore_ms: Some(5.0),
+            lazy_restore_ms: None,
+            failed: None,
+        };
+        let bad = RunResult {
+            ckpt_ms: Some(30.0),
+            image_bytes: Some(300),
+            restore_ms: None,
+            lazy_restore_ms: None,
+            failed: Some("x".into()),
+        };
         let s = Summary::new(vec![ok.clone(), bad, ok]);
         assert_eq!(s.ckpt_ms, Some(10.0));
         assert_eq!(s.image_bytes, Some(100));

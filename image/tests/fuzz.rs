@@ -163,7 +163,11 @@ fn sample_meta(proc: u32) -> ImageMeta {
     let vpid = 100 + proc as i32;
     let mut vmas = vec![
         vma(0x40_0000, 4, VmaKind::FilePrivate, Some(0), vec![]),
-        vma(0x60_0000, 8, VmaKind::Anon, None, vec![(0, 2), (5, 1)]),
+        // Page 1 is held by the parent image (an incremental image).
+        VmaEntry {
+            inherited: vec![InheritedRun { first: 1, count: 1, ancestor: 0, offset: 8192 }],
+            ..vma(0x60_0000, 8, VmaKind::Anon, None, vec![(0, 2), (5, 1)])
+        },
         vma(0x80_0000, 2, VmaKind::Heap, None, vec![(1, 1)]),
         vma(0x7fff_f000_0000, 1, VmaKind::Registry, None, vec![]),
         vma(0x7fff_f100_0000, 2, VmaKind::SysvShm { id: 7 }, None, vec![]),
@@ -337,7 +341,7 @@ fn sample_tree(processes: u32) -> TreeMeta {
         ],
         network_lock: "migrate_lock_1".into(),
         image_id: 0x1234_5678_9abc_def0,
-        ancestors: vec![],
+        ancestors: vec![AncestorRef { file: "parent-1.mig".into(), image_id: 0x0fed_cba9_8765_4321 }],
     }
 }
 
@@ -368,8 +372,10 @@ fn sample_parts(processes: u32) -> Vec<Part> {
             if !v.runs.is_empty() {
                 let kind = SectionKind::Pages { proc, vma: i as u32 };
                 let bytes = pages(u64::from(proc) * 64 + i as u64, v.stored_pages());
-                let hashes: Vec<u8> =
+                // One hash per page with data, the inherited ones included.
+                let mut hashes: Vec<u8> =
                     bytes.chunks(PAGE_SIZE as usize).flat_map(|p| migrate_image::page_hash(p).to_le_bytes()).collect();
+                hashes.resize((v.data_pages() * 8) as usize, 0x5a);
                 parts.push((kind, bytes, true));
                 parts.push((SectionKind::PageHashes { proc, vma: i as u32 }, hashes, false));
             }
@@ -555,6 +561,12 @@ fn check_meta(sections: &[SectionEntry], proc: u32, m: &ImageMeta) -> Result<(),
         let pages = (v.end - v.start) / PAGE_SIZE;
         for &(first, count) in &v.runs {
             prop_assert!(count > 0 && first.checked_add(count).is_some_and(|e| e <= pages));
+        }
+        for r in &v.inherited {
+            // Inherited pages are pages of the runs (the plan splits the runs at them).
+            let inside =
+                v.runs.iter().any(|&(f, c)| f <= r.first && r.first.checked_add(r.count).is_some_and(|e| e <= f + c));
+            prop_assert!(inside && r.count > 0, "vma {} inherits pages outside its runs", i);
         }
         if !v.runs.is_empty() {
             // The switch preads stored_pages() pages from the section's offset on.
@@ -781,6 +793,8 @@ enum MetaEdit {
     NoThreads,
     NoFiles,
     ManyThreads(u32),
+    /// (first, count, ancestor, offset) runs of pages held by ancestors.
+    Inherited(Index, Vec<(u64, u64, u32, u64)>),
 }
 
 fn small_or_huge() -> impl Strategy<Value = u32> {
@@ -805,6 +819,19 @@ fn meta_edit() -> impl Strategy<Value = MetaEdit> {
         Just(MetaEdit::NoThreads),
         Just(MetaEdit::NoFiles),
         prop_oneof![Just(65536u32), Just(65537), 1u32..40].prop_map(MetaEdit::ManyThreads),
+        (
+            any::<Index>(),
+            prop::collection::vec(
+                (
+                    prop_oneof![0u64..10, extreme()],
+                    prop_oneof![0u64..4, extreme()],
+                    prop_oneof![0u32..3, Just(u32::MAX)],
+                    prop_oneof![Just(0u64), Just(4096), 1u64..5000, extreme()]
+                ),
+                0..4
+            )
+        )
+            .prop_map(|(i, r)| MetaEdit::Inherited(i, r)),
     ]
 }
 
@@ -859,6 +886,12 @@ fn apply_meta(m: &mut ImageMeta, e: &MetaEdit) {
             let t = ThreadEntry { affinity: vec![], pending: vec![], ..thread(1, false) };
             p.threads = vec![t; *n as usize];
         }
+        MetaEdit::Inherited(i, runs) if nv > 0 => {
+            p.vmas[i.index(nv)].inherited = runs
+                .iter()
+                .map(|&(first, count, ancestor, offset)| InheritedRun { first, count, ancestor, offset })
+                .collect()
+        }
         _ => {}
     }
 }
@@ -868,6 +901,7 @@ enum TreeEdit {
     Processes(u32),
     Holder(u32, i32),
     SharedFdBase(i32),
+    Ancestors(Vec<String>),
 }
 
 fn tree_edit() -> impl Strategy<Value = TreeEdit> {
@@ -876,6 +910,8 @@ fn tree_edit() -> impl Strategy<Value = TreeEdit> {
         (small_or_huge(), prop_oneof![Just(-1i32), 0i32..30, Just(i32::MIN)])
             .prop_map(|(p, fd)| TreeEdit::Holder(p, fd)),
         prop_oneof![Just(i32::MIN), -1i32..5, Just(i32::MAX)].prop_map(TreeEdit::SharedFdBase),
+        prop::collection::vec(prop_oneof![Just("a.mig".to_string()), Just("../x".into()), Just(String::new())], 0..20)
+            .prop_map(TreeEdit::Ancestors),
     ]
 }
 
@@ -886,6 +922,9 @@ fn apply_tree(t: &mut TreeMeta, e: &TreeEdit) {
         }
         TreeEdit::Holder(p, fd) => t.shared[1].holders.push((*p, *fd)),
         TreeEdit::SharedFdBase(b) => t.shared_fd_base = *b,
+        TreeEdit::Ancestors(files) => {
+            t.ancestors = files.iter().map(|f| AncestorRef { file: f.clone(), image_id: 1 }).collect()
+        }
     }
 }
 

@@ -163,6 +163,13 @@ pub struct ResumeArgs {
     #[arg(long)]
     pub host_clocks: bool,
 
+    /// Bring memory in lazily: the program continues as soon as its address space is laid
+    /// out, and its private anonymous pages are read from the image on first touch (and in
+    /// the background meanwhile), through userfaultfd. Where userfaultfd is not permitted
+    /// (vm.unprivileged_userfaultfd=0 for an ordinary user) it warns and restores eagerly
+    #[arg(long)]
+    pub lazy: bool,
+
     /// Bring established TCP connections back reset (ECONNRESET on next use) instead of
     /// rebuilding them with TCP repair, e.g. when their peers are gone
     #[arg(long)]

@@ -97,6 +97,9 @@ fn spawn_checkpoint_thread() {
 }
 
 extern "C" fn before_fork() {
+    // A lazy restore still bringing pages in: the child would not inherit the registration
+    // and would read zeros where the pages are still missing.
+    restore::lazy::wait_complete();
     ARENA.lock();
 }
 

@@ -283,6 +283,10 @@ fn damaged_compressed_sections_are_refused_before_anything_is_restored() {
     drop(f);
     resume_output(&[], &flipped).assert_fails("resume of a flipped bit", 3, &["checksum mismatch", "Pages"]);
     inspect_output(&[], &flipped).assert_fails("inspect of a flipped bit", 3, &["checksum mismatch"]);
+    // migrate-resume --lazy leaves the pages to the restore, which checks compressed sections
+    // whole before its switch (the page server only ever sees raw pages).
+    let lazy = resume_output(&["--lazy"], &flipped);
+    assert!(!lazy.status.success() && lazy.stderr.contains("checksum mismatch"), "{}", lazy.describe());
 
     // 2. The frame table claims a compressed frame is raw: lengths no longer add up.
     let lying = dir.path().join("lying.mig");
@@ -364,6 +368,23 @@ fn an_incremental_image_never_takes_pages_from_a_compressed_one() {
     // It resumes without its parent.
     std::fs::remove_file(&packed).unwrap();
     let mut r = resume(&incr);
+    let back = tick(&r.wait_line(is_who("p"), STARTUP));
+    assert_eq!((back.n, back.pid, back.sum), (last + 1, pid, first.sum));
+}
+
+/// `migrate-resume --lazy` of a compressed image: compressed mappings are decoded by the
+/// switch, never left to the page server, and the program resumes with the same memory.
+#[test]
+fn a_compressed_image_resumes_lazily_too() {
+    let dir = temp_dir();
+    let prog = zmem(dir.path());
+    let mut orig = migrate_run(dir.path(), &prog, ["8", "4", "50", "0"]);
+    let pid: i32 = field_num(&orig.wait_line("ready ", STARTUP), "pid");
+    let first = tick(&orig.wait_line(is_who("p"), LINE));
+    let image = checkpoint_with(pid, true, true, dir.path());
+    let last = last_of(&orig.read_to_eof(LINE), "p", first.n);
+    orig.wait_exit(Duration::from_secs(5));
+    let mut r = resume_with(&["--lazy"], &image);
     let back = tick(&r.wait_line(is_who("p"), STARTUP));
     assert_eq!((back.n, back.pid, back.sum), (last + 1, pid, first.sum));
 }

@@ -48,12 +48,23 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
         .then(|| super::netlock::KeptNotice(tree.network_lock.clone()));
     let metas: Vec<ImageMeta> =
         (0..tree.processes.len() as u32).map(|k| reader.process_meta(k)).collect::<Result<_, _>>()?;
-    // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
-    verify_all(&reader, args.ready_fd.is_none())?;
+    // Lazy restore needs a userfaultfd, with the rights the tree will have: checked once here,
+    // so that one warning says why the resume is eager instead. It reads every section but the
+    // pages now; each page is checked against its hash when it is brought in.
+    let lazy = args.lazy && lazy_available();
+    let verify = |reader: &ImageReader| {
+        if lazy {
+            reader.verify_sections(|s| !matches!(s.kind, SectionKind::Pages { .. }), &mut vec![0u8; 1 << 20])
+        } else {
+            // (Started by a --listen daemon, the terminal is the daemon's: it shows its own progress.)
+            verify_all(reader, args.ready_fd.is_none())
+        }
+    };
+    verify(&reader)?;
     // An incremental image takes pages from its ancestors: each is checked as a whole too.
     let ancestors = super::chain::open_ancestors(&image_arg, &tree, &metas)?;
     for a in &ancestors {
-        verify_all(&a.reader, args.ready_fd.is_none())?;
+        verify(&a.reader)?;
     }
     // The restore in the new process checks its pages again unless the file is the very one
     // verified here, unchanged (a write changes its ctime): this spares a second read.
@@ -70,7 +81,13 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     // Everything that can fail is checked and prepared before the first fork.
     let mut commands = Vec::with_capacity(metas.len());
     for (k, meta) in metas.iter().enumerate() {
-        commands.push(prepare(&reader, &tree, meta, k as u32, &image, &args)?);
+        let mut cmd = prepare(&reader, &tree, meta, k as u32, &image, &args)?;
+        if lazy {
+            cmd.env("MIGRATE_LAZY", "1");
+        } else {
+            cmd.env_remove("MIGRATE_LAZY");
+        }
+        commands.push(cmd);
     }
     let memory = super::tree::build_memory(&reader, &tree)?;
     // System V objects, with their keys (a key taken here fails the resume); removed again if
@@ -135,6 +152,38 @@ pub fn main(args: ResumeArgs) -> anyhow::Result<()> {
     drop(ready);
     drop(sysv);
     result
+}
+
+/// Whether this process may create a userfaultfd that handles kernel faults too (the system
+/// call, else /dev/userfaultfd); warns (once) and returns false when not.
+fn lazy_available() -> bool {
+    // SAFETY: userfaultfd(2) takes flags only; the descriptor is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as i32;
+    if fd >= 0 {
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        return true;
+    }
+    let err = io::Error::last_os_error();
+    // The device, which an administrator may open to users the sysctl turns away.
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+    if let Ok(dev) = fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the documented ioctl on the device, with flags as its argument.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd >= 0 {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
+            return true;
+        }
+    }
+    let hint = if err.raw_os_error() == Some(libc::EPERM) {
+        ": as an ordinary user it needs the sysctl vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd"
+    } else {
+        ""
+    };
+    warn("resume", &format!("lazy restore is not available (userfaultfd: {err}{hint}); restoring eagerly"));
+    false
 }
 
 /// The identity of an open image file, as libmigrate's restore compares it (restore/mod.rs).

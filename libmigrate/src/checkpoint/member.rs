@@ -33,6 +33,9 @@ fn is_zombie(tid: i32) -> bool {
 /// Stops every program thread in its suspend handler (a main thread that called pthread_exit
 /// stays a zombie and has nothing to save).
 pub fn freeze() -> Result<(), String> {
+    // After a lazy resume, only once every page is in: pagemap would show the missing ones as
+    // never touched, and the image would lose them.
+    crate::restore::lazy::wait_complete();
     // Refused before anything is stopped: the program runs on untouched.
     if let Some(why) = crate::resources::timers::unsupported() {
         return Err(why);
@@ -573,4 +576,41 @@ fn inherited_runs(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate_image::{InheritedRun, VmaEntry, VmaKind};
+
+    #[test]
+    fn identical_pages_become_runs_that_follow_their_source() {
+        let v = VmaEntry {
+            start: 0x10000,
+            end: 0x20000,
+            prot: 3,
+            kind: VmaKind::Anon,
+            file: None,
+            file_offset: 0,
+            name: String::new(),
+            vm_flags: String::new(),
+            runs: alloc::vec![(0, 3), (4, 3)],
+            inherited: Vec::new(),
+            data_section: None,
+            compression: migrate_image::PageCompression::None,
+        };
+        let page = |addr, ancestor, offset| memory::ParentPage { addr, hash: 0, ancestor, offset };
+        let parent = [page(0x10000, 0, 8192), page(0x11000, 0, 12288), page(0x15000, 1, 4096), page(0x16000, 0, 0)];
+        let n = memory::NOT_INHERITED;
+        // Pages 0, 1 (consecutive in ancestor 0), 2 stored, 4 stored, 5 (ancestor 1), 6 (ancestor 0 again).
+        let decided = [0, 1, n, n, 2, 3];
+        assert_eq!(
+            inherited_runs(&v, &decided, &parent),
+            alloc::vec![
+                InheritedRun { first: 0, count: 2, ancestor: 0, offset: 8192 },
+                InheritedRun { first: 5, count: 1, ancestor: 1, offset: 4096 },
+                InheritedRun { first: 6, count: 1, ancestor: 0, offset: 0 },
+            ]
+        );
+    }
 }

@@ -3,6 +3,7 @@
 //! take a lock the checkpoint path could need.
 
 pub mod exec;
+pub mod fds;
 pub mod inotify;
 pub mod ipc;
 pub mod net;
@@ -23,6 +24,7 @@ pub fn resolve_all() {
     paths::resolve();
     ipc::resolve();
     inotify::resolve();
+    fds::resolve();
 }
 
 /// Sets errno (the program's, through libc's own accessor).

@@ -4,6 +4,7 @@
 //! restored copies of the program's threads and of the checkpoint thread then meet again in
 //! `finish_in_restored_process`, which releases them all at once.
 
+pub mod lazy;
 pub mod plan;
 pub mod switch;
 
@@ -55,6 +56,15 @@ pub fn run(path: &[u8], force: bool) -> ! {
 
 enum Never {}
 
+/// How this process's pages are checked before it runs.
+#[derive(PartialEq, Eq)]
+enum PageCheck {
+    /// Their sections' checksums were verified (here or by migrate-resume).
+    Verified,
+    /// Page by page against the image's page hashes (lazy restore).
+    ByHash,
+}
+
 /// The System V objects migrate-resume recreated (`MIGRATE_SYSV_IDS`, in this exec's
 /// environment: read before the switch, which brings back the program's own).
 fn sysv_ids() -> alloc::vec::Vec<crate::resources::ipc::Recreated> {
@@ -85,6 +95,7 @@ fn open_ancestors(
     tree: &migrate_image::TreeMeta,
     meta: &ImageMeta,
     above: i32,
+    by_hash: bool,
 ) -> Result<alloc::vec::Vec<i32>, String> {
     let mut fds = alloc::vec![-1; tree.ancestors.len()];
     let dir = path.rsplit_once('/').map_or(".", |(d, _)| if d.is_empty() { "/" } else { d });
@@ -106,7 +117,8 @@ fn open_ancestors(
                     a.file
                 ));
             }
-            if !verified_by_migrate_resume(reader.file().as_raw_fd()) {
+            // (A lazy restore checks each page it uses against this image's hashes instead.)
+            if !by_hash && !verified_by_migrate_resume(reader.file().as_raw_fd()) {
                 let mut buf = alloc::vec![0u8; 1 << 20];
                 reader
                     .verify_sections(|s| matches!(s.kind, SectionKind::Pages { .. }), &mut buf)
@@ -131,15 +143,6 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let reader = migrate_image::ImageReader::open(std::path::Path::new(&path_str)).map_err(|e| e.to_string())?;
     let tree = reader.tree().map_err(|e| e.to_string())?;
     let meta = reader.process_meta(proc).map_err(|e| e.to_string())?;
-    // Unless it is the very file migrate-resume verified a moment ago, unchanged.
-    if verified_by_migrate_resume(reader.file().as_raw_fd()) {
-        crate::debug!("the image is the one migrate-resume verified, unchanged: its pages are not read twice");
-    } else {
-        let mut buf = alloc::vec![0u8; 1 << 20];
-        reader
-            .verify_sections(|s| matches!(s.kind, SectionKind::Pages { proc: q, .. } if q == proc), &mut buf)
-            .map_err(|e| e.to_string())?;
-    }
     let sections = reader.sections().to_vec();
     let p = &meta.process;
     // Our copy of migrate-resume's stderr must not sit where a saved descriptor goes.
@@ -156,7 +159,58 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     // The switch's descriptor of the image: above every saved and handed-down number.
     let image_fd = sys::fcntl(reader.file().as_raw_fd(), libc::F_DUPFD_CLOEXEC, above as usize)
         .map_err(|e| format!("cannot keep the image {path_str} open: {e}"))? as i32;
-    let ancestor_fds = open_ancestors(&path_str, &tree, &meta, above)?;
+    // Lazy restore (migrate-resume --lazy): a userfaultfd, and the page server's descriptors
+    // out of the program's way, among libmigrate's own when the limit allows.
+    let lazy_asked = crate::env::var("MIGRATE_LAZY").is_some_and(|v| v == "1");
+    let lazy = if lazy_asked {
+        let err = ERROR_FD.load(Ordering::Relaxed);
+        match lazy::open(image_fd, err, above.max(state::OWN_FD_BASE + 16))
+            .or_else(|_| lazy::open(image_fd, err, above))
+        {
+            Ok(o) => Some(o),
+            Err(e) => {
+                warn_lazy(&e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // This process's pages are checked now, before anything of it is restored, unless
+    // migrate-resume verified this very file a moment ago, unchanged. With --lazy it verified
+    // everything but the pages: each page is checked against its hash instead, before the
+    // switch for those read eagerly, by the page server for the others.
+    let pages = if lazy.is_some() {
+        // Compressed mappings are decoded by the switch, never by the page server, and their
+        // hashes are of the decoded pages: their sections are checked whole now instead.
+        let compressed =
+            |vma: u32| p.vmas.get(vma as usize).is_some_and(|v| v.compression == migrate_image::PageCompression::Lz4);
+        let mut buf = alloc::vec![0u8; 1 << 20];
+        reader
+            .verify_sections(
+                |s| matches!(s.kind, SectionKind::Pages { proc: q, vma } if q == proc && compressed(vma)),
+                &mut buf,
+            )
+            .map_err(|e| e.to_string())?;
+        PageCheck::ByHash
+    } else if !lazy_asked && verified_by_migrate_resume(reader.file().as_raw_fd()) {
+        crate::debug!("the image is the one migrate-resume verified, unchanged: its pages are not read twice");
+        PageCheck::Verified
+    } else {
+        let mut buf = alloc::vec![0u8; 1 << 20];
+        reader
+            .verify_sections(|s| matches!(s.kind, SectionKind::Pages { proc: q, .. } if q == proc), &mut buf)
+            .map_err(|e| e.to_string())?;
+        PageCheck::Verified
+    };
+    let hashes: alloc::vec::Vec<alloc::vec::Vec<u64>> = match pages {
+        PageCheck::ByHash => (0..p.vmas.len() as u32)
+            .map(|i| reader.page_hashes(proc, i))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?,
+        PageCheck::Verified => alloc::vec::Vec::new(),
+    };
+    let ancestor_fds = open_ancestors(&path_str, &tree, &meta, above, pages == PageCheck::ByHash)?;
     if p.vmas.iter().any(|v| v.kind == migrate_image::VmaKind::Registry) && !crate::tree::registry_fd_valid() {
         return Err("no tree registry was handed down; resume with migrate-resume".into());
     }
@@ -207,6 +261,9 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
     handed.push((-1, image_fd));
+    if let Some(o) = &lazy {
+        handed.extend([o.uffd, o.image_fd, o.out_fd].iter().filter(|&&fd| fd >= 0).map(|&fd| (-1, fd)));
+    }
     handed.extend(ancestor_fds.iter().filter(|&&fd| fd >= 0).map(|&fd| (-1, fd)));
     if READY_FD.load(Ordering::Relaxed) >= 0 {
         handed.push((-1, READY_FD.load(Ordering::Relaxed)));
@@ -231,7 +288,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     }
     signals::restore_actions(&p.signals);
     let current = memory::read_maps().map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
-    let built = plan::build(
+    let built = match plan::build(
         &meta,
         proc,
         &sections,
@@ -241,9 +298,24 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         &current,
         &shared_maps,
         &sysv_ids(),
+        lazy.as_ref(),
+        &hashes,
         &frame_tables,
-    )?;
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(o) = lazy {
+                o.close();
+            }
+            return Err(e);
+        }
+    };
     drop(frame_tables);
+    if !built.lazy {
+        if let Some(o) = lazy {
+            o.close();
+        }
+    }
     // The saved rlimits last: a lower RLIMIT_NOFILE would forbid the plan's descriptors.
     process::restore(p)?;
     // SAFETY: build() wrote a complete header at the start of the plan region.
@@ -251,6 +323,16 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     check_address_space(p, plan_len)?;
     // SAFETY: the plan region is mapped and holds a complete plan; its top is the stack.
     unsafe { context::call_on_stack(built.addr, switch::restorer_main, built.stack_top) }
+}
+
+/// Lazy restore is not possible here: says so once on migrate-resume's stderr; the restore
+/// goes on eagerly.
+pub fn warn_lazy(why: &str) {
+    let mut b = crate::log::StackBuf::<512>::new();
+    b.push_bytes(b"migrate-resume: warning: lazy restore is not available (");
+    b.push_bytes(why.as_bytes());
+    b.push_bytes(b"); restoring eagerly\n");
+    let _ = sys::write_all(ERROR_FD.load(Ordering::Relaxed), b.as_bytes());
 }
 
 /// At its peak the switch holds every saved region (special mappings included) and the plan.

@@ -53,6 +53,10 @@ pub struct PlanVma {
     pub first_frame: u32,
     pub nframes: u32,
     pub frames_offset: u64,
+    /// Restored lazily: mapped, its hot pages read, the rest left to the page server.
+    pub lazy: u32,
+    /// The saved mapping's index (its page hashes).
+    pub index: u32,
 }
 
 #[repr(C)]
@@ -114,6 +118,16 @@ pub struct PlanHeader {
     /// VMA is compressed).
     pub scratch_off: u64,
     pub scratch_len: u64,
+    /// Lazy restore (lazy.rs): the page server's mapping (0: eager restore), its userfaultfd,
+    /// the address of `lazy::LAZY`, and the ranges the switch reads eagerly in lazy regions.
+    pub lazy_server: u64,
+    pub lazy_server_len: u64,
+    pub lazy_uffd: i32,
+    pub lazy_fd_lo: i32,
+    pub lazy_fd_hi: i32,
+    pub nhot: u32,
+    pub lazy_state: u64,
+    pub hot_off: u64,
 }
 
 impl PlanHeader {
@@ -156,6 +170,10 @@ impl PlanHeader {
     /// The scratch buffer's address.
     pub fn scratch(&self) -> *mut u8 {
         (self as *const Self as u64 + self.scratch_off) as *mut u8
+    }
+    pub fn hot(&self) -> &[Range] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.hot_off, self.nhot) }
     }
     pub fn image_path(&self) -> &[u8] {
         // SAFETY: see `array`.
@@ -254,6 +272,8 @@ fn plan_runs(
 pub struct Built {
     pub addr: usize,
     pub stack_top: usize,
+    /// A page server was set up (lazy restore); otherwise the caller closes what it opened.
+    pub lazy: bool,
 }
 
 /// Builds the plan. `image_fd` is the image, open above every saved descriptor, whose pages
@@ -270,6 +290,8 @@ pub fn build(
     current: &[MapLine],
     shared_maps: &[(u64, i32, u64)],
     sysv: &[crate::resources::ipc::Recreated],
+    lazy: Option<&super::lazy::Opened>,
+    hashes: &[Vec<u64>],
     frame_tables: &[(u32, Vec<u32>)],
 ) -> Result<Built, String> {
     let p = &meta.process;
@@ -364,6 +386,8 @@ pub fn build(
                     first_frame: 0,
                     nframes: 0,
                     frames_offset: 0,
+                    lazy: 0,
+                    index: i as u32,
                 });
                 continue;
             }
@@ -385,6 +409,8 @@ pub fn build(
                 first_frame: 0,
                 nframes: 0,
                 frames_offset: 0,
+                lazy: 0,
+                index: i as u32,
             });
             continue;
         }
@@ -403,6 +429,16 @@ pub fn build(
             };
             frames.extend_from_slice(table);
         }
+        // Lazily: private anonymous memory (not the main stack, which the kernel reads for
+        // /proc/PID/cmdline), readable and writable, with enough stored pages to matter.
+        let stored = v.data_pages();
+        let rw = libc::PROT_READ as u32 | PROT_WRITE;
+        // (Compressed pages are decoded by the switch: never lazily.)
+        let lazy_vma = lazy.is_some()
+            && v.compression == PageCompression::None
+            && matches!(v.kind, VmaKind::Anon | VmaKind::Heap)
+            && v.prot & rw == rw
+            && stored >= super::lazy::MIN_PAGES;
         let first_run = runs.len() as u32;
         plan_runs(v, image_fd, data_offset, ancestor_fds, &mut runs)?;
         vmas.push(PlanVma {
@@ -420,6 +456,8 @@ pub fn build(
             first_frame,
             nframes: frames.len() as u32 - first_frame,
             frames_offset: data_offset,
+            lazy: lazy_vma as u32,
+            index: i as u32,
         });
     }
     let main_vtid = p.vpid;
@@ -448,10 +486,55 @@ pub fn build(
         }
     }
 
+    // Lazy restore: the pages the restored threads touch at once (each one's saved context, the
+    // handler frames and signal frame above it) and `lazy::LAZY`, which the switch writes, are
+    // read eagerly; the page server gets the rest.
+    let mut busy: Vec<(u64, u64)> = current.iter().map(|m| (m.start, m.end)).collect();
+    busy.extend(p.vmas.iter().map(|v| (v.start, v.end)));
+    let mut hot: Vec<Range> = Vec::new();
+    let mut server = None;
+    if let Some(o) = lazy.filter(|_| vmas.iter().any(|v| v.lazy != 0)) {
+        let state = super::lazy::state_addr() & !4095;
+        hot.push(Range { start: state, end: state + 4096 });
+        for t in &threads {
+            let sp = t.resume_sp & !4095;
+            hot.push(Range { start: sp.saturating_sub(4096), end: sp + super::lazy::HOT_STACK });
+        }
+        let regions: Vec<super::lazy::LazyRegion> = vmas
+            .iter()
+            .filter(|v| v.lazy != 0)
+            .map(|v| super::lazy::LazyRegion {
+                start: v.start,
+                end: v.end,
+                runs: &runs[v.first_run as usize..(v.first_run + v.nruns) as usize],
+                hashes: hashes.get(v.index as usize).map_or(&[][..], |h| &h[..]),
+            })
+            .collect();
+        let built = super::lazy::build_server(o, &regions, &hot, image_path, |len| {
+            let a = free_range(len, &busy)?;
+            busy.push((a, a + len));
+            Some(a)
+        });
+        match built {
+            Ok(b) => server = Some(b),
+            Err(e) => {
+                super::warn_lazy(&e);
+                vmas.iter_mut().for_each(|v| v.lazy = 0);
+                hot.clear();
+            }
+        }
+    }
+    if lazy.is_some() {
+        // migrate-resume verified everything but the pages: the ones read eagerly are checked
+        // now (the page server checks the others as it brings them in).
+        let image = String::from_utf8_lossy(image_path);
+        super::lazy::verify_eager(&vmas, &runs, hashes, &hot, &image)?;
+    }
+
     // Lay the region out.
     let hdr = core::mem::size_of::<PlanHeader>() as u64;
     let align = |x: u64| x.next_multiple_of(64);
-    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1;
+    let keeps_count = keep.iter().filter(|&&k| k).count() + current.iter().filter(|m| m.is_special()).count() + 1 + 4;
     let keeps_off = align(hdr);
     let vmas_off = align(keeps_off + (keeps_count * core::mem::size_of::<Range>()) as u64);
     let runs_off = align(vmas_off + (vmas.len() * core::mem::size_of::<PlanVma>()) as u64);
@@ -459,15 +542,14 @@ pub fn build(
     let fds_off = align(threads_off + (threads.len() * core::mem::size_of::<PlanThread>()) as u64);
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
     let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
-    let frames_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
+    let hot_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
+    let frames_off = align(hot_off + (hot.len() * core::mem::size_of::<Range>()) as u64);
     let path_off = align(frames_off + (frames.len() * 4) as u64);
     let scratch_off = align(path_off + image_path.len() as u64).next_multiple_of(4096);
     let scratch_len = if frames.is_empty() { 0 } else { SCRATCH_SIZE as u64 };
     let data_len = scratch_off + scratch_len;
     let region_len = data_len + STACK_SIZE as u64;
 
-    let mut busy: Vec<(u64, u64)> = current.iter().map(|m| (m.start, m.end)).collect();
-    busy.extend(p.vmas.iter().map(|v| (v.start, v.end)));
     let addr = free_range(region_len, &busy).ok_or("no free address range for the restore plan")?;
     let got = sys::mmap(
         addr as usize,
@@ -486,6 +568,9 @@ pub fn build(
         p.vmas.iter().zip(&keep).filter(|(_, &k)| k).map(|(v, _)| Range { start: v.start, end: v.end }).collect();
     keeps.extend(current.iter().filter(|m| m.is_special()).map(|m| Range { start: m.start, end: m.end }));
     keeps.push(Range { start: addr, end: addr + region_len });
+    if let Some(b) = &server {
+        keeps.extend(b.mappings.iter().map(|&(start, end)| Range { start, end }));
+    }
     keeps.sort_unstable_by_key(|r| r.start);
 
     let mm = &p.mm;
@@ -536,6 +621,14 @@ pub fn build(
         nframes: frames.len() as u32,
         scratch_off,
         scratch_len,
+        lazy_server: server.as_ref().map_or(0, |b| b.addr),
+        lazy_server_len: server.as_ref().map_or(0, |b| b.len),
+        lazy_uffd: server.as_ref().and(lazy).map_or(-1, |o| o.uffd),
+        lazy_fd_lo: server.as_ref().map_or(-1, |b| b.fd_lo),
+        lazy_fd_hi: server.as_ref().map_or(-1, |b| b.fd_hi),
+        nhot: hot.len() as u32,
+        lazy_state: super::lazy::state_addr(),
+        hot_off,
     };
     // SAFETY: the region is freshly mapped, writable, and large enough for every array at the
     // offsets computed above; all records are plain data.
@@ -557,8 +650,69 @@ pub fn build(
             base.add(sysv_off as usize) as *mut crate::resources::ipc::Recreated,
             sysv.len(),
         );
+        core::ptr::copy_nonoverlapping(hot.as_ptr(), base.add(hot_off as usize) as *mut Range, hot.len());
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
         core::ptr::copy_nonoverlapping(frames.as_ptr(), base.add(frames_off as usize) as *mut u32, frames.len());
     }
-    Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize })
+    Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize, lazy: server.is_some() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate_image::{InheritedRun, VmaEntry, VmaKind};
+
+    fn vma(runs: Vec<(u64, u64)>, inherited: Vec<InheritedRun>) -> VmaEntry {
+        VmaEntry {
+            start: 0x10000,
+            end: 0x10000 + 16 * 4096,
+            prot: 3,
+            kind: VmaKind::Anon,
+            file: None,
+            file_offset: 0,
+            name: String::new(),
+            vm_flags: String::new(),
+            runs,
+            inherited,
+            data_section: None,
+            compression: migrate_image::PageCompression::None,
+        }
+    }
+
+    fn triples(runs: &[PlanRun]) -> Vec<(u64, u64, i32, u64)> {
+        runs.iter().map(|r| (r.start, r.end, r.fd, r.offset)).collect()
+    }
+
+    #[test]
+    fn a_full_image_reads_every_run_from_its_own_section_in_order() {
+        let mut out = Vec::new();
+        plan_runs(&vma(vec![(0, 2), (5, 3)], vec![]), 7, 8192, &[], &mut out).unwrap();
+        assert_eq!(triples(&out), vec![(0, 2, 7, 8192), (5, 8, 7, 8192 + 2 * 4096)]);
+    }
+
+    #[test]
+    fn inherited_pages_are_read_from_their_ancestor_and_the_rest_from_the_section() {
+        let inherited = vec![
+            InheritedRun { first: 1, count: 2, ancestor: 0, offset: 40960 },
+            InheritedRun { first: 5, count: 1, ancestor: 1, offset: 4096 },
+            InheritedRun { first: 7, count: 1, ancestor: 0, offset: 0 },
+        ];
+        let mut out = Vec::new();
+        plan_runs(&vma(vec![(0, 4), (5, 3)], inherited), 7, 1 << 20, &[20, 21], &mut out).unwrap();
+        assert_eq!(
+            triples(&out),
+            vec![
+                (0, 1, 7, 1 << 20),
+                (1, 3, 20, 40960),
+                (3, 4, 7, (1 << 20) + 4096),
+                (5, 6, 21, 4096),
+                (6, 7, 7, (1 << 20) + 2 * 4096),
+                (7, 8, 20, 0),
+            ]
+        );
+        // An ancestor the restore did not open is an error, never a read from elsewhere.
+        let mut out = Vec::new();
+        let one = vec![InheritedRun { first: 0, count: 1, ancestor: 3, offset: 0 }];
+        assert!(plan_runs(&vma(vec![(0, 1)], one), 7, 0, &[20], &mut out).is_err());
+    }
 }

@@ -4,8 +4,10 @@
 //! fill it from the image; set the mm fields; clone the other threads onto their saved
 //! contexts; make this thread the saved main thread and jump into its parked handler.
 
-use super::plan::{PlanHeader, PLAN_MAGIC};
-use crate::sys::{self, context};
+use super::lazy;
+use super::plan::{PlanHeader, PlanRun, PlanVma, Range, PLAN_MAGIC};
+use crate::sys::{self, context, uffd};
+use core::sync::atomic::Ordering;
 
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 
@@ -202,6 +204,95 @@ fn fill_lz4(
     }
 }
 
+/// Reads the runs of region `v` from the image (or an ancestor image) — only their parts inside
+/// `clip` when given (the hot ranges of a lazy region).
+fn read_runs(efd: i32, v: &PlanVma, runs: &[PlanRun], clip: Option<&[Range]>) {
+    for r in runs {
+        let (run_start, run_end) = (v.start + r.start * 4096, v.start + r.end * 4096);
+        let whole = [Range { start: run_start, end: run_end }];
+        for c in clip.unwrap_or(&whole) {
+            let (mut addr, end) = (run_start.max(c.start), run_end.min(c.end));
+            while addr < end {
+                let n = check(
+                    efd,
+                    raw(libc::SYS_pread64, r.fd as u64, addr, end - addr, r.offset + (addr - run_start), 0, 0),
+                    b"reading pages from the image",
+                );
+                if n == 0 {
+                    fail(efd, b"the image ended early", -(libc::EIO as isize));
+                }
+                addr += n;
+            }
+        }
+    }
+}
+
+/// A lazy region read eagerly after all: its pages are checked against their hashes here,
+/// since the page server will not see them.
+fn check_hashes(efd: i32, server: u64, v: &PlanVma) {
+    if let Some(bad) = lazy::check_present(server, v.start, v.end) {
+        let _ = sys::write(efd, b"migrate-resume: error: restore failed: the page at 0x");
+        write_num(efd, bad, 16);
+        let _ = sys::write(efd, b" does not match its hash: the image is damaged; resume from an intact copy of it\n");
+        sys::exit_group(5);
+    }
+}
+
+/// Lazy restore: marks the restore pending in the restored `lazy::LAZY` (its page is in: it is
+/// hot), starts the page server, registers every lazy region with the userfaultfd and lets the
+/// server go. A region the kernel will not register, or every one if the server cannot start,
+/// is read eagerly instead.
+fn start_lazy(plan: &PlanHeader, efd: i32) {
+    let state = plan.lazy_state as *const lazy::LazyState;
+    // SAFETY: `LAZY`'s page is mapped and present (hot); no other thread runs yet.
+    let state = unsafe { &*state };
+    state.fd_lo.store(plan.lazy_fd_lo, Ordering::Relaxed);
+    state.fd_hi.store(plan.lazy_fd_hi, Ordering::Relaxed);
+    state.pending.store(1, Ordering::Release);
+    let server = plan.lazy_server;
+    let all_runs = plan.runs();
+    let runs_of = |v: &PlanVma| &all_runs[v.first_run as usize..(v.first_run + v.nruns) as usize];
+    // SAFETY: the server's mapping ends with its stack; `pending` lives as long as the process.
+    let tid = unsafe {
+        uffd::spawn_thread(server + plan.lazy_server_len, state.pending.as_ptr() as u64, server, lazy::server_main)
+    };
+    if tid < 0 {
+        let _ = sys::write(
+            efd,
+            b"migrate-resume: warning: cannot start the lazy restore's page server; restoring eagerly\n",
+        );
+        for v in plan.vmas().iter().filter(|v| v.lazy != 0) {
+            read_runs(efd, v, runs_of(v), None);
+            check_hashes(efd, server, v);
+        }
+        state.pending.store(0, Ordering::Release);
+        // SAFETY: the header built by lazy::build_server; no server thread uses it.
+        let s = unsafe { &*(server as *const lazy::Server) };
+        for &fd in s.sources.iter().take(s.nsources as usize).chain([&s.uffd, &s.out_fd]) {
+            raw(libc::SYS_close, fd as u64, 0, 0, 0, 0, 0);
+        }
+        return;
+    }
+    for v in plan.vmas().iter().filter(|v| v.lazy != 0) {
+        let len = v.end - v.start;
+        match uffd::register(plan.lazy_uffd, v.start, len) {
+            Ok(ioctls) if ioctls & uffd::UFFDIO_COPY_BIT != 0 => {}
+            registered => {
+                if registered.is_ok() {
+                    let _ = uffd::unregister(plan.lazy_uffd, v.start, len);
+                }
+                // The server finds these pages present (EEXIST) and moves on.
+                read_runs(efd, v, runs_of(v), None);
+                check_hashes(efd, server, v);
+            }
+        }
+    }
+    // SAFETY: the header built by lazy::build_server; `go` is atomic.
+    let go = unsafe { &(*(server as *const lazy::Server)).go };
+    go.store(1, Ordering::Release);
+    sys::futex_wake(go);
+}
+
 /// Entry point on the private stack. `plan_addr` is the plan region.
 pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
     // SAFETY: the constructor passes the address of a plan it built; the region stays mapped.
@@ -239,9 +330,10 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
         let runs = &all_runs[v.first_run as usize..(v.first_run + v.nruns) as usize];
         let fill_prot = if runs.is_empty() { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
         // Densely stored anonymous memory is populated by the kernel in one go rather than by
-        // one fault per page during the reads.
+        // one fault per page during the reads. (Never a lazy region: a populated page is
+        // present, and the page server could not bring its contents in any more.)
         let stored: u64 = runs.iter().map(|r| r.end - r.start).sum();
-        let dense = v.fd < 0 && len >= (1 << 20) && stored * 4096 * 4 >= len * 3;
+        let dense = v.fd < 0 && v.lazy == 0 && len >= (1 << 20) && stored * 4096 * 4 >= len * 3;
         if v.keep == 0 {
             let populate = if dense { libc::MAP_POPULATE } else { 0 };
             let flags = (v.map_flags | libc::MAP_FIXED | populate) as u64;
@@ -261,14 +353,15 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
             let words = &plan.frames()[v.first_frame as usize..(v.first_frame + v.nframes) as usize];
             fill_lz4(efd, plan.image_fd as u64, v, runs, words, plan.scratch(), plan.scratch_len);
         } else {
-            for r in runs {
-                let addr = v.start + r.start * 4096;
-                read_exact(efd, r.fd as u64, addr, (r.end - r.start) * 4096, r.offset);
-            }
+            // A lazy region gets only its hot pages now (it is readable and writable already).
+            read_runs(efd, v, runs, if v.lazy != 0 { Some(plan.hot()) } else { None });
         }
         if fill_prot != v.prot {
             check(efd, raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
         }
+    }
+    if plan.lazy_server != 0 {
+        start_lazy(plan, efd);
     }
     for &fd in plan.fds() {
         raw(libc::SYS_close, fd as u64, 0, 0, 0, 0, 0);

@@ -676,3 +676,4 @@ pub unsafe fn mremap_fixed(old: usize, len: usize, new: usize) -> SysResult<usiz
 
 // After `sc!`, which it uses (a macro is visible only below its definition).
 pub mod inotify;
+pub mod uffd;
