@@ -1,9 +1,12 @@
 /* workload: the benchmark program of BENCHMARKS.md.
  *
- * usage: workload <MiB> <output file>
+ * usage: workload <MiB> <output file> [random|mixed]
  *
  * mallocs <MiB> MiB and fills every byte of it with pseudo-random data (xorshift64), so that the
- * memory is resident and incompressible; prints "ready" on stdout (line-buffered) once filled;
+ * memory is resident and incompressible (`random`, the default); `mixed` (migrate-bench
+ * --memory mixed, for compressed images) fills each 64 KiB block in turn with random bytes,
+ * zeros, or text-like words (two blocks in four), closer to a real program's heap;
+ * prints "ready" on stdout (line-buffered) once filled;
  * then loops forever, appending "<counter>\n" to the output file every 100 ms, counter starting at
  * 1. The file is opened once (O_WRONLY|O_APPEND|O_CREAT) and each line is one write(2), unbuffered,
  * so a reader never sees a line in two pieces.
@@ -43,10 +46,11 @@ static void sleep_until(long long deadline_ns)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s <MiB> <output file>\n", argv[0]);
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: %s <MiB> <output file> [random|mixed]\n", argv[0]);
         return 2;
     }
+    int mixed = argc == 4 && strcmp(argv[3], "mixed") == 0;
     char *end;
     errno = 0;
     unsigned long long mib = strtoull(argv[1], &end, 10);
@@ -67,6 +71,25 @@ int main(int argc, char **argv)
         s ^= s >> 7;
         s ^= s << 17;
         buf[i] = s;
+    }
+    /* mixed: of every four 64 KiB blocks, one stays random, one is zeros, two are words. */
+    static const char *words[] = {"checkpoint ", "restore ", "memory ", "page ", "frame ", "the ", "of ", "\n"};
+    char *bytes_at = (char *)buf;
+    for (size_t block = 0; mixed && (block << 16) < bytes; block++) {
+        size_t start = block << 16, end = start + (1 << 16) < bytes ? start + (1 << 16) : bytes;
+        if (block % 4 == 1) {
+            memset(bytes_at + start, 0, end - start);
+        } else if (block % 4 >= 2) {
+            for (size_t at = start; at < end;) {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                const char *w = words[s % 8];
+                size_t n = strlen(w) < end - at ? strlen(w) : end - at;
+                memcpy(bytes_at + at, w, n);
+                at += n;
+            }
+        }
     }
     /* The buffer is never read: tell the compiler its contents matter, so the fill is kept. */
     __asm__ volatile("" : : "r"(buf) : "memory");

@@ -9,8 +9,11 @@
 //! Then the overhead while running (overhead.rs): redis-server's throughput under
 //! redis-benchmark, plain and managed, and the time migrate-run adds to a program's start.
 //!
+//! With `--compress`, each size also gets a row for compressed images (`--compress` on both
+//! checkpoints); `--memory mixed` makes the workload's memory compressible in part.
+//!
 //! Usage: `cargo run --release -p migrate-bench -- [--sizes 1,64,256,1024] [--runs 3] [--json out.json]
-//! [--overhead | --no-overhead]`
+//! [--overhead | --no-overhead] [--compress] [--memory random|mixed]`
 
 mod measure;
 mod overhead;
@@ -52,6 +55,16 @@ struct Cli {
     /// Do not measure the overhead while running after the size table
     #[arg(long)]
     no_overhead: bool,
+
+    /// Also measure compressed images (migrate-checkpoint --compress): a second migrate row per
+    /// size, its runs alternating with the others
+    #[arg(long)]
+    compress: bool,
+
+    /// The workload's memory: random bytes (incompressible, the default) or mixed (of every
+    /// four 64 KiB blocks one random, one zeros, two text-like words)
+    #[arg(long, value_name = "KIND", default_value = "random", value_parser = ["random", "mixed"])]
+    memory: String,
 
     /// Overhead: redis runs of each kind, plain and managed alternating (medians are reported)
     #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -160,18 +173,25 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         drop_caches,
         runs_per_size: cli.runs,
         criu: criu_status,
+        memory: cli.memory.clone(),
     };
-    let bench = Bench { bins: &bins, dir: work.path(), drop_caches, criu: criu.as_deref() };
+    let bench = Bench { memory: &cli.memory, bins: &bins, dir: work.path(), drop_caches, criu: criu.as_deref() };
 
     let mut rows = Vec::new();
     for &mib in cli.sizes.iter().filter(|_| sizes) {
         let mut ours = Vec::new();
+        let mut packed = Vec::new();
         let mut theirs = Vec::new();
         // Ours and CRIU's alternate, so that both see the same conditions.
         for run in 1..=cli.runs {
-            let r = bench.migrate_run(mib, run);
+            let r = bench.migrate_run(mib, run, false);
             progress(mib, run, cli.runs, "migrate", &r);
             ours.push(r);
+            if cli.compress {
+                let r = bench.migrate_run(mib, run, true);
+                progress(mib, run, cli.runs, "migrate --compress", &r);
+                packed.push(r);
+            }
             if criu.is_some() {
                 let r = bench.criu_run(mib, run);
                 progress(mib, run, cli.runs, "criu", &r);
@@ -181,6 +201,7 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         rows.push(SizeReport {
             size_mib: mib,
             migrate: Summary::new(ours),
+            migrate_lz4: cli.compress.then(|| Summary::new(packed)),
             criu: criu.is_some().then(|| Summary::new(theirs)),
         });
     }
@@ -194,7 +215,10 @@ fn bench(cli: &Cli) -> Result<ExitCode> {
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    let failed = report.runs.iter().any(|r| r.migrate.failed_runs > 0)
+    let failed = report
+        .runs
+        .iter()
+        .any(|r| r.migrate.failed_runs > 0 || r.migrate_lz4.as_ref().is_some_and(|s| s.failed_runs > 0))
         || report.overhead.as_ref().is_some_and(OverheadReport::failed);
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -86,6 +86,8 @@ impl Bins {
 
 /// What every run needs.
 pub struct Bench<'a> {
+    /// The workload's memory: "random" (incompressible) or "mixed" (see workload.c).
+    pub memory: &'a str,
     pub bins: &'a Bins,
     /// The work directory (tmpfs): images, output files, logs.
     pub dir: &'a Path,
@@ -102,11 +104,11 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// One run under migrate.
-    pub fn migrate_run(&self, mib: u64, run: u32) -> RunResult {
+    /// One run under migrate; with `compress`, both checkpoints are `--compress`.
+    pub fn migrate_run(&self, mib: u64, run: u32, compress: bool) -> RunResult {
         let mut result = RunResult::default();
-        let tag = format!("migrate-{mib}-{run}");
-        if let Err(e) = self.migrate_inner(mib, &tag, &mut result) {
+        let tag = format!("migrate{}-{mib}-{run}", if compress { "-lz4" } else { "" });
+        if let Err(e) = self.migrate_inner(mib, &tag, compress, &mut result) {
             result.failed = Some(format!("{e:#}"));
         }
         self.remove_run_files(&tag);
@@ -140,7 +142,8 @@ impl Bench<'_> {
         }
     }
 
-    fn migrate_inner(&self, mib: u64, tag: &str, result: &mut RunResult) -> Result<()> {
+    fn migrate_inner(&self, mib: u64, tag: &str, compress: bool, result: &mut RunResult) -> Result<()> {
+        let lz4: &[&str] = if compress { &["--compress"] } else { &[] };
         let out = self.path(tag, "out");
         let images = self.path(tag, "images");
         std::fs::create_dir(&images).with_context(|| format!("cannot create {}", images.display()))?;
@@ -154,6 +157,7 @@ impl Bench<'_> {
             .arg(WORKLOAD)
             .arg(mib.to_string())
             .arg(&out)
+            .arg(self.memory)
             .env("MIGRATE_LOG", "quiet")
             .stdout(Stdio::piped())
             .stderr(log_file(&run_log)?);
@@ -164,8 +168,12 @@ impl Bench<'_> {
 
         // 2. Checkpoint, left running.
         self.before_measure()?;
-        let ckpt = proc::run(Command::new(&self.bins.checkpoint).arg(&pid), "migrate-checkpoint", size_timeout(mib))?
-            .check(&format!("migrate-checkpoint {pid}"))?;
+        let ckpt = proc::run(
+            Command::new(&self.bins.checkpoint).args(lz4).arg(&pid),
+            "migrate-checkpoint",
+            size_timeout(mib),
+        )?
+        .check(&format!("migrate-checkpoint {pid}"))?;
         let image = image_path(&ckpt.stdout)?;
         result.ckpt_ms = Some(ms(ckpt.elapsed));
         result.frozen_ms = frozen_of(&ckpt.stderr);
@@ -186,7 +194,7 @@ impl Bench<'_> {
 
         // 3. Checkpoint and kill (not timed), then resume, timed to the next line.
         let kill = proc::run(
-            Command::new(&self.bins.checkpoint).arg("--kill").arg(&pid),
+            Command::new(&self.bins.checkpoint).args(lz4).arg("--kill").arg(&pid),
             "migrate-checkpoint --kill",
             size_timeout(mib),
         )?
@@ -253,7 +261,11 @@ impl Bench<'_> {
         let ready_file = self.path(tag, "stdout");
         let workload_log = self.path(tag, "stderr");
         let mut cmd = Command::new(WORKLOAD);
-        cmd.arg(mib.to_string()).arg(&out).stdout(log_file(&ready_file)?).stderr(log_file(&workload_log)?);
+        cmd.arg(mib.to_string())
+            .arg(&out)
+            .arg(self.memory)
+            .stdout(log_file(&ready_file)?)
+            .stderr(log_file(&workload_log)?);
         let (mut workload, _, _) = Group::spawn(&mut cmd, "workload (for CRIU)", Detach::Session)?;
         wait_ready_file(&ready_file, &mut workload, mib, &workload_log)?;
         let pid = workload.pid().to_string();

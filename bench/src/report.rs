@@ -67,6 +67,9 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 pub struct SizeReport {
     pub size_mib: u64,
     pub migrate: Summary,
+    /// Compressed images (`--compress`); None when not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrate_lz4: Option<Summary>,
     /// None when no usable criu was found.
     pub criu: Option<Summary>,
 }
@@ -157,8 +160,9 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "page cache {}; criu: {}",
+            "page cache {}; workload memory: {}; criu: {}",
             if m.drop_caches { "dropped before each measured operation" } else { "NOT dropped" },
+            m.memory,
             m.criu
         );
         let w = self.runs.iter().map(|r| size_label(r.size_mib).len() + 1).max().unwrap_or(0).max(9);
@@ -185,6 +189,20 @@ impl Report {
                 cell_ms(row.migrate.restore_ms, mf),
                 cell_ms(row.migrate.lazy_restore_ms, mf),
             );
+            if let Some(z) = &row.migrate_lz4 {
+                let f = z.failed_runs > 0;
+                let _ = writeln!(
+                    s,
+                    "{:<w$}| {:>7} | {:>8} | {:>10} || {:>12} | {:>13} | {:>15}",
+                    " lz4",
+                    cell_ms(z.ckpt_ms, f),
+                    cell_mb(z.image_bytes, f),
+                    cell_ms(z.restore_ms, f),
+                    "",
+                    "",
+                    ""
+                );
+            }
         }
         let _ = writeln!(s);
         let _ = writeln!(
@@ -211,7 +229,11 @@ impl Report {
             .runs
             .iter()
             .flat_map(|row| {
-                let tools = [("migrate", Some(&row.migrate)), ("criu", row.criu.as_ref())];
+                let tools = [
+                    ("migrate", Some(&row.migrate)),
+                    ("migrate --compress", row.migrate_lz4.as_ref()),
+                    ("criu", row.criu.as_ref()),
+                ];
                 tools.into_iter().filter_map(|(name, summary)| summary.map(|s| (name, s))).flat_map(move |(name, s)| {
                     s.all_runs.iter().enumerate().filter_map(move |(i, r)| {
                         r.failed

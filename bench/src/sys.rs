@@ -22,6 +22,8 @@ pub struct Machine {
     pub runs_per_size: u32,
     /// "criu not found", "criu check failed: ...", or the version of the criu used.
     pub criu: String,
+    /// The workload's memory: "random" or "mixed" (workload.c).
+    pub memory: String,
 }
 
 pub fn cpu_model() -> String {

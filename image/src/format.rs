@@ -26,8 +26,8 @@ pub const MAGIC: [u8; 8] = *b"MIGRATE\x7f";
 pub const TRAILER_MAGIC: [u8; 8] = *b"\x7fETARGIM";
 /// The format version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 4;
-/// The oldest format version this build reads (4 added per-page hashes and incremental
-/// images; the metadata of 3 decodes differently).
+/// The oldest format version this build reads (4 added per-page hashes, incremental images
+/// and compressed page sections; the metadata of 3 decodes differently).
 pub const OLDEST_READABLE_VERSION: u32 = 4;
 /// Size of the header block; sections start here.
 pub const HEADER_LEN: u64 = 4096;
@@ -596,14 +596,26 @@ impl ImageReader {
             let section_len = |kind: SectionKind| self.sections.iter().find(|s| s.kind == kind).map(|s| s.length);
             let stored = v.stored_pages();
             let kind = SectionKind::Pages { proc, vma: i as u32 };
-            match section_len(kind) {
-                None if stored > 0 => {
-                    return Err(format!("vma {i} stores pages but the image has no {kind:?} section"))
+            if v.compression == crate::schema::PageCompression::Lz4 && stored > 0 {
+                // Frames hold this image's pages; an ancestor's pages are raw at an offset.
+                if !v.inherited.is_empty() {
+                    return Err(format!("vma {i} is compressed but inherits pages"));
                 }
-                Some(len) if Some(len) != stored.checked_mul(PAGE_SIZE) => {
-                    return Err(format!("vma {i} stores {stored} pages but its section holds {len} bytes"));
+                let Some(s) = self.sections.iter().find(|s| s.kind == kind) else {
+                    return Err(format!("vma {i} stores pages but the image has no {kind:?} section"));
+                };
+                // The frame table must account for every stored page and every byte.
+                self.read_frame_table(s, v).map_err(|e| format!("vma {i}: {e}"))?;
+            } else {
+                match section_len(kind) {
+                    None if stored > 0 => {
+                        return Err(format!("vma {i} stores pages but the image has no {kind:?} section"))
+                    }
+                    Some(len) if Some(len) != stored.checked_mul(PAGE_SIZE) => {
+                        return Err(format!("vma {i} stores {stored} pages but its section holds {len} bytes"));
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
             let kind = SectionKind::PageHashes { proc, vma: i as u32 };
             let data = v.data_pages();
@@ -624,6 +636,52 @@ impl ImageReader {
             }
         }
         Ok(())
+    }
+
+    /// The frame table of a compressed VMA (`v`, whose page section is `s`): one word per frame
+    /// (`crate::frames`), checked against the runs and the section's length. Reads only the
+    /// table (4 bytes per 64 KiB of memory), not the frames.
+    fn read_frame_table(&self, s: &SectionEntry, v: &crate::schema::VmaEntry) -> Result<Vec<u32>, String> {
+        let frames = crate::frames::frame_count(&v.runs);
+        let table_len = frames.checked_add(1).and_then(|n| n.checked_mul(4)).filter(|&n| n <= s.length);
+        let Some(table_len) = table_len else {
+            return Err(format!("{frames} frames cannot fit a section of {} bytes", s.length));
+        };
+        let mut raw = vec![0u8; table_len as usize];
+        self.file
+            .read_exact_at(&mut raw, s.offset + s.length - table_len)
+            .map_err(|e| format!("cannot read its frame table: {e}"))?;
+        let mut words: Vec<u32> = raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let count = words.pop().unwrap_or(0);
+        if u64::from(count) != frames {
+            return Err(format!("its frame table counts {count} frames, {frames} expected"));
+        }
+        crate::frames::check_table(&v.runs, &words, s.length)?;
+        Ok(words)
+    }
+
+    /// The frame table of VMA `vma` of process `proc` (metadata `meta`) when it is compressed
+    /// (checked as `process_meta` does), or None for raw pages or no pages.
+    pub fn frame_table(
+        &self,
+        proc: u32,
+        vma: u32,
+        meta: &crate::schema::ImageMeta,
+    ) -> Result<Option<Vec<u32>>, ImageError> {
+        let malformed = |detail: String| ImageError::Malformed {
+            path: self.path.clone(),
+            what: format!("pages of process {proc} vma {vma}"),
+            detail,
+        };
+        let Some(v) = meta.process.vmas.get(vma as usize) else {
+            return Err(malformed("no such mapping".into()));
+        };
+        if v.compression != crate::schema::PageCompression::Lz4 || v.runs.is_empty() {
+            return Ok(None);
+        }
+        let kind = SectionKind::Pages { proc, vma };
+        let s = self.sections.iter().find(|s| s.kind == kind).ok_or_else(|| malformed("no page section".into()))?;
+        self.read_frame_table(s, v).map(Some).map_err(malformed)
     }
 
     /// The page hashes of VMA `vma` of process `proc` (empty when it has no pages).

@@ -5,6 +5,7 @@
 //! workspace knows the byte layout.
 
 pub mod format;
+pub mod frames;
 pub mod schema;
 
 pub use format::{

@@ -1,7 +1,7 @@
 //! The versioned metadata schema: one struct per kind of process resource.
 //!
-//! Format version 3 (versions 1 and 2, without timers or TCP repair state, were only written by
-//! development builds and are refused as too old). Fields are only ever appended in new versions (postcard is positional:
+//! Format version 4 (compressed page sections: `VmaEntry::compression`). Versions 1 to 3 were
+//! only written by development builds and are refused as too old. Fields are only ever appended in new versions (postcard is positional:
 //! a new version bumps `FORMAT_VERSION` and old versions stay decodable through their own types).
 //! Addresses are the program's own; PIDs are *virtual* (what the program saw when first started).
 
@@ -194,6 +194,20 @@ pub struct VmaEntry {
     pub inherited: Vec<InheritedRun>,
     /// Section holding the runs' bytes, when any page is stored.
     pub data_section: Option<u32>,
+    /// How the `Pages` section holds the runs (format version 4): raw pages, or lz4 frames
+    /// (image/src/frames.rs).
+    pub compression: PageCompression,
+}
+
+/// The encoding of a VMA's `Pages` section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageCompression {
+    /// The runs' pages concatenated, page-aligned (`stored_pages() * PAGE_SIZE` bytes).
+    #[default]
+    None,
+    /// Independent lz4 blocks of up to 16 pages each, then the frame table
+    /// (`crate::frames`).
+    Lz4,
 }
 
 /// Pages of a mapping that an ancestor image holds: `count` pages from page `first` of the

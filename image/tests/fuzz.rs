@@ -123,6 +123,7 @@ fn vma(start: u64, pages: u64, kind: VmaKind, file: Option<u32>, runs: Vec<(u64,
         runs,
         inherited: vec![],
         data_section: None,
+        compression: PageCompression::None,
     }
 }
 

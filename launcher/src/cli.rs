@@ -42,6 +42,11 @@ pub struct RunArgs {
     #[arg(long, requires = "interval")]
     pub fork: bool,
 
+    /// Compress the memory in the images the program writes on its own (--interval, the
+    /// checkpoint signal) with lz4; migrate-checkpoint chooses for its own with --compress
+    #[arg(long, conflicts_with = "incremental")]
+    pub compress: bool,
+
     /// The program to run and its arguments
     #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<OsString>,
@@ -104,6 +109,12 @@ pub struct CheckpointArgs {
     /// it (a full image when there is none, or after 8 in a chain)
     #[arg(long, conflicts_with = "to")]
     pub incremental: bool,
+
+    /// Compress the memory in the image with lz4 (smaller image, more CPU while the program is
+    /// stopped). With --to there is no pre-copy: the compressed image travels whole. Not with
+    /// --incremental (an incremental image takes raw pages from its ancestors)
+    #[arg(long, conflicts_with_all = ["precopy", "incremental"])]
+    pub compress: bool,
 
     /// Directory to write the image to [default: the process's checkpoint directory]
     #[arg(long, value_name = "DIR")]
@@ -273,5 +284,7 @@ mod tests {
         assert!(CheckpointArgs::try_parse_from(["c", "0"]).is_err());
         assert!(CheckpointArgs::try_parse_from(["c", "--timeout", "-1", "5"]).is_err());
         assert!(CheckpointArgs::try_parse_from(["c", "abc"]).is_err());
+        assert!(CheckpointArgs::try_parse_from(["c", "--compress", "5"]).unwrap().compress);
+        assert!(CheckpointArgs::try_parse_from(["c", "--to", "h:1", "--precopy", "--compress", "5"]).is_err());
     }
 }

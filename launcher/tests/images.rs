@@ -55,7 +55,7 @@ fn inspect_shows_a_valid_image() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["format_version"], migrate_image::FORMAT_VERSION);
     assert_eq!(v["image_bytes"], fs::metadata(&img).unwrap().len());
-    assert_eq!(v["sections"].as_array().unwrap().len(), 3, "pages, process metadata, tree");
+    assert_eq!(v["sections"].as_array().unwrap().len(), 4, "pages, page hashes, process metadata, tree");
     assert_eq!(v["tree"]["processes"][0]["vpid"], 42);
     assert_eq!(v["meta"]["process"]["vpid"], 42);
     assert_eq!(v["meta"]["process"]["threads"][0]["name"], "sample");

@@ -64,6 +64,7 @@ fn start_managed() {
     let dir = env::var_bytes("MIGRATE_CKPT_DIR").or_else(resources::files_cwd).unwrap_or_else(|| b".".to_vec());
     let _ = checkpoint::DEFAULT_DIR.set(dir);
     checkpoint::configure_periodic(pid);
+    checkpoint::COMPRESS_BY_DEFAULT.store(env::var("MIGRATE_COMPRESS").is_some_and(|v| v == "1"), Ordering::Relaxed);
     let _ = checkpoint::LD_PRELOAD.set(env::var("LD_PRELOAD").unwrap_or_default());
     if let Err(e) = checkpoint::suspend::install_handlers() {
         info!("cannot install signal handlers ({e}); checkpoints are disabled in this process");

@@ -1,7 +1,7 @@
 //! `migrate-checkpoint`: ask a managed process over its control socket to write an image.
 //!
 //! Protocol (libmigrate implements the other side): connect to the abstract AF_UNIX stream
-//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> [fork=1] dir=<absolute dir or empty>\n`,
+//! socket `\0migrate/ctl/<pid>`, send `checkpoint kill=<0|1> bins=<0|1> [fork=1] [incr=1] [compress=1] dir=<absolute dir or empty>\n`,
 //! read one line back: `ok <absolute image path>\n` or `error <message>\n`, possibly preceded by
 //! `frozen <ms>\n` as soon as the program runs again (with --fork, before the image is done).
 
@@ -34,6 +34,7 @@ pub fn request_line(
     with_binaries: bool,
     fork: bool,
     incremental: bool,
+    compress: bool,
     lock: Option<&str>,
     dir: Option<&Path>,
 ) -> String {
@@ -41,7 +42,13 @@ pub fn request_line(
     let lock = lock.map(|l| format!("lock={l} ")).unwrap_or_default();
     let fork = if fork { "fork=1 " } else { "" };
     let incr = if incremental { "incr=1 " } else { "" };
-    format!("checkpoint kill={} bins={} {fork}{incr}{lock}dir={dir}\n", u8::from(kill), u8::from(with_binaries))
+    // Only when asked: a program started by an older libmigrate knows no such word.
+    let compress = if compress { "compress=1 " } else { "" };
+    format!(
+        "checkpoint kill={} bins={} {fork}{incr}{compress}{lock}dir={dir}\n",
+        u8::from(kill),
+        u8::from(with_binaries)
+    )
 }
 
 /// The frozen time in a `frozen <ms>` line, which comes before the reply as soon as the
@@ -130,6 +137,7 @@ pub fn main(args: CheckpointArgs) -> anyhow::Result<()> {
         args.with_binaries,
         args.fork,
         args.incremental,
+        args.compress,
         lock.as_ref().map(|l| l.name.as_str()),
         dir.as_deref(),
     );
@@ -500,13 +508,19 @@ mod tests {
 
     #[test]
     fn request_and_reply() {
-        assert_eq!(request_line(false, false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
-        assert_eq!(request_line(false, false, false, true, None, None), "checkpoint kill=0 bins=0 incr=1 dir=\n");
+        assert_eq!(request_line(false, false, false, false, false, None, None), "checkpoint kill=0 bins=0 dir=\n");
         assert_eq!(
-            request_line(true, true, false, false, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
-            "checkpoint kill=1 bins=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
+            request_line(false, false, false, true, false, None, None),
+            "checkpoint kill=0 bins=0 incr=1 dir=\n"
         );
-        assert_eq!(request_line(false, false, true, false, None, None), "checkpoint kill=0 bins=0 fork=1 dir=\n");
+        assert_eq!(
+            request_line(true, true, false, false, true, Some("migrate_lock_1_a"), Some(Path::new("/tmp/a b"))),
+            "checkpoint kill=1 bins=1 compress=1 lock=migrate_lock_1_a dir=/tmp/a b\n"
+        );
+        assert_eq!(
+            request_line(false, false, true, false, false, None, None),
+            "checkpoint kill=0 bins=0 fork=1 dir=\n"
+        );
         assert_eq!(parse_frozen("frozen 12"), Some(12));
         assert_eq!(parse_frozen("ok /tmp/frozen 12"), None);
         assert_eq!(parse_reply("ok /tmp/x.img"), Ok(Reply::Ok("/tmp/x.img".into())));

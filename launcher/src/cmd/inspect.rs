@@ -4,7 +4,8 @@ use crate::cli::InspectArgs;
 use crate::signals;
 use crate::text::{bytes, inotify_mask, limit, open_flags, prot, rlimit_name, utc_time};
 use migrate_image::{
-    FdKind, ImageMeta, ImageReader, SectionEntry, SectionKind, SharedObject, SysvObject, TreeMeta, VmaKind, PAGE_SIZE,
+    FdKind, ImageMeta, ImageReader, PageCompression, SectionEntry, SectionKind, SharedObject, SysvObject, TreeMeta,
+    VmaKind, PAGE_SIZE,
 };
 use std::fmt::Write as _;
 use std::io::Write;
@@ -42,7 +43,7 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
                 let _ =
                     writeln!(o, "\n==================== process {k} (vpid {}) ====================", meta.process.vpid);
             }
-            o.push_str(&text(&reader, meta, !args.no_verify));
+            o.push_str(&text(&reader, k as u32, meta, !args.no_verify));
         }
         if !tree.network_lock.is_empty() {
             let _ = writeln!(
@@ -187,8 +188,8 @@ fn kind_text(k: SectionKind) -> String {
     }
 }
 
-/// The human-readable report.
-pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
+/// The human-readable report of process `proc` (`meta`).
+pub fn text(reader: &ImageReader, proc: u32, meta: &ImageMeta, verified: bool) -> String {
     let mut o = String::new();
     let h = &meta.host;
     let p = &meta.process;
@@ -227,11 +228,25 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
     let _ = writeln!(o, "libmigrate {}", file(p.libmigrate));
 
     let _ = writeln!(o, "\nmemory ({} mappings)", p.vmas.len());
-    let _ = writeln!(o, "  {:<33} {:<4} {:<11} {:>17}  name", "range", "prot", "kind", "stored/pages");
+    let _ = writeln!(o, "  {:<33} {:<4} {:<11} {:>17}  name", "range", "prot", "kind", "[lz4] stored/pages");
     let mut stored_total = 0u64;
-    for v in &p.vmas {
+    // Compressed mappings: (count, bytes of memory, bytes in their page sections).
+    let mut lz4 = (0usize, 0u64, 0u64);
+    for (i, v) in p.vmas.iter().enumerate() {
         let pages = v.len() / PAGE_SIZE;
         stored_total += v.stored_pages();
+        let mut stored = if v.inherited.is_empty() {
+            format!("{}/{}", v.stored_pages(), pages)
+        } else {
+            format!("{}+{}/{}", v.stored_pages(), v.data_pages() - v.stored_pages(), pages)
+        };
+        if v.compression == PageCompression::Lz4 && !v.runs.is_empty() {
+            let kind = SectionKind::Pages { proc, vma: i as u32 };
+            let len = reader.sections().iter().find(|s| s.kind == kind).map_or(0, |s| s.length);
+            let memory = v.stored_pages() * PAGE_SIZE;
+            lz4 = (lz4.0 + 1, lz4.1 + memory, lz4.2 + len);
+            stored = format!("lz4 {:.0}% {stored}", 100.0 * len as f64 / memory.max(1) as f64);
+        }
         let _ = writeln!(
             o,
             "  {:016x}-{:016x} {:<4} {:<11} {:>17}  {}",
@@ -242,11 +257,7 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
                 VmaKind::SysvShm { id } => format!("SysvShm {id}"),
                 k => format!("{k:?}"),
             },
-            if v.inherited.is_empty() {
-                format!("{}/{}", v.stored_pages(), pages)
-            } else {
-                format!("{}+{}/{}", v.stored_pages(), v.data_pages() - v.stored_pages(), pages)
-            },
+            stored,
             v.name
         );
     }
@@ -420,6 +431,19 @@ pub fn text(reader: &ImageReader, meta: &ImageMeta, verified: bool) -> String {
         stored_total,
         bytes(page_bytes)
     );
+    if lz4.0 > 0 {
+        let _ = writeln!(
+            o,
+            "compressed lz4: {} of memory in {} ({:.1}%, {} bytes in {} bytes), {} of {} mappings with pages",
+            bytes(lz4.1),
+            bytes(lz4.2),
+            100.0 * lz4.2 as f64 / lz4.1.max(1) as f64,
+            lz4.1,
+            lz4.2,
+            lz4.0,
+            p.vmas.iter().filter(|v| !v.runs.is_empty()).count()
+        );
+    }
     let mut trimmed: String = o.lines().map(str::trim_end).collect::<Vec<_>>().join("\n");
     trimmed.push('\n');
     trimmed

@@ -44,6 +44,12 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => cmd.env_remove("MIGRATE_INTERVAL"),
     };
+    // The checkpoints the program takes on its own (period, checkpoint signal) are compressed.
+    if args.compress {
+        cmd.env("MIGRATE_COMPRESS", "1");
+    } else {
+        cmd.env_remove("MIGRATE_COMPRESS");
+    }
     // The program starts a process tree of its own (even under another managed program).
     // SAFETY: getpid has no preconditions. We exec: the program keeps this pid.
     cmd.env("MIGRATE_NEW_TREE", unsafe { libc::getpid() }.to_string());

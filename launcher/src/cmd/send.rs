@@ -166,7 +166,9 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
     // Memory first, while the program runs: the freeze then carries what changed.
     let tree = super::netlock::tree_of(pid);
     let mut known = std::collections::HashSet::new();
-    let ahead = if args.precopy || (!args.no_precopy && resident(&tree) > 64 << 20) {
+    // A compressed image travels whole: pre-copy sends raw 4 KiB pages, and no lz4 frame of
+    // the image would ever match one (the memory would cross twice).
+    let ahead = if args.precopy || (!args.no_precopy && !args.compress && resident(&tree) > 64 << 20) {
         let mut progress = Progress::new(0);
         progress.what = "sent ahead";
         let mut ahead = 0u64;
@@ -185,7 +187,11 @@ pub fn main(args: CheckpointArgs, to: &str) -> Result<()> {
     let mut control = connect(pid, deadline)?;
     let lock = if args.no_network_lock { None } else { super::netlock::lock(pid) };
     let image = memfd()?;
-    let mut request = format!("checkpoint kill=1 bins={} hold=1 ", u8::from(args.with_binaries));
+    let mut request = format!(
+        "checkpoint kill=1 bins={} {}hold=1 ",
+        u8::from(args.with_binaries),
+        if args.compress { "compress=1 " } else { "" }
+    );
     if let Some(l) = &lock {
         request.push_str(&format!("lock={} ", l.name));
     }

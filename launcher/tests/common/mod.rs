@@ -122,6 +122,7 @@ pub fn sample_meta(exe: &Path, argv: &[&str]) -> ImageMeta {
                 runs: vec![(0, 1)],
                 inherited: vec![],
                 data_section: Some(0),
+                compression: migrate_image::PageCompression::None,
             }],
             threads: vec![ThreadEntry {
                 vtid: 42,

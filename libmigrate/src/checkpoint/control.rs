@@ -7,15 +7,15 @@
 //!
 //! Protocol (lines; the coordinator's `write` carries the image descriptor with SCM_RIGHTS):
 //! ```text
-//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [hold=1] [fork=1] [incr=1] [lock=<table>] dir=<path> [+ image fd]
+//! user → any member:      checkpoint kill=<0|1> bins=<0|1> [compress=1] [hold=1] [fork=1] [incr=1] [lock=<table>] dir=<path> [+ image fd]
 //!                                                                         → [frozen <ms>] ok <image> | error <msg>
 //!                         `frozen <ms>` comes as soon as the tree runs again (with fork=1, before
 //!                         the image is complete; never with kill=1 or hold=1)
 //!                         with hold=1 (image fd required):               → ok held <bytes>, then
 //!                         commit → committed (the tree dies) | abort → aborted (it goes on)
 //! coordinator → member:   freeze                                          → frozen <own fds> | error <msg>
-//!                         write <proc> <pos> bins=<0|1> kill=<0|1> [parent=<hex path>] [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
-//!                         write <proc> <pos> bins=<0|1> kill=0 fork=1 [parent=<hex path>] [+ image fd] → forked <reserved end> | error <msg>
+//!                         write <proc> <pos> bins=<0|1> kill=<0|1> [compress=1] [parent=<hex path>] [+ image fd]    → written <end> <n> <vpid> <vppid> <vpgid> <vsid>\n<n bytes: postcard sections> | error <msg>
+//!                         write <proc> <pos> bins=<0|1> kill=0 fork=1 [compress=1] [parent=<hex path>] [+ image fd] → forked <reserved end> | error <msg>
 //!                         release                                         → released
 //!                         (after `forked`: the member runs again but keeps the connection)
 //!                         collect                                         → written … | error <msg>
@@ -97,6 +97,8 @@ pub fn parse_request(line: &[u8]) -> Option<Request> {
             b"kill=1" => req.kill = true,
             b"bins=1" => req.with_binaries = true,
             b"hold=1" => req.hold = true,
+            b"compress=1" => req.compress = true,
+            b"compress=0" => req.compress = false,
             b"incr=1" => req.incremental = true,
             b"fork=1" => req.fork = true,
             b"kill=0" | b"bins=0" | b"hold=0" | b"incr=0" | b"fork=0" | b"" => {}
@@ -326,7 +328,9 @@ mod tests {
         assert!(r.kill && r.with_binaries);
         assert_eq!(r.dir.as_deref(), Some(&b"/tmp/a b"[..]));
         let r = parse_request(b"checkpoint kill=0 dir=\n").unwrap();
-        assert!(!r.kill && r.dir.is_none() && !r.fork);
+        assert!(!r.kill && r.dir.is_none() && !r.fork && !r.compress);
+        let r = parse_request(b"checkpoint kill=0 bins=0 compress=1 dir=/x\n").unwrap();
+        assert!(r.compress && !r.with_binaries);
         let r = parse_request(b"checkpoint kill=0 bins=0 fork=1 dir=/x\n").unwrap();
         assert!(r.fork && !r.kill);
         assert!(parse_request(b"hello\n").is_none());

@@ -187,20 +187,27 @@ fn write_member(
     image_fd: i32,
     proc: u32,
     pos: u64,
-    bins: bool,
-    kill: bool,
+    req: &Request,
     parent: Option<&member::ParentImage>,
 ) -> Result<Option<member::Written>, String> {
+    let (bins, kill, compress) = (req.with_binaries, req.kill, req.compress);
     let Some(conn) = f.conn.as_mut() else {
-        return match member::write_process(image_fd, proc, pos, bins, kill, false, parent)? {
+        let opts = member::WriteOptions { with_binaries: bins, kill, fork: false, compress, parent };
+        return match member::write_process(image_fd, proc, pos, &opts)? {
             WriteOutcome::Written(w) => Ok(Some(w)),
             WriteOutcome::Restored => Ok(None),
             WriteOutcome::Forked(_) => Err("a forked write where none was asked".into()),
         };
     };
     conn.send_with_fd(
-        format!("write {proc} {pos} bins={} kill={}{}\n", u8::from(bins), u8::from(kill), parent_word(parent))
-            .as_bytes(),
+        format!(
+            "write {proc} {pos} bins={} kill={}{}{}\n",
+            u8::from(bins),
+            u8::from(kill),
+            compress_word(compress),
+            parent_word(parent)
+        )
+        .as_bytes(),
         image_fd,
     )?;
     read_written(conn, f.vpid, 600).map(Some)
@@ -391,6 +398,15 @@ fn new_tree(req: &Request) -> TreeMeta {
     }
 }
 
+/// ` compress=1` for a member's `write` command of a compressed checkpoint.
+fn compress_word(compress: bool) -> &'static str {
+    if compress {
+        " compress=1"
+    } else {
+        ""
+    }
+}
+
 /// ` parent=<hex path>` for a member's `write` command (empty for a full image).
 fn parent_word(parent: Option<&member::ParentImage>) -> String {
     parent.map(|p| format!(" parent={}", super::control::hex(p.path.as_bytes()))).unwrap_or_default()
@@ -403,7 +419,8 @@ fn incremental_parent(
     root_vpid: i32,
     tree: &mut TreeMeta,
 ) -> Option<member::ParentImage> {
-    if !req.incremental || image.streamed {
+    // A compressed image is a full one: its frames cannot refer to an ancestor's pages.
+    if !req.incremental || image.streamed || req.compress {
         return None;
     }
     let (path, ancestors) = choose_parent(&image.dir_str, &image.exe_name, root_vpid)?;
@@ -499,7 +516,7 @@ fn write_image(req: &Request, frozen: &mut [Frozen], sysv: &mut Vec<(ipc::Kind, 
     let parent = incremental_parent(req, &image, root_vpid, &mut tree);
     for (k, &i) in order.iter().enumerate() {
         let pos = writer.position();
-        match write_member(&mut frozen[i], fd, k as u32, pos, req.with_binaries, req.kill, parent.as_ref()) {
+        match write_member(&mut frozen[i], fd, k as u32, pos, req, parent.as_ref()) {
             Ok(Some(w)) => {
                 writer.adopt_sections(&w.sections, w.end);
                 // The members wrote with pwrite: our own writes continue after their part.
@@ -580,7 +597,18 @@ fn run_forked(
         let pos = writer.position();
         let f = &mut frozen[i];
         let reserved_end = match f.conn.as_mut() {
-            None => match member::write_process(fd, k as u32, pos, req.with_binaries, false, true, parent.as_ref()) {
+            None => match member::write_process(
+                fd,
+                k as u32,
+                pos,
+                &member::WriteOptions {
+                    with_binaries: req.with_binaries,
+                    kill: false,
+                    fork: true,
+                    compress: req.compress,
+                    parent: parent.as_ref(),
+                },
+            ) {
                 Ok(WriteOutcome::Forked(w)) => {
                     let end = w.reserved_end;
                     own = Some(w);
@@ -601,8 +629,9 @@ fn run_forked(
                 let vpid = f.vpid;
                 conn.send_with_fd(
                     format!(
-                        "write {k} {pos} bins={} kill=0 fork=1{}\n",
+                        "write {k} {pos} bins={} kill=0 fork=1{}{}\n",
                         u8::from(req.with_binaries),
+                        compress_word(req.compress),
                         parent_word(parent.as_ref())
                     )
                     .as_bytes(),

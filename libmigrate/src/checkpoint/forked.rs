@@ -265,14 +265,14 @@ pub fn start(
     image_fd: i32,
     proc: u32,
     pos: u64,
-    with_binaries: bool,
     mut meta: ImageMeta,
     mem_fd: i32,
-    parent: Option<&member::ParentImage>,
+    opts: &member::WriteOptions<'_>,
 ) -> Result<WriteOutcome, String> {
     let copies = take_copies(&meta, mem_fd);
     member::close_mem(mem_fd);
     let copies = copies?;
+    let (with_binaries, compress, parent) = (opts.with_binaries, opts.compress, opts.parent);
     let bound = match reservation(&mut meta, &copies, with_binaries, parent.is_some()) {
         Ok(b) => b,
         Err(e) => {
@@ -306,7 +306,7 @@ pub fn start(
     // A test hook (tests/tests/forked.rs): the writer stops itself before it writes anything,
     // so that a test can show the program running on while its image is incomplete.
     let stop_first = crate::env::var("MIGRATE_TEST_STOP_WRITER").is_some_and(|v| v == "1");
-    let out = Out { image_fd, proc, pos, limit, with_binaries, report, report_len, stop_first };
+    let out = Out { image_fd, proc, pos, limit, with_binaries, compress, report, report_len, stop_first };
     match sys::clone_process() {
         Ok(0) => {
             // The writer child. `write_child` returns only in a restored process.
@@ -342,6 +342,7 @@ struct Out {
     pos: u64,
     limit: u64,
     with_binaries: bool,
+    compress: bool,
     report: usize,
     report_len: usize,
     stop_first: bool,
@@ -355,7 +356,7 @@ fn write_child(
     copies: &Copies,
     parent: Option<&member::ParentImage>,
 ) -> Result<WriteOutcome, String> {
-    let Out { image_fd, proc, pos, limit, with_binaries, report, report_len, stop_first } = *out;
+    let Out { image_fd, proc, pos, limit, with_binaries, compress, report, report_len, stop_first } = *out;
     // Dies with the checkpoint thread that made it (the program exits or execs meanwhile).
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0);
     // Holds none of the program's descriptors: a pipe or socket the program closes must close.
@@ -371,7 +372,13 @@ fn write_child(
     let page_copies = copies.slices(&copies.pages);
     let file_copies = copies.slices(&copies.files);
     let sink = PwriteSink { fd: image_fd, pos, limit };
-    let what = member::WriteWhat { with_binaries, page_copies: &page_copies, file_copies: Some(&file_copies), parent };
+    let what = member::WriteWhat {
+        with_binaries,
+        compress,
+        page_copies: &page_copies,
+        file_copies: Some(&file_copies),
+        parent,
+    };
     let written = member::write_sections(sink, proc, meta, mem_fd, &what);
     match written {
         // A process restored from the image: the restore is done, the program runs. Nothing

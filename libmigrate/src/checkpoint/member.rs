@@ -172,6 +172,8 @@ struct WriteCtx<'a> {
     /// them it equals (memory::NOT_INHERITED if none).
     parent: Option<&'a [memory::ParentPage]>,
     decided: &'a mut [u32],
+    /// Set for a compressed checkpoint (its VMAs marked `PageCompression::Lz4` get frames).
+    lz4: Option<&'a mut memory::Lz4Writer>,
     error: Option<migrate_image::ImageError>,
 }
 
@@ -185,37 +187,47 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
         if v.runs.is_empty() {
             continue;
         }
-        // Memory that changes while it is written — this thread's stack, and the page hashes
-        // and decisions being filled in — is copied first, so each page is hashed and written
-        // as the same bytes.
+        // Memory that changes while it is written — this thread's stack, the page hashes and
+        // decisions being filled in, the compressor's buffers — is copied first, so each page
+        // is hashed and written as the same bytes.
         let overlaps = |p: *const u8, len: usize| (p as u64) < v.end && v.start < p as u64 + len as u64;
         let live = (v.start <= here && here < v.end)
             || overlaps(ctx.hashes.as_ptr() as *const u8, ctx.hashes.len() * 8)
-            || overlaps(ctx.decided.as_ptr() as *const u8, ctx.decided.len() * 4);
+            || overlaps(ctx.decided.as_ptr() as *const u8, ctx.decided.len() * 4)
+            || ctx.lz4.as_deref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(p, len)));
         let pages = ctx.first_page[i]..ctx.first_page[i + 1];
+        let kind = SectionKind::Pages { proc: ctx.proc, vma: i as u32 };
         let copy = ctx.copies.iter().find(|c| c.0 == i as u32).map(|c| c.1);
-        let res = ctx.writer.begin_section(SectionKind::Pages { proc: ctx.proc, vma: i as u32 }, true).and_then(|_| {
-            match copy {
-                // A copy taken while frozen: every page stored (never inherited).
-                Some(bytes) => {
-                    let hashes = &mut ctx.hashes[pages];
-                    for (h, page) in hashes.iter_mut().zip(bytes.chunks_exact(PAGE_SIZE as usize)) {
-                        *h = migrate_image::page_hash(page);
-                    }
-                    ctx.writer.write_hashed_pages(bytes, hashes)
+        let lz4 = match ctx.lz4.as_deref_mut() {
+            Some(z) if v.compression == migrate_image::PageCompression::Lz4 => Some(z),
+            _ => None,
+        };
+        let res = match (copy, lz4) {
+            // A copy taken while frozen (never compressed, never inherited).
+            (Some(bytes), _) => ctx.writer.begin_section(kind, true).and_then(|_| {
+                let hashes = &mut ctx.hashes[pages];
+                for (h, page) in hashes.iter_mut().zip(bytes.chunks_exact(PAGE_SIZE as usize)) {
+                    *h = migrate_image::page_hash(page);
                 }
-                None => {
-                    let mut out = memory::PageOutcome {
-                        hashes: &mut ctx.hashes[pages.clone()],
-                        parent: match ctx.parent {
-                            Some(parent) => Some((parent, &mut ctx.decided[pages])),
-                            None => None,
-                        },
-                    };
-                    memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, &mut out)
-                }
+                ctx.writer.write_hashed_pages(bytes, hashes)
+            }),
+            // Compressed sections need no page alignment (nothing maps or pre-copies them).
+            (None, Some(z)) => ctx.writer.begin_section(kind, false).and_then(|_| {
+                memory::write_pages_lz4(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, z, &mut ctx.hashes[pages])
+            }),
+            (None, None) => {
+                let mut out = memory::PageOutcome {
+                    hashes: &mut ctx.hashes[pages.clone()],
+                    parent: match ctx.parent {
+                        Some(parent) => Some((parent, &mut ctx.decided[pages])),
+                        None => None,
+                    },
+                };
+                ctx.writer
+                    .begin_section(kind, true)
+                    .and_then(|_| memory::write_pages(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, &mut out))
             }
-        });
+        };
         if let Err(e) = res {
             ctx.error = Some(e);
             return;
@@ -231,6 +243,11 @@ fn own_library_path(maps: &[memory::MapLine]) -> Option<String> {
 
 /// Describes the frozen process.
 fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
+    // First: it writes the process-wide pending signals into a static (SHARED_PENDING, 8 KiB),
+    // whose pages must be present when the memory dump reads the page map, or a page never
+    // written before is not stored and the signals are lost at resume (it happened once the
+    // static's page moved with the library's layout).
+    let shared_pending = signals::take_shared_pending();
     let mut files = Files::default();
     let basics = process::dump(&mut files)?;
     let maps = memory::read_maps().map_err(|e| format!("cannot read the memory map: {e}"))?;
@@ -239,7 +256,7 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
     let host = host::dump(&maps);
     let vmas = memory::dump(&maps, &mut files, basics.mm.start_brk, basics.mm.brk)?;
     let fds = files::dump(&mut files)?;
-    let signals = signals::dump(signals::take_shared_pending());
+    let signals = signals::dump(shared_pending);
     let timers = crate::resources::timers::dump();
     let mut thread_entries: Vec<_> = SLOTS
         .iter()
@@ -322,15 +339,8 @@ pub fn describe_write_error(e: &migrate_image::ImageError) -> String {
 /// connections are taken out of their queues and carried (resources/accept_queue.rs).
 /// With `fork` the sections are written by a writer child from a copy-on-write snapshot
 /// (forked.rs) and the process may be released at once: `Forked` is returned.
-pub fn write_process(
-    image_fd: i32,
-    proc: u32,
-    pos: u64,
-    with_binaries: bool,
-    kill: bool,
-    fork: bool,
-    parent: Option<&ParentImage>,
-) -> Result<WriteOutcome, String> {
+pub fn write_process(image_fd: i32, proc: u32, pos: u64, opts: &WriteOptions<'_>) -> Result<WriteOutcome, String> {
+    let WriteOptions { with_binaries, kill, fork, compress, parent } = *opts;
     crate::resources::accept_queue::TAKE_WAITING.store(kill, Ordering::Release);
     let dumped = dump();
     crate::resources::accept_queue::TAKE_WAITING.store(false, Ordering::Release);
@@ -347,11 +357,11 @@ pub fn write_process(
         }
     }
     if fork {
-        let started = super::forked::start(image_fd, proc, pos, with_binaries, meta, mem_fd, parent);
+        let started = super::forked::start(image_fd, proc, pos, meta, mem_fd, opts);
         return started;
     }
     let sink = PwriteSink { fd: image_fd, pos, limit: u64::MAX };
-    let what = WriteWhat { with_binaries, page_copies: &[], file_copies: None, parent };
+    let what = WriteWhat { with_binaries, compress, page_copies: &[], file_copies: None, parent };
     write_sections(sink, proc, meta, mem_fd, &what)
 }
 
@@ -362,11 +372,30 @@ pub(super) fn close_mem(mem_fd: i32) {
     }
 }
 
+/// How a process writes its part of a checkpoint.
+#[derive(Clone, Copy)]
+pub struct WriteOptions<'a> {
+    /// The contents of the mapped executable, libraries and libmigrate too.
+    pub with_binaries: bool,
+    /// The process dies after a successful checkpoint: its listeners' waiting connections are
+    /// taken out of their queues and carried (resources/accept_queue.rs).
+    pub kill: bool,
+    /// A writer child writes the sections from a copy-on-write snapshot (forked.rs); the
+    /// process may be released at once: `Forked` is returned.
+    pub fork: bool,
+    /// Every page section as lz4 frames (migrate_image::frames).
+    pub compress: bool,
+    /// An incremental checkpoint's parent image.
+    pub parent: Option<&'a ParentImage>,
+}
+
 /// What a process writes besides what `meta` describes.
 #[derive(Clone, Copy)]
 pub(super) struct WriteWhat<'a> {
     /// The contents of the mapped executable, libraries and libmigrate too.
     pub with_binaries: bool,
+    /// Page sections as lz4 frames.
+    pub compress: bool,
     /// A forked checkpoint's copies, taken while frozen, of what its writer child cannot read
     /// from its copy-on-write snapshot: pages of MAP_SHARED mappings, and deleted files.
     pub page_copies: &'a [(u32, &'a [u8])],
@@ -387,7 +416,7 @@ pub(super) fn write_sections(
     mem_fd: i32,
     what: &WriteWhat<'_>,
 ) -> Result<WriteOutcome, String> {
-    let WriteWhat { with_binaries, page_copies, file_copies, parent } = *what;
+    let WriteWhat { with_binaries, compress, page_copies, file_copies, parent } = *what;
     let pos = sink.pos;
     let nsections = 2 * meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
     let mut writer = ImageWriter::continue_at(sink, pos, nsections);
@@ -402,6 +431,8 @@ pub(super) fn write_sections(
     first_page.push(total);
     let mut hashes = alloc::vec![0u64; total];
     let parent_pages = match parent {
+        // A compressed image is a full one (its frames cannot refer to an ancestor's pages).
+        Some(_) if compress => None,
         Some(p) => match load_parent(p, &meta.process) {
             Ok(pages) => Some(pages),
             Err(e) => {
@@ -412,6 +443,19 @@ pub(super) fn write_sections(
         None => None,
     };
     let mut decided = if parent_pages.is_some() { alloc::vec![memory::NOT_INHERITED; total] } else { Vec::new() };
+    // Everything the compressor needs, made now: the page writer must not allocate. A forked
+    // checkpoint's copies (MAP_SHARED pages taken while frozen) stay uncompressed.
+    let mut lz4 = compress.then(|| {
+        let mut most = 0usize;
+        for (i, v) in meta.process.vmas.iter_mut().enumerate() {
+            if v.runs.is_empty() || page_copies.iter().any(|c| c.0 == i as u32) {
+                continue;
+            }
+            v.compression = migrate_image::PageCompression::Lz4;
+            most = most.max(migrate_image::frames::frame_count(&v.runs) as usize);
+        }
+        memory::Lz4Writer::new(most)
+    });
     RESTORED_ARRIVED.store(0, Ordering::Release);
     let mut ctx = WriteCtx {
         writer: &mut writer,
@@ -424,6 +468,7 @@ pub(super) fn write_sections(
         hashes: &mut hashes,
         parent: parent_pages.as_deref(),
         decided: &mut decided,
+        lz4: lz4.as_mut(),
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this
@@ -567,7 +612,8 @@ fn load_parent(parent: &ParentImage, me: &ProcessEntry) -> Result<Vec<memory::Pa
     let Some(index) = tree.processes.iter().position(|p| p.vpid == me.vpid) else { return Ok(pages) };
     let meta = reader.process_meta(index as u32).map_err(|e| e.to_string())?;
     for (i, v) in meta.process.vmas.iter().enumerate() {
-        if v.runs.is_empty() {
+        // Compressed pages are not raw pages at an offset: a child stores them again.
+        if v.runs.is_empty() || v.compression == migrate_image::PageCompression::Lz4 {
             continue;
         }
         let hashes = reader.page_hashes(index as u32, i as u32).map_err(|e| e.to_string())?;
@@ -647,6 +693,7 @@ mod tests {
             runs: alloc::vec![(0, 3), (4, 3)],
             inherited: Vec::new(),
             data_section: None,
+            compression: migrate_image::PageCompression::None,
         };
         let page = |addr, ancestor, offset| memory::ParentPage { addr, hash: 0, ancestor, offset };
         let parent = [page(0x10000, 0, 8192), page(0x11000, 0, 12288), page(0x15000, 1, 4096), page(0x16000, 0, 0)];

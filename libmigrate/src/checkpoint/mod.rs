@@ -20,6 +20,8 @@ pub struct Request {
     pub kill: bool,
     /// Store the contents of the mapped executable, libraries and libmigrate too.
     pub with_binaries: bool,
+    /// Write every page section as lz4 frames.
+    pub compress: bool,
     pub dir: Option<Vec<u8>>,
     /// The network lock migrate-checkpoint set up for this checkpoint (an nftables table),
     /// recorded in the image for migrate-resume to lift.
@@ -45,6 +47,7 @@ impl Request {
         Request {
             kill: false,
             with_binaries: false,
+            compress: COMPRESS_BY_DEFAULT.load(Ordering::Relaxed),
             dir: None,
             lock: String::new(),
             image_fd: None,
@@ -55,6 +58,10 @@ impl Request {
         }
     }
 }
+
+/// `migrate-run --compress` (MIGRATE_COMPRESS=1): the checkpoints the program takes on its own
+/// (periodic ones, the checkpoint signal) are compressed; migrate-checkpoint says so itself.
+pub static COMPRESS_BY_DEFAULT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Periodic checkpoints (migrate-run --interval SECS --keep N): the checkpoint thread wakes
 /// every PERIOD_MS and checkpoints the tree, leaving it running, then removes all but the
@@ -326,6 +333,7 @@ fn serve_coordinator(mut conn: Conn) {
                     .and_then(control::unhex)
                     .map(|p| member::ParentImage { path: String::from_utf8_lossy(&p).into_owned() });
                 let fork = words.iter().skip(4).any(|w| *w == b"fork=1");
+                let compress = words.iter().skip(4).any(|w| *w == b"compress=1");
                 let Some(image_fd) = conn.received_fd.take() else {
                     let _ = conn.send(b"error no image descriptor came with the write command\n");
                     continue;
@@ -336,8 +344,12 @@ fn serve_coordinator(mut conn: Conn) {
                     let _ = conn.send(b"error write out of order\n");
                     continue;
                 }
-                let outcome =
-                    member::write_process(image_fd, proc as u32, pos as u64, bins, kill, fork, parent.as_ref());
+                let outcome = member::write_process(
+                    image_fd,
+                    proc as u32,
+                    pos as u64,
+                    &member::WriteOptions { with_binaries: bins, kill, fork, compress, parent: parent.as_ref() },
+                );
                 if !matches!(outcome, Ok(member::WriteOutcome::Restored)) {
                     let _ = sys::close(image_fd);
                     clear_transient_fd(image_fd);

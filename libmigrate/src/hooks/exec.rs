@@ -1,6 +1,6 @@
 //! exec and posix_spawn: a managed program's children stay in its tree even when it passes a
 //! scrubbed environment (`env -i`, a fixed envp): the variables libmigrate needs (LD_PRELOAD,
-//! GLIBC_TUNABLES, MIGRATE_CKPT_DIR, MIGRATE_SIGNAL) are put back. The tree registry and its
+//! GLIBC_TUNABLES, MIGRATE_CKPT_DIR, MIGRATE_SIGNAL, MIGRATE_COMPRESS) are put back. The tree registry and its
 //! descriptor are inherited anyway. A statically linked target, which LD_PRELOAD cannot reach,
 //! is reported: it leaves the tree.
 
@@ -41,7 +41,8 @@ fn unsuspendable<R>(f: impl FnOnce() -> R) -> R {
 
 /// The entries to add to `envp` (NUL-terminated "NAME=value" strings), if any are missing.
 fn missing_entries(envp: *const *const c_char) -> Vec<Vec<u8>> {
-    let wanted: [(&str, Option<alloc::string::String>); 4] = [
+    let compress = crate::checkpoint::COMPRESS_BY_DEFAULT.load(Ordering::Relaxed);
+    let wanted: [(&str, Option<alloc::string::String>); 5] = [
         ("LD_PRELOAD", crate::checkpoint::LD_PRELOAD.get().cloned()),
         ("GLIBC_TUNABLES", Some("glibc.pthread.rseq=0".into())),
         (
@@ -49,6 +50,7 @@ fn missing_entries(envp: *const *const c_char) -> Vec<Vec<u8>> {
             crate::checkpoint::DEFAULT_DIR.get().map(|d| alloc::string::String::from_utf8_lossy(d).into_owned()),
         ),
         ("MIGRATE_SIGNAL", Some(format!("{}", state::CHECKPOINT_SIGNAL.load(Ordering::Relaxed)))),
+        ("MIGRATE_COMPRESS", compress.then(|| "1".into())),
     ];
     let mut out = Vec::new();
     for (name, value) in wanted {

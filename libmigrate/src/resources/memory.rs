@@ -219,6 +219,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 runs: Vec::new(),
                 inherited: Vec::new(),
                 data_section: None,
+                compression: migrate_image::PageCompression::None,
             });
             continue;
         }
@@ -239,6 +240,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
                 runs: Vec::new(),
                 inherited: Vec::new(),
                 data_section: None,
+                compression: migrate_image::PageCompression::None,
             });
             continue;
         }
@@ -276,6 +278,7 @@ pub fn dump(maps: &[MapLine], files: &mut Files, start_brk: u64, brk: u64) -> Re
             runs,
             inherited: Vec::new(),
             data_section: None,
+            compression: migrate_image::PageCompression::None,
         });
     }
     let _ = sys::close(pagemap);
@@ -381,6 +384,139 @@ pub fn write_pages<S: migrate_image::Sink>(
         }
     }
     Ok(())
+}
+
+/// What a compressed checkpoint needs while the program is frozen, made beforehand: writing
+/// pages allocates nothing (the allocator's own state is among them).
+pub struct Lz4Writer {
+    table: alloc::boxed::Box<migrate_image::frames::CompressTable>,
+    /// Compressed frames waiting to be written, in order.
+    out: Vec<u8>,
+    /// The table words of the VMA being written (capacity: the most frames of any VMA).
+    words: Vec<u32>,
+}
+
+impl Lz4Writer {
+    /// Room for VMAs of up to `max_frames` frames.
+    pub fn new(max_frames: usize) -> Self {
+        Lz4Writer {
+            table: alloc::boxed::Box::new(migrate_image::frames::new_compress_table()),
+            out: alloc::vec![0u8; WRITE_CHUNK + migrate_image::frames::MAX_COMPRESSED],
+            words: Vec::with_capacity(max_frames),
+        }
+    }
+}
+
+impl Lz4Writer {
+    /// The memory it writes into while pages are written: (address, length) of each buffer.
+    pub fn buffers(&self) -> [(*const u8, usize); 3] {
+        [
+            (self.out.as_ptr(), self.out.len()),
+            (self.words.as_ptr() as *const u8, self.words.capacity() * 4),
+            (
+                &*self.table as *const migrate_image::frames::CompressTable as *const u8,
+                core::mem::size_of_val(&*self.table),
+            ),
+        ]
+    }
+}
+
+/// Writes the stored runs of `v` as lz4 frames followed by the frame table
+/// (migrate_image::frames), and every page's hash into `hashes` (run order). Allocates nothing.
+/// Frames that lz4 cannot shrink are written raw, straight from the mapping, consecutive ones
+/// together; `live` and unreadable memory go through `bounce` as in [`write_pages`].
+pub fn write_pages_lz4<S: migrate_image::Sink>(
+    w: &mut migrate_image::ImageWriter<S>,
+    v: &VmaEntry,
+    mem_fd: i32,
+    bounce: &mut [u8],
+    live: bool,
+    z: &mut Lz4Writer,
+    hashes: &mut [u64],
+) -> Result<(), migrate_image::ImageError> {
+    use migrate_image::frames::{compress_frame, frame_pages, word_len, word_raw, MAX_COMPRESSED};
+    let io = |e: sys::Errno| migrate_image::ImageError::Write(std::io::Error::from_raw_os_error(e.0));
+    let direct = v.prot & PROT_READ != 0 && !live;
+    z.words.clear();
+    // Output not written yet: compressed bytes in `z.out[..fill]`, or raw pages at
+    // `raw.0..raw.0+raw.1` of our own memory (never both).
+    let mut fill = 0usize;
+    let mut raw = (0u64, 0usize);
+    let mut hashed = 0usize;
+    let flush_raw =
+        |w: &mut migrate_image::ImageWriter<S>, raw: &mut (u64, usize)| -> Result<(), migrate_image::ImageError> {
+            if raw.1 > 0 {
+                // SAFETY: a readable range of our own frozen memory (see write_pages).
+                let bytes = unsafe { core::slice::from_raw_parts(raw.0 as *const u8, raw.1) };
+                w.write(bytes)?;
+                *raw = (0, 0);
+            }
+            Ok(())
+        };
+    for (first, pages) in frame_pages(&v.runs) {
+        let addr = v.start + first * 4096;
+        let size = (pages * 4096) as usize;
+        let src: &[u8] = if direct {
+            // SAFETY: as in write_pages: mapped, readable, not modified while we read it.
+            unsafe { core::slice::from_raw_parts(addr as *const u8, size) }
+        } else {
+            let b = &mut bounce[..size];
+            let mut got = 0;
+            while got < size {
+                let n = sys::pread(mem_fd, &mut b[got..], addr + got as u64).map_err(io)?;
+                if n == 0 {
+                    return Err(io(sys::Errno(libc::EIO)));
+                }
+                got += n;
+            }
+            b
+        };
+        // (`hashes` has one slot per page of the runs: sized by the caller.)
+        for (h, page) in hashes.iter_mut().skip(hashed).zip(src.chunks_exact(4096)) {
+            *h = migrate_image::page_hash(page);
+        }
+        hashed += pages as usize;
+        if fill + MAX_COMPRESSED > z.out.len() {
+            w.write(&z.out[..fill])?;
+            fill = 0;
+        }
+        let word = compress_frame(src, &mut z.out[fill..], &mut z.table);
+        if word_raw(word) {
+            if fill > 0 {
+                w.write(&z.out[..fill])?;
+                fill = 0;
+            }
+            if !direct {
+                w.write(src)?;
+            } else if raw.1 > 0 && raw.0 + raw.1 as u64 == addr && raw.1 < WRITE_CHUNK {
+                raw.1 += size;
+            } else {
+                flush_raw(w, &mut raw)?;
+                raw = (addr, size);
+            }
+        } else {
+            flush_raw(w, &mut raw)?;
+            fill += word_len(word) as usize;
+        }
+        // Within the capacity reserved for the largest VMA: never an allocation.
+        if z.words.len() == z.words.capacity() {
+            return Err(io(sys::Errno(libc::EOVERFLOW)));
+        }
+        z.words.push(word);
+    }
+    flush_raw(w, &mut raw)?;
+    if fill > 0 {
+        w.write(&z.out[..fill])?;
+    }
+    // The table, then the count, through a stack buffer.
+    let mut buf = [0u8; 4096];
+    for chunk in z.words.chunks(buf.len() / 4) {
+        for (i, word) in chunk.iter().enumerate() {
+            buf[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        w.write(&buf[..chunk.len() * 4])?;
+    }
+    w.write(&(z.words.len() as u32).to_le_bytes())
 }
 
 #[cfg(test)]

@@ -414,7 +414,8 @@ pub fn verify_eager(
     image: &str,
 ) -> Result<(), String> {
     let mut buf = alloc::vec![0u8; (CHUNK * PAGE) as usize];
-    for v in vmas.iter().filter(|v| v.shm_id < 0 && v.nruns > 0) {
+    // (Compressed regions, nframes > 0, were checked whole: their runs are not raw pages.)
+    for v in vmas.iter().filter(|v| v.shm_id < 0 && v.nruns > 0 && v.nframes == 0) {
         let h = hashes.get(v.index as usize).map_or(&[][..], |h| &h[..]);
         let mut index = 0usize;
         for r in &runs[v.first_run as usize..(v.first_run + v.nruns) as usize] {

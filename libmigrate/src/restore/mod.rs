@@ -181,6 +181,17 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
     // everything but the pages: each page is checked against its hash instead, before the
     // switch for those read eagerly, by the page server for the others.
     let pages = if lazy.is_some() {
+        // Compressed mappings are decoded by the switch, never by the page server, and their
+        // hashes are of the decoded pages: their sections are checked whole now instead.
+        let compressed =
+            |vma: u32| p.vmas.get(vma as usize).is_some_and(|v| v.compression == migrate_image::PageCompression::Lz4);
+        let mut buf = alloc::vec![0u8; 1 << 20];
+        reader
+            .verify_sections(
+                |s| matches!(s.kind, SectionKind::Pages { proc: q, vma } if q == proc && compressed(vma)),
+                &mut buf,
+            )
+            .map_err(|e| e.to_string())?;
         PageCheck::ByHash
     } else if !lazy_asked && verified_by_migrate_resume(reader.file().as_raw_fd()) {
         crate::debug!("the image is the one migrate-resume verified, unchanged: its pages are not read twice");
@@ -238,6 +249,14 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         }
         out
     };
+    // The frame tables of the compressed mappings, for the switch (checked against the runs
+    // and the sections by the reader).
+    let mut frame_tables: alloc::vec::Vec<(u32, alloc::vec::Vec<u32>)> = alloc::vec::Vec::new();
+    for i in 0..p.vmas.len() as u32 {
+        if let Some(table) = reader.frame_table(proc, i, &meta).map_err(|e| e.to_string())? {
+            frame_tables.push((i, table));
+        }
+    }
     drop(reader);
     let keep_deleted = crate::env::var("MIGRATE_KEEP_DELETED").is_some_and(|v| v == "1");
     handed.push((-1, ERROR_FD.load(Ordering::Relaxed)));
@@ -281,6 +300,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
         &sysv_ids(),
         lazy.as_ref(),
         &hashes,
+        &frame_tables,
     ) {
         Ok(b) => b,
         Err(e) => {
@@ -290,6 +310,7 @@ fn restore(path: &[u8], force: bool) -> Result<Never, String> {
             return Err(e);
         }
     };
+    drop(frame_tables);
     if !built.lazy {
         if let Some(o) = lazy {
             o.close();

@@ -7,10 +7,12 @@ use crate::sys::{self, fs, PrctlMmMap};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use migrate_image::{ImageMeta, SectionEntry, SectionKind, VmaKind, PROT_WRITE};
+use migrate_image::{ImageMeta, PageCompression, SectionEntry, SectionKind, VmaKind, PROT_WRITE};
 
 pub const PLAN_MAGIC: u64 = 0x6e61_6c70_7267_696d; // "migrplan"
 pub const STACK_SIZE: usize = 256 * 1024;
+/// The switch reads compressed frames (up to this many bytes of consecutive ones at once) here.
+pub const SCRATCH_SIZE: usize = 1 << 20;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -45,6 +47,12 @@ pub struct PlanVma {
     /// A System V segment to attach here (its new id), or -1; `shm_size` is its size.
     pub shm_id: i32,
     pub shm_size: u64,
+    /// Compressed pages: this VMA's frame table words are `frames()[first_frame..][..nframes]`
+    /// (migrate_image::frames) and its frames start at `frames_offset` of the image; 0 frames:
+    /// each run says where its raw pages are.
+    pub first_frame: u32,
+    pub nframes: u32,
+    pub frames_offset: u64,
     /// Restored lazily: mapped, its hot pages read, the rest left to the page server.
     pub lazy: u32,
     /// The saved mapping's index (its page hashes).
@@ -103,6 +111,13 @@ pub struct PlanHeader {
     pub error_fd: i32,
     /// migrate-resume's readiness pipe (MIGRATE_READY_FD), or -1: told once the tree runs.
     pub ready_fd: i32,
+    /// The frame tables of the compressed VMAs, one after the other (u32 words).
+    pub frames_off: u64,
+    pub nframes: u32,
+    /// Where compressed frames are read before they are decoded into place (empty when no
+    /// VMA is compressed).
+    pub scratch_off: u64,
+    pub scratch_len: u64,
     /// Lazy restore (lazy.rs): the page server's mapping (0: eager restore), its userfaultfd,
     /// the address of `lazy::LAZY`, and the ranges the switch reads eagerly in lazy regions.
     pub lazy_server: u64,
@@ -147,6 +162,14 @@ impl PlanHeader {
     pub fn sysv(&self) -> &[crate::resources::ipc::Recreated] {
         // SAFETY: see `array`.
         unsafe { self.array(self.sysv_off, self.nsysv) }
+    }
+    pub fn frames(&self) -> &[u32] {
+        // SAFETY: see `array`.
+        unsafe { self.array(self.frames_off, self.nframes) }
+    }
+    /// The scratch buffer's address.
+    pub fn scratch(&self) -> *mut u8 {
+        (self as *const Self as u64 + self.scratch_off) as *mut u8
     }
     pub fn hot(&self) -> &[Range] {
         // SAFETY: see `array`.
@@ -269,6 +292,7 @@ pub fn build(
     sysv: &[crate::resources::ipc::Recreated],
     lazy: Option<&super::lazy::Opened>,
     hashes: &[Vec<u64>],
+    frame_tables: &[(u32, Vec<u32>)],
 ) -> Result<Built, String> {
     let p = &meta.process;
     let file_map = FileMap::from_env();
@@ -319,6 +343,7 @@ pub fn build(
     // Plan records.
     let mut vmas = Vec::with_capacity(p.vmas.len());
     let mut runs: Vec<PlanRun> = Vec::new();
+    let mut frames: Vec<u32> = Vec::new();
     for (i, v) in p.vmas.iter().enumerate() {
         if v.kind == VmaKind::Special {
             continue;
@@ -358,6 +383,9 @@ pub fn build(
                     nruns: 0,
                     shm_id: new,
                     shm_size: ds.shm_segsz as u64,
+                    first_frame: 0,
+                    nframes: 0,
+                    frames_offset: 0,
                     lazy: 0,
                     index: i as u32,
                 });
@@ -378,6 +406,9 @@ pub fn build(
                 nruns: 0,
                 shm_id: -1,
                 shm_size: 0,
+                first_frame: 0,
+                nframes: 0,
+                frames_offset: 0,
                 lazy: 0,
                 index: i as u32,
             });
@@ -391,11 +422,20 @@ pub fn build(
             }
             None => 0,
         };
+        let first_frame = frames.len() as u32;
+        if v.compression == PageCompression::Lz4 && !v.runs.is_empty() {
+            let Some((_, table)) = frame_tables.iter().find(|(k, _)| *k == i as u32) else {
+                return Err(format!("no frame table for the compressed mapping {:#x}-{:#x}", v.start, v.end));
+            };
+            frames.extend_from_slice(table);
+        }
         // Lazily: private anonymous memory (not the main stack, which the kernel reads for
         // /proc/PID/cmdline), readable and writable, with enough stored pages to matter.
         let stored = v.data_pages();
         let rw = libc::PROT_READ as u32 | PROT_WRITE;
+        // (Compressed pages are decoded by the switch: never lazily.)
         let lazy_vma = lazy.is_some()
+            && v.compression == PageCompression::None
             && matches!(v.kind, VmaKind::Anon | VmaKind::Heap)
             && v.prot & rw == rw
             && stored >= super::lazy::MIN_PAGES;
@@ -413,6 +453,9 @@ pub fn build(
             nruns: runs.len() as u32 - first_run,
             shm_id: -1,
             shm_size: 0,
+            first_frame,
+            nframes: frames.len() as u32 - first_frame,
+            frames_offset: data_offset,
             lazy: lazy_vma as u32,
             index: i as u32,
         });
@@ -500,8 +543,11 @@ pub fn build(
     let auxv_off = align(fds_off + (fds.len() * 4) as u64);
     let sysv_off = align(auxv_off + (p.auxv.len() * 8) as u64);
     let hot_off = align(sysv_off + core::mem::size_of_val(sysv) as u64);
-    let path_off = align(hot_off + (hot.len() * core::mem::size_of::<Range>()) as u64);
-    let data_len = align(path_off + image_path.len() as u64).next_multiple_of(4096);
+    let frames_off = align(hot_off + (hot.len() * core::mem::size_of::<Range>()) as u64);
+    let path_off = align(frames_off + (frames.len() * 4) as u64);
+    let scratch_off = align(path_off + image_path.len() as u64).next_multiple_of(4096);
+    let scratch_len = if frames.is_empty() { 0 } else { SCRATCH_SIZE as u64 };
+    let data_len = scratch_off + scratch_len;
     let region_len = data_len + STACK_SIZE as u64;
 
     let addr = free_range(region_len, &busy).ok_or("no free address range for the restore plan")?;
@@ -571,6 +617,10 @@ pub fn build(
         nsysv: sysv.len() as u32,
         error_fd: super::ERROR_FD.load(core::sync::atomic::Ordering::Relaxed),
         ready_fd: super::READY_FD.load(core::sync::atomic::Ordering::Relaxed),
+        frames_off,
+        nframes: frames.len() as u32,
+        scratch_off,
+        scratch_len,
         lazy_server: server.as_ref().map_or(0, |b| b.addr),
         lazy_server_len: server.as_ref().map_or(0, |b| b.len),
         lazy_uffd: server.as_ref().and(lazy).map_or(-1, |o| o.uffd),
@@ -602,6 +652,7 @@ pub fn build(
         );
         core::ptr::copy_nonoverlapping(hot.as_ptr(), base.add(hot_off as usize) as *mut Range, hot.len());
         core::ptr::copy_nonoverlapping(image_path.as_ptr(), base.add(path_off as usize), image_path.len());
+        core::ptr::copy_nonoverlapping(frames.as_ptr(), base.add(frames_off as usize) as *mut u32, frames.len());
     }
     Ok(Built { addr: addr as usize, stack_top: (addr + region_len) as usize, lazy: server.is_some() })
 }
@@ -624,6 +675,7 @@ mod tests {
             runs,
             inherited,
             data_section: None,
+            compression: migrate_image::PageCompression::None,
         }
     }
 

@@ -123,6 +123,87 @@ fn attach_segment(efd: i32, v: &super::plan::PlanVma) {
     }
 }
 
+/// Reads `len` bytes of the image at `off` into memory at `addr`.
+fn read_exact(efd: i32, image_fd: u64, mut addr: u64, len: u64, mut off: u64) {
+    let end = addr + len;
+    while addr < end {
+        let n =
+            check(efd, raw(libc::SYS_pread64, image_fd, addr, end - addr, off, 0, 0), b"reading pages from the image");
+        if n == 0 {
+            fail(efd, b"the image ended early", -(libc::EIO as isize));
+        }
+        addr += n;
+        off += n;
+    }
+}
+
+/// Fills the runs of a compressed VMA (migrate_image::frames): a raw frame is read straight
+/// into place; compressed ones are read into the plan's scratch buffer, as many consecutive
+/// ones at a time as it holds, and each decoded straight into place (no memcpy, no libc).
+fn fill_lz4(
+    efd: i32,
+    image_fd: u64,
+    v: &super::plan::PlanVma,
+    runs: &[super::plan::PlanRun],
+    words: &[u32],
+    scratch: *mut u8,
+    scratch_len: u64,
+) {
+    use migrate_image::frames::{decompress_frame, word_len, word_raw, FRAME_PAGES};
+    let mut off = v.frames_offset;
+    // The scratch buffer holds the image's bytes buf_at..buf_at+buf_len.
+    let (mut buf_at, mut buf_len) = (0u64, 0u64);
+    let mut k = 0usize;
+    for r in runs {
+        let mut page = r.start;
+        while page < r.end {
+            let pages = (r.end - page).min(FRAME_PAGES);
+            let dst = v.start + page * 4096;
+            let size = pages * 4096;
+            let Some(&word) = words.get(k) else {
+                fail(efd, b"a compressed mapping has fewer frames than pages", -(libc::EIO as isize));
+            };
+            let len = word_len(word) as u64;
+            if word_raw(word) {
+                read_exact(efd, image_fd, dst, size, off);
+            } else {
+                if off < buf_at || off + len > buf_at + buf_len {
+                    // This frame and the compressed ones after it, as far as they fit.
+                    let mut want = 0u64;
+                    let mut j = k;
+                    while let Some(&w) = words.get(j) {
+                        if word_raw(w) || want + word_len(w) as u64 > scratch_len {
+                            break;
+                        }
+                        want += word_len(w) as u64;
+                        j += 1;
+                    }
+                    if want < len {
+                        fail(efd, b"a compressed frame is larger than the scratch buffer", -(libc::EIO as isize));
+                    }
+                    read_exact(efd, image_fd, scratch as u64, want, off);
+                    (buf_at, buf_len) = (off, want);
+                }
+                // SAFETY: off..off+len lies in buf_at..buf_at+buf_len, which the scratch buffer
+                // (plan region, not replaced) holds; dst..dst+size is a range of this mapping,
+                // just mapped writable, that nothing else refers to.
+                let (src, out) = unsafe {
+                    (
+                        core::slice::from_raw_parts(scratch.add((off - buf_at) as usize), len as usize),
+                        core::slice::from_raw_parts_mut(dst as *mut u8, size as usize),
+                    )
+                };
+                if let Err(e) = decompress_frame(src, out) {
+                    fail(efd, e.as_str().as_bytes(), -(libc::EIO as isize));
+                }
+            }
+            off += len;
+            k += 1;
+            page += pages;
+        }
+    }
+}
+
 /// Reads the runs of region `v` from the image (or an ancestor image) — only their parts inside
 /// `clip` when given (the hot ranges of a lazy region).
 fn read_runs(efd: i32, v: &PlanVma, runs: &[PlanRun], clip: Option<&[Range]>) {
@@ -268,8 +349,13 @@ pub extern "C" fn restorer_main(plan_addr: usize) -> ! {
         } else if fill_prot != v.prot {
             check(efd, raw(libc::SYS_mprotect, v.start, len, fill_prot as u64, 0, 0, 0), b"mprotect");
         }
-        // A lazy region gets only its hot pages now (it is readable and writable already).
-        read_runs(efd, v, runs, if v.lazy != 0 { Some(plan.hot()) } else { None });
+        if v.nframes > 0 {
+            let words = &plan.frames()[v.first_frame as usize..(v.first_frame + v.nframes) as usize];
+            fill_lz4(efd, plan.image_fd as u64, v, runs, words, plan.scratch(), plan.scratch_len);
+        } else {
+            // A lazy region gets only its hot pages now (it is readable and writable already).
+            read_runs(efd, v, runs, if v.lazy != 0 { Some(plan.hot()) } else { None });
+        }
         if fill_prot != v.prot {
             check(efd, raw(libc::SYS_mprotect, v.start, len, v.prot as u64, 0, 0, 0), b"mprotect");
         }
