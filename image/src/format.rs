@@ -308,6 +308,13 @@ impl<S: Sink> ImageWriter<S> {
         self.pos = self.pos.max(end);
     }
 
+    /// Continues at `end` instead, when other writers reserved more room than they used at
+    /// the end of the data area: the table follows the last section (never before it).
+    pub fn trim_to(&mut self, end: u64) {
+        let last = self.sections.iter().map(|s| s.offset + s.length).max().unwrap_or(HEADER_LEN);
+        self.pos = end.max(last).min(self.pos);
+    }
+
     /// Writes the table and trailer; returns the sink and the image length.
     pub fn finish(mut self) -> Result<(S, u64), ImageError> {
         assert!(self.current.is_none(), "section still open");

@@ -163,3 +163,39 @@ fn periodic_incremental_checkpoints_keep_the_chains_they_need() {
     t.check_model(&line);
     r.kill();
 }
+
+#[test]
+fn forked_checkpoints_can_be_incremental_or_compressed() {
+    let tmp = temp_dir();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let log = dir.join("counter.log");
+    let mut p = migrate_run(&dir, &cbin("counter"), ["16", "20", log.to_str().unwrap()]);
+    p.wait_line("ready ", STARTUP);
+    let n = tick_number(&p.wait_line("tick ", LINE));
+    let full = checkpoint_with(p.pid(), &[], &dir);
+    let n = wait_past(&mut p, n + 1);
+    // An incremental image written by forked writers while the program runs on.
+    let inc = checkpoint_with(p.pid(), &["--fork", "--incremental"], &dir);
+    let n = wait_past(&mut p, n + 1);
+    let packed = checkpoint_with(p.pid(), &["--fork", "--compress"], &dir);
+    let n = wait_past(&mut p, n + 1);
+    p.kill();
+    let before = CounterTick::parse(
+        p.lines_so_far().iter().filter(|l| l.starts_with("tick ")).last().expect("the original ticked"),
+    );
+    assert!(before.n >= n);
+    assert!(size(&inc) * 16 < size(&full), "the forked incremental image holds only changes: {} bytes", size(&inc));
+    let out = inspect_output(&[], &packed);
+    assert!(out.status.success() && out.stdout.contains("lz4"), "a compressed image: {}", out.describe());
+    for image in [&inc, &packed] {
+        // The program went on after these images: its log moved on (--force).
+        let mut r = resume_with(&["--force"], image);
+        let line = r.wait_line("tick ", STARTUP);
+        let t = CounterTick::parse(&line);
+        assert_eq!(t.heap, before.heap, "{}: the memory of the original run: {line}", image.display());
+        assert!(t.n > 1 && t.n <= before.n, "{}: a tick from within the original run: {line}", image.display());
+        t.check_model(&line);
+        assert!(!r.lines_so_far().iter().any(|l| l.starts_with("ready ")), "it did not start again");
+        r.kill();
+    }
+}

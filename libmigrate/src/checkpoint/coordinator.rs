@@ -711,7 +711,10 @@ fn run_forked(
     if let Some(e) = failure {
         return image.fail(e);
     }
-    // Our own writes (table, trailer) go after every part.
+    // Our own writes (table, trailer) go after every part: right after the last one's data,
+    // not after its reservation (a single process's image has no gap at all; between the
+    // parts of a tree, unused reservations stay as holes).
+    writer.trim_to(0);
     if let Err(e) = sys::lseek(fd, writer.position() as i64, libc::SEEK_SET) {
         return image.fail(format!("cannot write image {}: {e}", image.tmp_path));
     }
