@@ -56,6 +56,11 @@ pub struct RunResult {
     /// The same resume with `--lazy` (migrate only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy_restore_ms: Option<f64>,
+    /// An `--incremental` checkpoint right after the first one, and its image (migrate only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incr_ckpt_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incr_image_bytes: Option<u64>,
     /// Why the run failed (a wrong line after restore is a correctness failure).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
@@ -178,6 +183,22 @@ impl Bench<'_> {
         result.ckpt_ms = Some(ms(ckpt.elapsed));
         result.frozen_ms = frozen_of(&ckpt.stderr);
         result.image_bytes = Some(sys::size_of_path(&image)?);
+
+        // 2a. An incremental checkpoint on top of it (the workload changed only its counter
+        //     since): every page is read and hashed, the unchanged ones are not written.
+        if lz4.is_empty() {
+            self.before_measure()?;
+            let incr = proc::run(
+                Command::new(&self.bins.checkpoint).arg("--incremental").arg(&pid),
+                "migrate-checkpoint --incremental",
+                size_timeout(mib),
+            )?
+            .check(&format!("migrate-checkpoint --incremental {pid}"))?;
+            let incr_image = image_path(&incr.stdout)?;
+            result.incr_ckpt_ms = Some(ms(incr.elapsed));
+            result.incr_image_bytes = Some(sys::size_of_path(&incr_image)?);
+            sys::remove_path(&incr_image)?;
+        }
         sys::remove_path(&image)?;
 
         // 2b. The same with --fork: the program is stopped only while it is described.

@@ -181,7 +181,7 @@ fn forked_checkpoints_can_be_incremental_or_compressed() {
     let n = wait_past(&mut p, n + 1);
     p.kill();
     let before = CounterTick::parse(
-        p.lines_so_far().iter().filter(|l| l.starts_with("tick ")).last().expect("the original ticked"),
+        p.lines_so_far().iter().rev().find(|l| l.starts_with("tick ")).expect("the original ticked"),
     );
     assert!(before.n >= n);
     assert!(size(&inc) * 16 < size(&full), "the forked incremental image holds only changes: {} bytes", size(&inc));
