@@ -297,7 +297,8 @@ impl Report {
             ));
         }
         if row.size_mib >= 64 {
-            parts.push(format!("--fork frozen ≤ {FORK_FROZEN_MS:.0} ms: {}", under(mig.fork_frozen_ms, FORK_FROZEN_MS)));
+            parts
+                .push(format!("--fork frozen ≤ {FORK_FROZEN_MS:.0} ms: {}", under(mig.fork_frozen_ms, FORK_FROZEN_MS)));
         }
         if mig.failed_runs > 0 {
             parts.push(format!("{} of {} runs FAILED", mig.failed_runs, mig.all_runs.len()));
