@@ -3,7 +3,8 @@
 //! For each size, a program that fills N MiB with random bytes and then appends a counter line
 //! to a file every 100 ms (bench/workload.c) is checkpointed while left running (timed; image
 //! size), then checkpointed with --kill and resumed, timed from the resume command until the
-//! program writes its next line, which must continue the count. CRIU is measured beside, the
+//! program writes its next line, which must continue the count (resumed with --host-clocks, so
+//! that the workload's pending deadline has passed, as under CRIU: see measure.rs). CRIU is measured beside, the
 //! same way and alternating with ours, when a working criu is installed.
 //!
 //! Then the overhead while running (overhead.rs): redis-server's throughput under

@@ -249,6 +249,11 @@ impl Bench<'_> {
     fn timed_resume(&self, image: &Path, out: &Path, tag: &str, offset: u64, last: u64, lazy: bool) -> Result<f64> {
         let resume_log = self.path(tag, if lazy { "resume-lazy.log" } else { "resume.log" });
         let mut cmd = Command::new(&self.bins.resume);
+        // The host's clocks, as under CRIU: by default the resumed program's CLOCK_MONOTONIC
+        // continues from the checkpoint (a time namespace), so its pending 100 ms deadline
+        // would still lie ahead by the rest of the period, and the time to its next line would
+        // measure that rest, not the restore.
+        cmd.arg("--host-clocks");
         if lazy {
             cmd.arg("--lazy");
         }

@@ -4,6 +4,7 @@
 //! `schema` defines the versioned metadata every resource kind dumps into it. Nothing else in the
 //! workspace knows the byte layout.
 
+pub mod file_hashes;
 pub mod format;
 pub mod frames;
 pub mod schema;

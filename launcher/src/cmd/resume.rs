@@ -639,6 +639,31 @@ fn compare(id: &FileIdentity, check_inode: bool) -> io::Result<Option<String>> {
 
 /// xxh3-64 of a whole file (the same value as `xxh3_64` over its bytes).
 pub fn hash_file(path: &Path) -> io::Result<u64> {
+    // The user's persistent cache (migrate_image::file_hashes), keyed by the file's version;
+    // libmigrate fills it at checkpoint time too.
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let xdg = std::env::var("XDG_RUNTIME_DIR").ok();
+    let dir = migrate_image::file_hashes::user_dir(uid, xdg.as_deref());
+    let cache = migrate_image::file_hashes::private_dir(&dir, uid).then_some(dir);
+    let key = fs::metadata(path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
+    if let (Some(dir), Some(k)) = (cache.as_deref(), key.as_ref()) {
+        if let Some(h) = migrate_image::file_hashes::lookup(dir, k) {
+            return Ok(h);
+        }
+    }
+    let h = hash_file_contents(path)?;
+    let after = fs::metadata(path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
+    if let (Some(dir), Some(k)) = (cache.as_deref(), key) {
+        if after == Some(k) {
+            migrate_image::file_hashes::store(dir, &k, h);
+        }
+    }
+    Ok(h)
+}
+
+/// The xxh3-64 of a file's whole contents.
+fn hash_file_contents(path: &Path) -> io::Result<u64> {
     let mut f = fs::File::open(path)?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -795,7 +820,7 @@ fn extract(reader: &ImageReader, meta: &ImageMeta, proc: u32, index: u32) -> any
     let dir = cache_dir()?.join(format!("{want:016x}"));
     fs::create_dir_all(&dir).map_err(|e| fail(TARGET, format!("cannot create {}: {e}", dir.display())))?;
     let dest = dir.join(name);
-    if hash_file(&dest).is_ok_and(|h| h == want) {
+    if hash_file_contents(&dest).is_ok_and(|h| h == want) {
         return Ok(dest);
     }
     let section = reader

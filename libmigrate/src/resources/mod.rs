@@ -61,10 +61,20 @@ impl Files {
 }
 
 fn content_hash(id: &FileIdentity) -> Option<u64> {
-    let key = (id.dev, id.ino, id.size, id.mtime_ns);
-    if let Ok(cache) = HASH_CACHE.lock() {
-        if let Some((_, h)) = cache.iter().find(|(k, _)| *k == key) {
+    if let Ok(mem) = HASH_CACHE.lock() {
+        if let Some((_, h)) = mem.iter().find(|(k, _)| *k == key_of(id)) {
             return Some(*h);
+        }
+    }
+    // The user's persistent cache (migrate_image::file_hashes), keyed by the file's version.
+    let cache = persistent_hash_cache();
+    let key = std::fs::metadata(&id.path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
+    if let (Some(dir), Some(k)) = (cache.as_deref(), key.as_ref()) {
+        if let Some(h) = migrate_image::file_hashes::lookup(dir, k).filter(|_| k.size == id.size) {
+            if let Ok(mut mem) = HASH_CACHE.lock() {
+                mem.push((key_of(id), h));
+            }
+            return Some(h);
         }
     }
     let fd = sys::open(&fs::cpath(id.path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0).ok()?;
@@ -86,10 +96,28 @@ fn content_hash(id: &FileIdentity) -> Option<u64> {
         return None;
     }
     let h = hasher.digest();
-    if let Ok(mut cache) = HASH_CACHE.lock() {
-        cache.push((key, h));
+    if let Ok(mut mem) = HASH_CACHE.lock() {
+        mem.push((key_of(id), h));
+    }
+    // Recorded only if the file did not change while it was read.
+    let after = std::fs::metadata(&id.path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
+    if let (Some(dir), Some(k)) = (cache.as_deref(), key) {
+        if after == Some(k) {
+            migrate_image::file_hashes::store(dir, &k, h);
+        }
     }
     Some(h)
+}
+
+fn key_of(id: &FileIdentity) -> (u64, u64, u64, i64) {
+    (id.dev, id.ino, id.size, id.mtime_ns)
+}
+
+/// The user's private migrate directory holding the persistent hash cache, if usable.
+fn persistent_hash_cache() -> Option<std::path::PathBuf> {
+    let uid = sys::getuid();
+    let dir = migrate_image::file_hashes::user_dir(uid, crate::env::var("XDG_RUNTIME_DIR").as_deref());
+    migrate_image::file_hashes::private_dir(&dir, uid).then_some(dir)
 }
 
 /// Lossy UTF-8 of a byte path.
