@@ -114,10 +114,88 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
+/// `struct pm_scan_arg` of the PAGEMAP_SCAN ioctl (Linux 6.7+).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// _IOWR('f', 16, struct pm_scan_arg)
+const PAGEMAP_SCAN: u64 = 0xc060_6610;
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+/// The runs `stored_runs` finds, asked of the kernel with PAGEMAP_SCAN, which walks the page
+/// tables once and answers ranges rather than one entry per page. None when the kernel lacks it.
+fn scanned_runs(pagemap_fd: i32, v: &MapLine, kind: VmaKind, regions: &mut [PageRegion]) -> Option<Vec<(u64, u64)>> {
+    // Present or swapped, and not the shared zero page (never written: nothing to keep); in a
+    // private file mapping, not the file's own page either (only copied-on-write ones).
+    let excluded = if kind == VmaKind::FilePrivate { PAGE_IS_FILE } else { PAGE_IS_PFNZERO };
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut start = v.start;
+    while start < v.end {
+        let mut arg = PmScanArg {
+            size: core::mem::size_of::<PmScanArg>() as u64,
+            start,
+            end: v.end,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_inverted: excluded,
+            category_mask: excluded,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..Default::default()
+        };
+        // SAFETY: `arg` describes `regions`, writable for `vec_len` entries, for the call.
+        let n = unsafe { sys::ioctl_ptr(pagemap_fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8) }.ok()?;
+        for r in &regions[..n.min(regions.len())] {
+            let (first, end) = ((r.start - v.start) / 4096, (r.end - v.start) / 4096);
+            match runs.last_mut() {
+                Some(last) if last.0 + last.1 == first => last.1 += end - first,
+                _ => runs.push((first, end - first)),
+            }
+        }
+        if arg.walk_end <= start {
+            return None;
+        }
+        start = arg.walk_end;
+    }
+    Some(runs)
+}
+
 /// Which pages of a VMA carry data of their own, as runs of (first page, count).
 fn stored_runs(pagemap_fd: i32, v: &MapLine, kind: VmaKind, buf: &mut [u64]) -> sys::SysResult<Vec<(u64, u64)>> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     if matches!(kind, VmaKind::Special | VmaKind::FileShared) {
+        return Ok(runs);
+    }
+    // `buf` doubles as the region vector (three words per region).
+    // SAFETY: a u64 buffer viewed as PageRegion records (three u64 each, same alignment).
+    let regions = unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut PageRegion, buf.len() / 3) };
+    if let Some(runs) = scanned_runs(pagemap_fd, v, kind, regions) {
         return Ok(runs);
     }
     let pages = (v.end - v.start) / 4096;
@@ -541,5 +619,43 @@ mod live_stack_tests {
         assert_eq!(with_live_stack(alloc::vec![(0, 2)], &m, sp), alloc::vec![(0, 2), (136, 120)]);
         // Near the bottom of the mapping: from its first page.
         assert_eq!(with_live_stack(Vec::new(), &m, 0x100000 + 4096), alloc::vec![(0, 256)]);
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn pagemap_scan_finds_written_pages_and_skips_untouched_and_zero_pages() {
+        let len = 64 * 4096;
+        let addr = sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            .unwrap() as u64;
+        // SAFETY: our own fresh mapping.
+        unsafe {
+            for page in [1u64, 2, 5, 40] {
+                core::ptr::write_volatile((addr + page * 4096 + 8) as *mut u8, 7);
+            }
+            // Read only: the shared zero page, nothing of its own.
+            let _ = core::ptr::read_volatile((addr + 7 * 4096) as *const u8);
+        }
+        let m = MapLine {
+            start: addr,
+            end: addr + len as u64,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            dev: 0,
+            inode: 0,
+            name: String::new(),
+        };
+        let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap();
+        // A region vector of two entries: the walk continues where the kernel stopped.
+        let mut regions = [PageRegion::default(); 2];
+        let scanned = scanned_runs(pagemap, &m, VmaKind::Anon, &mut regions);
+        let _ = sys::close(pagemap);
+        // SAFETY: our own mapping.
+        let _ = unsafe { sys::munmap(addr as usize, len) };
+        assert_eq!(scanned, Some(alloc::vec![(1, 2), (5, 1), (40, 1)]));
     }
 }
