@@ -259,6 +259,23 @@ impl<S: Sink> ImageWriter<S> {
         self.raw(buf)
     }
 
+    /// Appends whole pages to the open `Pages` section without hashing them: the caller hashes
+    /// them (elsewhere, meanwhile) and closes the section with [`Self::end_pages_section`].
+    pub fn write_unhashed_pages(&mut self, buf: &[u8]) -> Result<(), ImageError> {
+        assert!(self.current.is_some(), "write outside a section");
+        self.raw(buf)
+    }
+
+    /// Closes the open `Pages` section whose pages since the last hashed write were written
+    /// with [`Self::write_unhashed_pages`]; `hashes` are theirs, in order.
+    pub fn end_pages_section(&mut self, hashes: &[u64]) -> u32 {
+        match self.current.as_mut() {
+            Some((_, _, hasher)) => hasher.update_page_hashes(hashes),
+            None => panic!("no open section"),
+        }
+        self.end_section()
+    }
+
     /// Closes the open section and returns its index in the table.
     pub fn end_section(&mut self) -> u32 {
         let (kind, offset, hasher) = self.current.take().expect("no open section");

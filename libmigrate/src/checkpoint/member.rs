@@ -174,7 +174,33 @@ struct WriteCtx<'a> {
     decided: &'a mut [u32],
     /// Set for a compressed checkpoint (its VMAs marked `PageCompression::Lz4` get frames).
     lz4: Option<&'a mut memory::Lz4Writer>,
+    /// The mappings another thread hashes while this one writes them (hasher.rs): by VMA
+    /// index, the job number.
+    hasher: Option<&'a mut super::hasher::Hasher>,
+    hashed_elsewhere: &'a [(u32, usize)],
     error: Option<migrate_image::ImageError>,
+}
+
+/// Writes `v`'s runs straight from memory in large writes, unhashed: the hasher thread hashes
+/// them meanwhile.
+fn write_unhashed<S: migrate_image::Sink>(
+    w: &mut ImageWriter<S>,
+    v: &migrate_image::VmaEntry,
+) -> Result<(), migrate_image::ImageError> {
+    const LARGE: u64 = 8 << 20;
+    for &(first, count) in &v.runs {
+        let mut addr = v.start + first * 4096;
+        let end = addr + count * 4096;
+        while addr < end {
+            let n = (end - addr).min(LARGE);
+            // SAFETY: a readable mapping of this process that no thread changes (the program's
+            // are parked; this one's stack and buffers are in other, copied, mappings).
+            let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, n as usize) };
+            w.write_unhashed_pages(bytes)?;
+            addr += n;
+        }
+    }
+    Ok(())
 }
 
 /// Runs on the checkpoint thread's stack below its saved context: writes every stored page.
@@ -183,9 +209,40 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
     // SAFETY: `arg` is the WriteCtx passed by `write_process`, alive for this call.
     let ctx = unsafe { &mut *(arg as *mut WriteCtx<'_>) };
     let here = &ctx as *const _ as u64;
+    let parallel = ctx.hasher.as_deref_mut().is_some_and(|h| h.start());
+    write_all_pages(ctx, here, parallel);
+    if let Some(h) = ctx.hasher.as_deref_mut() {
+        h.join(ctx.error.is_some());
+    }
+}
+
+fn write_all_pages(ctx: &mut WriteCtx<'_>, here: u64, parallel: bool) {
     for (i, v) in ctx.process.vmas.iter().enumerate() {
         if v.runs.is_empty() {
             continue;
+        }
+        let pages = ctx.first_page[i]..ctx.first_page[i + 1];
+        let kind = SectionKind::Pages { proc: ctx.proc, vma: i as u32 };
+        if let Some(&(_, job)) = ctx.hashed_elsewhere.iter().find(|(vma, _)| *vma == i as u32).filter(|_| parallel) {
+            let res = ctx.writer.begin_section(kind, true).and_then(|_| write_unhashed(ctx.writer, v));
+            let hashed = ctx.hasher.as_deref().filter(|h| h.wait_for(job));
+            match (res, hashed) {
+                (Ok(()), Some(h)) => {
+                    ctx.hashes[pages.clone()].copy_from_slice(h.hashes(job));
+                    ctx.writer.end_pages_section(&ctx.hashes[pages]);
+                    continue;
+                }
+                (Ok(()), None) => {
+                    ctx.error = Some(migrate_image::ImageError::Write(std::io::Error::other(
+                        "the page hashing thread stopped early",
+                    )));
+                    return;
+                }
+                (Err(e), _) => {
+                    ctx.error = Some(e);
+                    return;
+                }
+            }
         }
         // Memory that changes while it is written — this thread's stack, the page hashes and
         // decisions being filled in, the compressor's buffers — is copied first, so each page
@@ -194,9 +251,8 @@ extern "C" fn write_memory(arg: *mut libc::c_void) {
         let live = (v.start <= here && here < v.end)
             || overlaps(ctx.hashes.as_ptr() as *const u8, ctx.hashes.len() * 8)
             || overlaps(ctx.decided.as_ptr() as *const u8, ctx.decided.len() * 4)
-            || ctx.lz4.as_deref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(p, len)));
-        let pages = ctx.first_page[i]..ctx.first_page[i + 1];
-        let kind = SectionKind::Pages { proc: ctx.proc, vma: i as u32 };
+            || ctx.lz4.as_deref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(p, len)))
+            || ctx.hasher.as_deref().is_some_and(|h| h.buffers().iter().any(|&(p, len)| overlaps(p, len)));
         let copy = ctx.copies.iter().find(|c| c.0 == i as u32).map(|c| c.1);
         let lz4 = match ctx.lz4.as_deref_mut() {
             Some(z) if v.compression == migrate_image::PageCompression::Lz4 => Some(z),
@@ -456,6 +512,36 @@ pub(super) fn write_sections(
         }
         memory::Lz4Writer::new(most)
     });
+    // The mappings a second thread may hash while this one writes them: read straight from
+    // memory (not live: see write_memory, the hasher's own buffers included), neither
+    // incremental nor compressed nor copied.
+    let here = &pos as *const u64 as u64;
+    let mut hasher =
+        super::hasher::Hasher::new(meta.process.vmas.len(), if parent_pages.is_none() { total } else { 0 });
+    let mut hashed_elsewhere: Vec<(u32, usize)> = Vec::new();
+    if parent_pages.is_none() {
+        let overlaps = |v: &migrate_image::VmaEntry, p: *const u8, len: usize| {
+            (p as u64) < v.end && v.start < p as u64 + len as u64
+        };
+        let buffers = hasher.buffers();
+        for (i, v) in meta.process.vmas.iter().enumerate() {
+            let live = (v.start <= here && here < v.end)
+                || overlaps(v, hashes.as_ptr() as *const u8, hashes.len() * 8)
+                || lz4.as_ref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(v, p, len)))
+                || buffers.iter().any(|&(p, len)| overlaps(v, p, len));
+            if v.runs.is_empty()
+                || live
+                || v.prot & migrate_image::PROT_READ == 0
+                || v.compression != migrate_image::PageCompression::None
+                || page_copies.iter().any(|c| c.0 == i as u32)
+            {
+                continue;
+            }
+            let pages = first_page[i]..first_page[i + 1];
+            hashed_elsewhere.push((i as u32, hasher.jobs()));
+            hasher.push(super::hasher::Job::new(v.start, &v.runs, pages.len()));
+        }
+    }
     RESTORED_ARRIVED.store(0, Ordering::Release);
     let mut ctx = WriteCtx {
         writer: &mut writer,
@@ -469,6 +555,8 @@ pub(super) fn write_sections(
         parent: parent_pages.as_deref(),
         decided: &mut decided,
         lz4: lz4.as_mut(),
+        hasher: Some(&mut hasher),
+        hashed_elsewhere: &hashed_elsewhere,
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this

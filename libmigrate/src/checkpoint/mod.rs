@@ -7,6 +7,7 @@
 pub mod control;
 pub mod coordinator;
 pub mod forked;
+pub mod hasher;
 pub mod member;
 pub mod suspend;
 

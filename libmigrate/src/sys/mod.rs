@@ -255,6 +255,12 @@ pub fn waitid_pid(pid: i32, options: i32) -> SysResult<(i32, i32, i32)> {
 pub fn close_range(first: u32, last: u32) -> SysResult<()> {
     sc!(libc::SYS_close_range, first, last, 0).map(|_| ())
 }
+/// Ends the calling thread only (exit(2), not exit_group).
+pub fn exit_thread() -> ! {
+    loop {
+        let _ = sc!(libc::SYS_exit, 0);
+    }
+}
 pub fn exit_group(code: i32) -> ! {
     let _ = sc!(libc::SYS_exit_group, code);
     unreachable!("exit_group returned")
