@@ -266,14 +266,18 @@ impl<S: Sink> ImageWriter<S> {
         self.raw(buf)
     }
 
-    /// Closes the open `Pages` section whose pages since the last hashed write were written
-    /// with [`Self::write_unhashed_pages`]; `hashes` are theirs, in order.
-    pub fn end_pages_section(&mut self, hashes: &[u64]) -> u32 {
+    /// The hashes of pages written with [`Self::write_unhashed_pages`], in order.
+    pub fn note_page_hashes(&mut self, hashes: &[u64]) {
         match self.current.as_mut() {
             Some((_, _, hasher)) => hasher.update_page_hashes(hashes),
             None => panic!("no open section"),
         }
-        self.end_section()
+    }
+
+    /// Removes section `kind` from the table if it holds no bytes (a writer that found nothing
+    /// to store after all); the indices of later sections shift.
+    pub fn forget_empty_section(&mut self, kind: SectionKind) {
+        self.sections.retain(|s| s.kind != kind || s.length != 0);
     }
 
     /// Closes the open section and returns its index in the table.

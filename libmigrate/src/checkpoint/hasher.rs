@@ -37,13 +37,17 @@ impl Job {
 pub struct Hasher {
     jobs: Vec<Job>,
     /// The hashes of every job's pages, in order: written by the thread only (through a raw
-    /// pointer), read by the writer once `done` covers the job.
-    out: Vec<u64>,
-    stack: Vec<u8>,
+    /// pointer), read by the writer once `done` covers the job. In the writer's scratch mapping.
+    out: *mut u64,
+    out_len: usize,
+    stack: *mut u8,
+    stack_len: usize,
     /// The thread's tid while it runs; the kernel clears it when the thread is gone.
     tid: AtomicU32,
-    /// Jobs finished so far (futex word).
-    done: AtomicU32,
+    /// Pages hashed so far, all jobs in order (futex word): the writer follows behind.
+    progress: AtomicU32,
+    /// The writer waits on `progress` (the thread then wakes it).
+    waiting: AtomicBool,
     stop: AtomicBool,
     started: bool,
 }
@@ -53,15 +57,26 @@ pub struct Hasher {
 unsafe impl Send for Hasher {}
 
 impl Hasher {
-    /// Room for `capacity` jobs of `pages` pages in all: the buffers exist, at their final
-    /// addresses, before any job.
-    pub fn new(capacity: usize, pages: usize) -> Hasher {
+    /// Bytes of scratch memory `new` takes for `pages` pages.
+    pub fn scratch_bytes(pages: usize) -> usize {
+        pages * 8 + STACK + 64
+    }
+
+    /// Room for `capacity` jobs of `pages` pages in all, its hash array and stack carved from
+    /// `scratch` (see `scratch_bytes`): the buffers exist, at their final addresses, before any
+    /// job.
+    pub fn new(capacity: usize, pages: usize, scratch: &mut &mut [u8]) -> Hasher {
+        let out = sys::carve::<u64>(scratch, pages);
+        let stack = sys::carve::<u64>(scratch, STACK / 8);
         Hasher {
             jobs: Vec::with_capacity(capacity),
-            out: alloc::vec![0u64; pages],
-            stack: alloc::vec![0u8; STACK],
+            out: out.as_mut_ptr(),
+            out_len: out.len(),
+            stack: stack.as_mut_ptr() as *mut u8,
+            stack_len: STACK,
             tid: AtomicU32::new(0),
-            done: AtomicU32::new(0),
+            progress: AtomicU32::new(0),
+            waiting: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             started: false,
         }
@@ -70,16 +85,8 @@ impl Hasher {
     /// Adds a job (within the capacity given: nothing moves).
     pub fn push(&mut self, mut job: Job) {
         job.first = self.jobs.last().map_or(0, |j| j.first + j.npages);
-        debug_assert!(self.jobs.len() < self.jobs.capacity() && job.first + job.npages <= self.out.len());
+        debug_assert!(self.jobs.len() < self.jobs.capacity() && job.first + job.npages <= self.out_len);
         self.jobs.push(job);
-    }
-
-    /// Job `j`'s hashes, once `wait_for(j)` said they are done.
-    pub fn hashes(&self, j: usize) -> &[u64] {
-        let job = &self.jobs[j];
-        // SAFETY: inside `out`; the thread no longer writes there (`done` covers job j, read
-        // with Acquire after the thread's Release).
-        unsafe { core::slice::from_raw_parts(self.out.as_ptr().add(job.first), job.npages) }
     }
 
     pub fn jobs(&self) -> usize {
@@ -94,8 +101,8 @@ impl Hasher {
     /// that holds any of it before writing it).
     pub fn buffers(&self) -> [(*const u8, usize); 4] {
         [
-            (self.out.as_ptr() as *const u8, self.out.len() * 8),
-            (self.stack.as_ptr(), self.stack.len()),
+            (self.out as *const u8, self.out_len * 8),
+            (self.stack as *const u8, self.stack_len),
             (self as *const Hasher as *const u8, core::mem::size_of::<Hasher>()),
             (self.jobs.as_ptr() as *const u8, self.jobs.capacity() * core::mem::size_of::<Job>()),
         ]
@@ -106,7 +113,7 @@ impl Hasher {
         if self.pages() < MIN_PAGES {
             return false;
         }
-        let top = (self.stack.as_ptr() as u64 + self.stack.len() as u64) & !15;
+        let top = (self.stack as u64 + self.stack_len as u64) & !15;
         self.tid.store(u32::MAX, Ordering::Release);
         // SAFETY: the stack and `self` stay in place until `join` saw the thread gone.
         let r = unsafe { uffd::spawn_thread(top, self.tid.as_ptr() as u64, self as *mut Hasher as u64, run) };
@@ -121,18 +128,35 @@ impl Hasher {
         self.started
     }
 
-    /// Waits until job `j` is hashed (false if the thread stopped before it).
-    pub fn wait_for(&self, j: usize) -> bool {
+    /// Where job `j`'s pages start in the hashing order.
+    pub fn first_of(&self, j: usize) -> usize {
+        self.jobs[j].first
+    }
+
+    /// Waits until the first `n` pages (all jobs in order) are hashed; false if the thread
+    /// stopped before.
+    pub fn wait_for_pages(&self, n: usize) -> bool {
         loop {
-            let n = self.done.load(Ordering::Acquire);
-            if n as usize > j {
+            let p = self.progress.load(Ordering::Acquire);
+            if p as usize >= n {
                 return true;
             }
             if self.tid.load(Ordering::Acquire) == 0 {
-                return self.done.load(Ordering::Acquire) as usize > j;
+                return self.progress.load(Ordering::Acquire) as usize >= n;
             }
-            let _ = sys::futex_wait(&self.done, n, 50_000_000);
+            self.waiting.store(true, Ordering::Release);
+            if self.progress.load(Ordering::Acquire) == p {
+                let _ = sys::futex_wait(&self.progress, p, 10_000_000);
+            }
         }
+    }
+
+    /// The hashes of pages `range` (all jobs in order), once `wait_for_pages` covered them.
+    pub fn hashes_of(&self, range: core::ops::Range<usize>) -> &[u64] {
+        assert!(range.end <= self.out_len);
+        // SAFETY: inside `out`; the thread wrote these before publishing `progress` past them
+        // (Release, read with Acquire) and never writes them again.
+        unsafe { core::slice::from_raw_parts(self.out.add(range.start), range.len()) }
     }
 
     /// Stops the thread early (an error) and waits until it is gone.
@@ -159,8 +183,15 @@ impl Hasher {
 extern "C" fn run(arg: u64) -> ! {
     // SAFETY: `arg` is the Hasher, alive until it has seen this thread gone.
     let h = unsafe { &*(arg as *const Hasher) };
-    let out = h.out.as_ptr() as *mut u64;
-    'jobs: for (j, job) in h.jobs.iter().enumerate() {
+    let out = h.out;
+    let mut hashed = 0u32;
+    let publish = |n: u32| {
+        h.progress.store(n, Ordering::Release);
+        if h.waiting.swap(false, Ordering::AcqRel) {
+            sys::futex_wake(&h.progress);
+        }
+    };
+    'jobs: for job in h.jobs.iter() {
         // SAFETY: the job's runs, valid for the thread's life.
         let runs = unsafe { core::slice::from_raw_parts(job.runs, job.nruns) };
         // SAFETY: the job's part of `out`, which only this thread writes until `done` says so.
@@ -175,10 +206,13 @@ extern "C" fn run(arg: u64) -> ! {
                 let bytes = unsafe { core::slice::from_raw_parts((job.start + page * 4096) as *const u8, 4096) };
                 hashes[k] = migrate_image::page_hash(bytes);
                 k += 1;
+                hashed += 1;
+                if hashed.is_multiple_of(64) {
+                    publish(hashed);
+                }
             }
         }
-        h.done.store(j as u32 + 1, Ordering::Release);
-        sys::futex_wake(&h.done);
+        publish(hashed);
     }
     sys::exit_thread()
 }

@@ -16,7 +16,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering;
-use migrate_image::{ImageMeta, ImageWriter, ProcessEntry, SectionEntry, SectionKind, Sink, PAGE_SIZE};
+use migrate_image::{ImageMeta, ImageWriter, ProcessEntry, SectionEntry, SectionKind, Sink, VmaKind, PAGE_SIZE};
 
 struct SavedSp(UnsafeCell<u64>);
 // SAFETY: only the checkpoint thread touches it.
@@ -172,6 +172,9 @@ struct WriteCtx<'a> {
     /// them it equals (memory::NOT_INHERITED if none).
     parent: Option<&'a [memory::ParentPage]>,
     decided: &'a mut [u32],
+    /// Per page: 1 when it held only zeros and was left out (private anonymous memory).
+    dropped: &'a mut [u8],
+    zero_hash: u64,
     /// Set for a compressed checkpoint (its VMAs marked `PageCompression::Lz4` get frames).
     lz4: Option<&'a mut memory::Lz4Writer>,
     /// The mappings another thread hashes while this one writes them (hasher.rs): by VMA
@@ -181,23 +184,52 @@ struct WriteCtx<'a> {
     error: Option<migrate_image::ImageError>,
 }
 
-/// Writes `v`'s runs straight from memory in large writes, unhashed: the hasher thread hashes
-/// them meanwhile.
-fn write_unhashed<S: migrate_image::Sink>(
+/// Writes `v`'s runs straight from memory in large writes, following the hasher thread, which
+/// hashes them ahead (job `job`): its hashes go to `hashes`, and (private anonymous memory,
+/// `zeros`) pages of zeros are left out, flagged in `dropped`.
+fn write_hashed_elsewhere<S: migrate_image::Sink>(
     w: &mut ImageWriter<S>,
     v: &migrate_image::VmaEntry,
+    h: &super::hasher::Hasher,
+    job: usize,
+    hashes: &mut [u64],
+    dropped: &mut [u8],
+    zero_hash: Option<u64>,
 ) -> Result<(), migrate_image::ImageError> {
-    const LARGE: u64 = 8 << 20;
+    const CHUNK: usize = 2048; // pages: 8 MiB writes
+    let stopped = || migrate_image::ImageError::Write(std::io::Error::other("the page hashing thread stopped early"));
+    let base = h.first_of(job);
+    let mut k = 0usize; // page index among the runs
     for &(first, count) in &v.runs {
-        let mut addr = v.start + first * 4096;
-        let end = addr + count * 4096;
-        while addr < end {
-            let n = (end - addr).min(LARGE);
+        let mut page = first;
+        let end = first + count;
+        while page < end {
+            let n = ((end - page) as usize).min(CHUNK);
+            if !h.wait_for_pages(base + k + n) {
+                return Err(stopped());
+            }
+            hashes[k..k + n].copy_from_slice(h.hashes_of(base + k..base + k + n));
             // SAFETY: a readable mapping of this process that no thread changes (the program's
             // are parked; this one's stack and buffers are in other, copied, mappings).
-            let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, n as usize) };
-            w.write_unhashed_pages(bytes)?;
-            addr += n;
+            let bytes = unsafe { core::slice::from_raw_parts((v.start + page * 4096) as *const u8, n * 4096) };
+            let mut batch = 0usize;
+            for i in 0..=n {
+                let zero = i < n
+                    && zero_hash == Some(hashes[k + i])
+                    && bytes[i * 4096..(i + 1) * 4096].iter().all(|&b| b == 0);
+                if i == n || zero {
+                    if batch < i {
+                        w.write_unhashed_pages(&bytes[batch * 4096..i * 4096])?;
+                        w.note_page_hashes(&hashes[k + batch..k + i]);
+                    }
+                    if zero {
+                        dropped[k + i] = 1;
+                    }
+                    batch = i + 1;
+                }
+            }
+            k += n;
+            page += n as u64;
         }
     }
     Ok(())
@@ -224,25 +256,27 @@ fn write_all_pages(ctx: &mut WriteCtx<'_>, here: u64, parallel: bool) {
         let pages = ctx.first_page[i]..ctx.first_page[i + 1];
         let kind = SectionKind::Pages { proc: ctx.proc, vma: i as u32 };
         if let Some(&(_, job)) = ctx.hashed_elsewhere.iter().find(|(vma, _)| *vma == i as u32).filter(|_| parallel) {
-            let res = ctx.writer.begin_section(kind, true).and_then(|_| write_unhashed(ctx.writer, v));
-            let hashed = ctx.hasher.as_deref().filter(|h| h.wait_for(job));
-            match (res, hashed) {
-                (Ok(()), Some(h)) => {
-                    ctx.hashes[pages.clone()].copy_from_slice(h.hashes(job));
-                    ctx.writer.end_pages_section(&ctx.hashes[pages]);
-                    continue;
-                }
-                (Ok(()), None) => {
-                    ctx.error = Some(migrate_image::ImageError::Write(std::io::Error::other(
-                        "the page hashing thread stopped early",
-                    )));
-                    return;
-                }
-                (Err(e), _) => {
-                    ctx.error = Some(e);
-                    return;
-                }
+            let anonymous = matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack);
+            let res = match ctx.hasher.as_deref() {
+                Some(h) => ctx.writer.begin_section(kind, true).and_then(|_| {
+                    write_hashed_elsewhere(
+                        ctx.writer,
+                        v,
+                        h,
+                        job,
+                        &mut ctx.hashes[pages.clone()],
+                        &mut ctx.dropped[pages.clone()],
+                        anonymous.then_some(ctx.zero_hash),
+                    )
+                }),
+                None => Err(migrate_image::ImageError::Write(std::io::Error::other("no page hashing thread"))),
+            };
+            if let Err(e) = res {
+                ctx.error = Some(e);
+                return;
             }
+            ctx.writer.end_section();
+            continue;
         }
         // Memory that changes while it is written — this thread's stack, the page hashes and
         // decisions being filled in, the compressor's buffers — is copied first, so each page
@@ -272,12 +306,14 @@ fn write_all_pages(ctx: &mut WriteCtx<'_>, here: u64, parallel: bool) {
                 memory::write_pages_lz4(ctx.writer, v, ctx.mem_fd, ctx.bounce, live, z, &mut ctx.hashes[pages])
             }),
             (None, None) => {
+                let anonymous = matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack);
                 let mut out = memory::PageOutcome {
                     hashes: &mut ctx.hashes[pages.clone()],
                     parent: match ctx.parent {
-                        Some(parent) => Some((parent, &mut ctx.decided[pages])),
+                        Some(parent) => Some((parent, &mut ctx.decided[pages.clone()])),
                         None => None,
                     },
+                    zeros: anonymous.then_some((ctx.zero_hash, &mut ctx.dropped[pages])),
                 };
                 ctx.writer
                     .begin_section(kind, true)
@@ -350,6 +386,21 @@ fn dump() -> Result<(ImageMeta, Vec<memory::MapLine>), String> {
         },
     };
     Ok((meta, maps))
+}
+
+/// The write's scratch buffers: a mapping of their own, or (when none can be made) the arena.
+enum Scratch {
+    Mapped(sys::ScratchMap),
+    Arena(Vec<u8>),
+}
+
+impl Scratch {
+    fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            Scratch::Mapped(m) => m.bytes(),
+            Scratch::Arena(v) => v,
+        }
+    }
 }
 
 /// What a process wrote: where its sections end, their table entries, and its ids.
@@ -476,7 +527,24 @@ pub(super) fn write_sections(
     let pos = sink.pos;
     let nsections = 2 * meta.process.vmas.iter().filter(|v| !v.runs.is_empty()).count() + meta.process.files.len() + 2;
     let mut writer = ImageWriter::continue_at(sink, pos, nsections);
-    let mut bounce = alloc::vec![0u8; memory::WRITE_CHUNK];
+    // The write's buffers in a mapping of their own, made now (after the description): not
+    // stored in the image, as they would be from the arena (megabytes per GiB of memory).
+    let all_pages: usize = meta.process.vmas.iter().map(|v| v.data_pages() as usize).sum();
+    let incremental = parent.is_some() && !compress;
+    let scratch_len = memory::WRITE_CHUNK
+        + all_pages * 8
+        + if incremental { all_pages * 4 } else { 0 }
+        + super::hasher::Hasher::scratch_bytes(if incremental { 0 } else { all_pages })
+        + all_pages
+        + 5 * 64;
+    // A program that lowered RLIMIT_AS below what it maps gets no new mapping: the arena's
+    // reservation then serves (those bytes are stored too).
+    let mut scratch = match sys::ScratchMap::new(scratch_len) {
+        Ok(m) => Scratch::Mapped(m),
+        Err(_) => Scratch::Arena(alloc::vec![0u8; scratch_len]),
+    };
+    let mut rest = scratch.bytes();
+    let bounce = sys::carve::<u8>(&mut rest, memory::WRITE_CHUNK);
     // Everything the page writer fills is allocated now: it may not allocate.
     let mut first_page = Vec::with_capacity(meta.process.vmas.len() + 1);
     let mut total = 0usize;
@@ -485,7 +553,7 @@ pub(super) fn write_sections(
         total += v.data_pages() as usize;
     }
     first_page.push(total);
-    let mut hashes = alloc::vec![0u64; total];
+    let hashes = sys::carve::<u64>(&mut rest, total);
     let parent_pages = match parent {
         // A compressed image is a full one (its frames cannot refer to an ancestor's pages).
         Some(_) if compress => None,
@@ -498,7 +566,10 @@ pub(super) fn write_sections(
         },
         None => None,
     };
-    let mut decided = if parent_pages.is_some() { alloc::vec![memory::NOT_INHERITED; total] } else { Vec::new() };
+    let decided = sys::carve::<u32>(&mut rest, if parent_pages.is_some() { total } else { 0 });
+    decided.fill(memory::NOT_INHERITED);
+    let dropped = sys::carve::<u8>(&mut rest, total);
+    dropped.fill(0);
     // Everything the compressor needs, made now: the page writer must not allocate. A forked
     // checkpoint's copies (MAP_SHARED pages taken while frozen) stay uncompressed.
     let mut lz4 = compress.then(|| {
@@ -517,7 +588,7 @@ pub(super) fn write_sections(
     // incremental nor compressed nor copied.
     let here = &pos as *const u64 as u64;
     let mut hasher =
-        super::hasher::Hasher::new(meta.process.vmas.len(), if parent_pages.is_none() { total } else { 0 });
+        super::hasher::Hasher::new(meta.process.vmas.len(), if parent_pages.is_none() { total } else { 0 }, &mut rest);
     let mut hashed_elsewhere: Vec<(u32, usize)> = Vec::new();
     if parent_pages.is_none() {
         let overlaps = |v: &migrate_image::VmaEntry, p: *const u8, len: usize| {
@@ -548,12 +619,14 @@ pub(super) fn write_sections(
         proc,
         process: &meta.process,
         mem_fd,
-        bounce: &mut bounce,
+        bounce,
         copies: page_copies,
         first_page: &first_page,
-        hashes: &mut hashes,
+        hashes: &mut *hashes,
         parent: parent_pages.as_deref(),
-        decided: &mut decided,
+        decided: &mut *decided,
+        dropped: &mut *dropped,
+        zero_hash: migrate_image::page_hash(&[0u8; PAGE_SIZE as usize]),
         lz4: lz4.as_mut(),
         hasher: Some(&mut hasher),
         hashed_elsewhere: &hashed_elsewhere,
@@ -574,6 +647,12 @@ pub(super) fn write_sections(
         // generation (found by tests/tests/soak.rs).
         drop(ctx);
         drop(writer);
+        drop(hasher);
+        // The scratch mapping was made after the description: it does not exist here (and its
+        // addresses may be the plan's). Forgotten, never unmapped.
+        if let Scratch::Mapped(m) = scratch {
+            core::mem::forget(m);
+        }
         clear_all_transient();
         super::forked::forget_in_restored_process();
         crate::restore::finish_in_restored_process(resumed as usize, &meta);
@@ -594,7 +673,22 @@ pub(super) fn write_sections(
         if let Some(parent) = parent_pages.as_deref() {
             v.inherited = inherited_runs(v, &decided[pages.clone()], parent);
         }
-        let bytes: Vec<u8> = hashes[pages].iter().flat_map(|h| h.to_le_bytes()).collect();
+        // Pages of zeros were left out: they are no longer pages with data.
+        let kept = |k: &usize| dropped[pages.start + *k] == 0;
+        if dropped[pages.clone()].contains(&1) {
+            v.runs = runs_without(&v.runs, &dropped[pages.clone()]);
+            if v.runs.is_empty() {
+                // Nothing left: no page data at all; its (empty) page section goes too.
+                writer.forget_empty_section(SectionKind::Pages { proc, vma: i as u32 });
+                continue;
+            }
+        }
+        let bytes: Vec<u8> = hashes[pages.clone()]
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| kept(k))
+            .flat_map(|(_, h)| h.to_le_bytes())
+            .collect();
         writer
             .add_section_bytes(SectionKind::PageHashes { proc, vma: i as u32 }, &bytes, false)
             .map_err(|e| describe_write_error(&e))?;
@@ -735,6 +829,22 @@ fn load_parent(parent: &ParentImage, me: &ProcessEntry) -> Result<Vec<memory::Pa
     Ok(pages)
 }
 
+/// `runs` without the pages flagged in `dropped` (one flag per page of the runs, in order).
+fn runs_without(runs: &[(u64, u64)], dropped: &[u8]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let pages = runs.iter().flat_map(|&(first, count)| first..first + count);
+    for (page, &d) in pages.zip(dropped) {
+        if d != 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == page => last.1 += 1,
+            _ => out.push((page, 1)),
+        }
+    }
+    out
+}
+
 /// The inherited runs of `v` from the page writer's decisions (one per page of its runs).
 fn inherited_runs(
     v: &migrate_image::VmaEntry,
@@ -766,6 +876,13 @@ fn inherited_runs(
 mod tests {
     use super::*;
     use migrate_image::{InheritedRun, VmaEntry, VmaKind};
+
+    #[test]
+    fn pages_of_zeros_leave_the_runs() {
+        assert_eq!(runs_without(&[(0, 3), (5, 2)], &[0, 1, 0, 1, 1]), alloc::vec![(0, 1), (2, 1)]);
+        assert_eq!(runs_without(&[(4, 2)], &[0, 0]), alloc::vec![(4, 2)]);
+        assert!(runs_without(&[(4, 2)], &[1, 1]).is_empty());
+    }
 
     #[test]
     fn identical_pages_become_runs_that_follow_their_source() {

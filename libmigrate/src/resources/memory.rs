@@ -382,6 +382,9 @@ pub struct ParentPage {
 pub struct PageOutcome<'a> {
     pub hashes: &'a mut [u64],
     pub parent: Option<(&'a [ParentPage], &'a mut [u32])>,
+    /// For private anonymous memory: the hash of a page of zeros, and a flag per page set for
+    /// the pages that hold only zeros, which are left out (a fresh anonymous page reads zeros).
+    pub zeros: Option<(u64, &'a mut [u8])>,
 }
 
 pub const NOT_INHERITED: u32 = u32::MAX;
@@ -442,7 +445,14 @@ pub fn write_pages<S: migrate_image::Sink>(
                         inherited = true;
                     }
                 }
-                if inherited {
+                let mut zero = false;
+                if let Some((zero_hash, dropped)) = out.zeros.as_mut() {
+                    if !inherited && h == *zero_hash && page.iter().all(|&b| b == 0) {
+                        dropped[k + i] = 1;
+                        zero = true;
+                    }
+                }
+                if inherited || zero {
                     if batch_len > 0 {
                         let b = &chunk[batch_start * 4096..(batch_start + batch_len) * 4096];
                         w.write_hashed_pages(b, &out.hashes[k + batch_start..k + batch_start + batch_len])?;

@@ -213,6 +213,47 @@ pub fn personality(p: u32) -> SysResult<u32> {
 pub fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: u64) -> SysResult<usize> {
     sc!(libc::SYS_mmap, addr, len, prot, flags, fd, off)
 }
+/// A private anonymous mapping of its own for a checkpoint's scratch buffers (page hashes,
+/// bounce buffer, the hashing thread's stack): made after the memory was described, so it is
+/// not part of the image (the arena is, byte for byte). Unmapped when dropped; a restored
+/// process, where it does not exist, `forget`s it.
+pub struct ScratchMap {
+    addr: usize,
+    len: usize,
+}
+
+impl ScratchMap {
+    pub fn new(len: usize) -> SysResult<ScratchMap> {
+        let len = len.max(1).next_multiple_of(4096);
+        let addr = mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)?;
+        Ok(ScratchMap { addr, len })
+    }
+
+    /// The whole mapping (page-aligned, zero-filled at first).
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: our own mapping, alive as long as `self`, borrowed mutably once.
+        unsafe { core::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+}
+
+impl Drop for ScratchMap {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the borrows `bytes` handed out ended with `self`'s borrow.
+        let _ = unsafe { munmap(self.addr, self.len) };
+    }
+}
+
+/// Splits `n` values of `T` off the front of `bytes` (aligned for `T`).
+pub fn carve<'a, T: Copy>(bytes: &mut &'a mut [u8], n: usize) -> &'a mut [T] {
+    let taken = core::mem::take(bytes);
+    let pad = taken.as_ptr().align_offset(core::mem::align_of::<T>());
+    let (head, rest) = taken.split_at_mut(pad + n * core::mem::size_of::<T>());
+    *bytes = rest;
+    // SAFETY: `head[pad..]` is aligned for T, holds n * size_of::<T>() bytes, and every bit
+    // pattern is a valid value of the plain integer types this carves (u8, u32, u64).
+    unsafe { core::slice::from_raw_parts_mut(head[pad..].as_mut_ptr() as *mut T, n) }
+}
+
 /// # Safety
 /// Unmapping memory that Rust references point into is undefined behaviour; the caller
 /// guarantees nothing live is in the range.
