@@ -36,6 +36,28 @@ fn map(fd: i32) -> sys::SysResult<usize> {
     sys::mmap(0, SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
 }
 
+/// Tells the other processes of a resume that this one's restore failed (they wait for it at
+/// the barrier), through the registry handed down at REGISTRY_FD.
+pub fn restore_failed() {
+    let (addr, ours) = match REGISTRY.load(Ordering::Acquire) {
+        0 => match map(REGISTRY_FD) {
+            Ok(a) => (a, true),
+            Err(_) => return,
+        },
+        a => (a, false),
+    };
+    // SAFETY: a live shared mapping of SIZE bytes holding the resume's registry.
+    let r = unsafe { &*(addr as *const Registry) };
+    if r.is_valid() {
+        r.failed.fetch_add(1, Ordering::AcqRel);
+        sys::futex_wake_shared(&r.released);
+    }
+    if ours {
+        // SAFETY: our own temporary mapping; `r` is not used past here.
+        let _ = unsafe { sys::munmap(addr, SIZE) };
+    }
+}
+
 /// Creates a new registry at REGISTRY_FD (replacing an inherited one).
 pub fn create() -> sys::SysResult<()> {
     // SAFETY: the name is a NUL-terminated literal.

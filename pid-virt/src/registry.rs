@@ -30,7 +30,9 @@ pub struct Registry {
     pub restored: AtomicU32,
     /// Bumped when everyone has arrived (futex word).
     pub released: AtomicU32,
-    _pad: u32,
+    /// Processes of a resume whose restore failed: the others give up rather than run a tree
+    /// with a process missing.
+    pub failed: AtomicU32,
     pub members: [Member; MAX_MEMBERS],
 }
 

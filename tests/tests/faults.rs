@@ -702,3 +702,41 @@ fn privileged_executables_are_refused_at_resume() {
     assert_eq!(field_num::<u32>(&line, "egid"), NOBODY, "{line}");
     r.kill();
 }
+
+/// A tree whose child cannot be restored (its RLIMIT_AS was lowered below what it maps): the
+/// child's restore fails before its switch, and the parent, already restored and waiting for
+/// the whole tree at the barrier, gives up at once too: a tree never runs with a process
+/// missing, and the failure is reported in seconds (the barrier's bound is a minute).
+#[test]
+fn a_tree_member_failing_its_restore_stops_the_whole_tree() {
+    let (_t, dir) = canonical_temp_dir();
+    let log = dir.join("family.log");
+    let mut p = migrate_run(&dir, &cbin("family"), [log.to_str().unwrap(), "400", "50"]);
+    let ready = p.wait_line("ready ", STARTUP);
+    let consumer: i32 = field_num(&ready, "consumer");
+    p.wait_line("child got 2 ", STARTUP);
+    let status = fs::read_to_string(format!("/proc/{consumer}/status")).unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize in /proc/PID/status");
+    let limit = (vm_kib << 10) - (32 << 20);
+    let rl = libc::rlimit64 { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: prlimit on a process of our tree with a valid new limit and no old-value pointer.
+    let rc = unsafe { libc::prlimit64(consumer, libc::RLIMIT_AS, &rl, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let image = checkpoint(p.pid(), true, &dir);
+    p.wait_exit(QUICK);
+
+    let out = resume_output(&[], &image);
+    assert_eq!(out.code(), Some(5), "the resume fails: {}", out.describe());
+    assert!(out.stderr.contains("RLIMIT_AS"), "the child's error is reported: {}", out.describe());
+    assert!(
+        out.stderr.contains("another process of the tree failed to restore"),
+        "the parent gives up too: {}",
+        out.describe()
+    );
+    assert!(!out.stdout.contains("parent wrote"), "nothing of the program ran: {}", out.describe());
+    assert!(processes_mentioning(image.as_os_str().as_encoded_bytes()).is_empty(), "no process is left");
+}

@@ -44,8 +44,9 @@ pub fn run(path: &[u8], force: bool) -> ! {
         Err(e) => e,
     };
     // Nothing of the program runs: the System V objects migrate-resume recreated for it would
-    // only keep their keys taken and make a retry fail.
+    // only keep their keys taken and make a retry fail; the rest of the tree gives up too.
     crate::resources::ipc::remove_recreated(&sysv_ids());
+    crate::tree::restore_failed();
     let mut b = crate::log::StackBuf::<2048>::new();
     b.push_bytes(b"migrate-resume: error: ");
     b.push_bytes(err.as_bytes());
@@ -399,6 +400,15 @@ pub fn finish_in_restored_process(plan_addr: usize, meta: &ImageMeta) {
         let deadline = sys::monotonic_ns() + 60_000_000_000;
         while r.restored.load(Ordering::Acquire) < expected && sys::monotonic_ns() < deadline {
             let n = r.released.load(Ordering::Acquire);
+            if r.failed.load(Ordering::Acquire) > 0 {
+                // Another process of the tree could not be restored (its error is on
+                // migrate-resume's stderr): a tree with a process missing must not run.
+                let _ = sys::write_all(
+                    plan.error_fd,
+                    b"migrate-resume: error: another process of the tree failed to restore (see its error); this one stops too, the image is intact\n",
+                );
+                sys::exit_group(5);
+            }
             if r.restored.load(Ordering::Acquire) >= expected {
                 break;
             }
