@@ -709,6 +709,17 @@ fn privileged_executables_are_refused_at_resume() {
 /// missing, and the failure is reported in seconds (the barrier's bound is a minute).
 #[test]
 fn a_tree_member_failing_its_restore_stops_the_whole_tree() {
+    tree_member_fails(libc::RLIMIT_AS, |vm| vm - (32 << 20), "RLIMIT_AS");
+}
+
+/// The same when the child's restore fails in its switch (RLIMIT_DATA below its private
+/// writable memory: only a mapping there finds out), after the point of no return.
+#[test]
+fn a_tree_member_failing_in_its_switch_stops_the_whole_tree() {
+    tree_member_fails(libc::RLIMIT_DATA, |_| 64 << 20, "RLIMIT_DATA");
+}
+
+fn tree_member_fails(resource: libc::__rlimit_resource_t, lowered: impl Fn(u64) -> u64, needle: &str) {
     let (_t, dir) = canonical_temp_dir();
     let log = dir.join("family.log");
     let mut p = migrate_run(&dir, &cbin("family"), [log.to_str().unwrap(), "400", "50"]);
@@ -721,17 +732,17 @@ fn a_tree_member_failing_its_restore_stops_the_whole_tree() {
         .find_map(|l| l.strip_prefix("VmSize:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmSize in /proc/PID/status");
-    let limit = (vm_kib << 10) - (32 << 20);
+    let limit = lowered(vm_kib << 10);
     let rl = libc::rlimit64 { rlim_cur: limit, rlim_max: limit };
     // SAFETY: prlimit on a process of our tree with a valid new limit and no old-value pointer.
-    let rc = unsafe { libc::prlimit64(consumer, libc::RLIMIT_AS, &rl, std::ptr::null_mut()) };
+    let rc = unsafe { libc::prlimit64(consumer, resource, &rl, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     let image = checkpoint(p.pid(), true, &dir);
     p.wait_exit(QUICK);
 
     let out = resume_output(&[], &image);
     assert_eq!(out.code(), Some(5), "the resume fails: {}", out.describe());
-    assert!(out.stderr.contains("RLIMIT_AS"), "the child's error is reported: {}", out.describe());
+    assert!(out.stderr.contains(needle), "the child's error is reported: {}", out.describe());
     assert!(
         out.stderr.contains("another process of the tree failed to restore"),
         "the parent gives up too: {}",

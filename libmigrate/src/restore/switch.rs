@@ -44,7 +44,33 @@ fn fail_tail(fd: i32, err: isize) -> ! {
     let _ = sys::write(fd, b" (errno ");
     write_num(fd, (-err) as u64, 10);
     let _ = sys::write(fd, b"); the image is intact\n");
+    mark_tree_failed();
     sys::exit_group(5)
+}
+
+/// Tells the other processes of the tree that this restore failed (they wait for it at the
+/// barrier, restore/mod.rs), through a fresh shared mapping of the registry's descriptor: the
+/// address space is half replaced, nothing of it is trusted.
+fn mark_tree_failed() {
+    use core::sync::atomic::{AtomicU32, Ordering};
+    use pid_virt::registry::{Registry, FD, MAGIC, SIZE};
+    let Ok(addr) = sys::mmap(0, SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, FD, 0) else {
+        return;
+    };
+    // Field by field, by offset: no call into another crate's code, which may go through
+    // libmigrate's data (GOT), unmapped by now.
+    // SAFETY: a shared mapping of SIZE bytes of the registry memfd, made just now; the fields
+    // are at their offsets in the repr(C) Registry.
+    unsafe {
+        let magic = core::ptr::read_volatile(addr as *const u64);
+        if magic == MAGIC {
+            let failed = &*((addr + core::mem::offset_of!(Registry, failed)) as *const AtomicU32);
+            let released = &*((addr + core::mem::offset_of!(Registry, released)) as *const AtomicU32);
+            failed.fetch_add(1, Ordering::AcqRel);
+            sys::futex_wake_shared(released);
+        }
+        let _ = sys::munmap(addr, SIZE);
+    }
 }
 
 /// Writes `n` in base 10 or 16 without formatting machinery.
