@@ -290,7 +290,19 @@ int main(int argc, char **argv) {
 
 #[test]
 fn a_large_program_moves_with_precopy_and_a_short_freeze() {
-    let Some(rig) = Rig::new("a_large_program_moves_with_precopy_and_a_short_freeze") else { return };
+    large_program_moves("a_large_program_moves_with_precopy_and_a_short_freeze", false);
+}
+
+/// The same with the daemon resuming lazily (`migrate-resume --listen … --lazy`): the program
+/// runs on the target as soon as its layout is there, and its memory comes in from the
+/// received image on first touch (the image may be gone from the spool by then).
+#[test]
+fn a_large_program_moves_and_resumes_lazily_on_the_target() {
+    large_program_moves("a_large_program_moves_and_resumes_lazily_on_the_target", true);
+}
+
+fn large_program_moves(test: &str, lazy: bool) {
+    let Some(rig) = Rig::new(test) else { return };
     let tmp = temp_dir();
     let dir = std::fs::canonicalize(tmp.path()).unwrap();
     let secret = secret(&dir, "secret", "correct horse battery staple 2026\n");
@@ -301,6 +313,9 @@ fn a_large_program_moves_with_precopy_and_a_short_freeze() {
     let pid: i32 = field_num(&server.wait_line("ready ", STARTUP), "pid");
     let mut d = rig.cmd("b", &bin("migrate-resume"));
     d.args(["--listen", DAEMON, "--once", "--secret-file"]).arg(&secret).arg("--spool").arg(dir.join("spool"));
+    if lazy {
+        d.arg("--lazy");
+    }
     let mut daemon = Managed::spawn("daemon", d);
     daemon.wait_stderr_line(|l: &str| l.contains("listening on"), STARTUP);
 
@@ -361,7 +376,8 @@ int main(void) {
     assert!((0..2000).any(|_| tick() > t1), "the program's threads run on host B");
     assert_eq!(rig.pids_of("b", "ballast").len(), 1, "on host B");
     println!(
-        "256 MiB program: image {:.1} MB, {:.1} MB sent ahead in {} rounds, {:.1} MB during the freeze; source frozen {:.3} s",
+        "256 MiB program{}: image {:.1} MB, {:.1} MB sent ahead in {} rounds, {:.1} MB during the freeze; source frozen {:.3} s",
+        if lazy { ", lazy on the target" } else { "" },
         image as f64 / 1e6,
         ahead as f64 / 1e6,
         summary["precopy_rounds"],

@@ -132,7 +132,11 @@ fn spool_dir(args: &ResumeArgs) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// `--listen … --lazy`: the resumes this daemon runs bring memory in lazily.
+static RESUME_LAZY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub fn listen(args: &ResumeArgs, addr: &str) -> Result<()> {
+    RESUME_LAZY.store(args.lazy, std::sync::atomic::Ordering::Relaxed);
     let secret = args.secret_file.as_ref().ok_or_else(|| fail(USAGE, "--listen needs --secret-file"))?;
     let key = Key::from_file(secret).map_err(|e| fail(USAGE, format!("{e:#}")))?;
     let spool = spool_dir(args)?;
@@ -363,7 +367,11 @@ fn run_resume(
     unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
     let exe = std::env::current_exe().context("cannot find migrate-resume itself")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--ready-fd").arg(theirs.as_raw_fd().to_string()).arg(image);
+    cmd.arg("--ready-fd").arg(theirs.as_raw_fd().to_string());
+    if RESUME_LAZY.load(std::sync::atomic::Ordering::Relaxed) {
+        cmd.arg("--lazy");
+    }
+    cmd.arg(image);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; the resumed program leads a session of its own.
     unsafe {
