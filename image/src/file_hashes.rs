@@ -95,6 +95,34 @@ pub fn store(dir: &Path, key: &FileKey, hash: u64) {
     }
 }
 
+/// The content hash of the file at `path`: the cached one when the user's private directory
+/// (`user_dir(uid, xdg_runtime_dir)`) knows this version of the file, else `compute()`'s,
+/// recorded there if the file did not change while it was hashed. Without a usable directory it
+/// is simply `compute()`.
+pub fn cached<E>(
+    path: &Path,
+    uid: u32,
+    xdg_runtime_dir: Option<&str>,
+    compute: impl FnOnce() -> Result<u64, E>,
+) -> Result<u64, E> {
+    let dir = user_dir(uid, xdg_runtime_dir);
+    let dir = private_dir(&dir, uid).then_some(dir);
+    let key = fs::metadata(path).ok().map(|md| FileKey::of(&md));
+    if let (Some(dir), Some(k)) = (dir.as_deref(), key.as_ref()) {
+        if let Some(h) = lookup(dir, k) {
+            return Ok(h);
+        }
+    }
+    let h = compute()?;
+    let after = fs::metadata(path).ok().map(|md| FileKey::of(&md));
+    if let (Some(dir), Some(k)) = (dir.as_deref(), key) {
+        if after == Some(k) {
+            store(dir, &k, h);
+        }
+    }
+    Ok(h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,6 +238,57 @@ impl VmaEntry {
     pub fn stored_pages(&self) -> u64 {
         self.data_pages() - self.inherited.iter().map(|r| r.count).sum::<u64>()
     }
+
+    /// The runs, in order, split where the pages' bytes change place: this image's `Pages`
+    /// section, or an ancestor (`inherited`).
+    pub fn page_spans(&self) -> Vec<PageSpan> {
+        let mut out = Vec::new();
+        let mut stored = 0u64; // pages of this image's section before the span
+        let mut inherited = self.inherited.iter().peekable();
+        for &(first, count) in &self.runs {
+            let mut page = first;
+            let end = first + count;
+            while page < end {
+                while inherited.peek().is_some_and(|r| r.first + r.count <= page) {
+                    inherited.next();
+                }
+                match inherited.peek() {
+                    Some(r) if r.first <= page => {
+                        let upto = (r.first + r.count).min(end);
+                        let source = PageSource::Ancestor {
+                            ancestor: r.ancestor,
+                            offset: r.offset + (page - r.first) * crate::PAGE_SIZE,
+                        };
+                        out.push(PageSpan { first: page, end: upto, source });
+                        page = upto;
+                    }
+                    next => {
+                        let upto = next.map_or(end, |r| r.first.min(end));
+                        out.push(PageSpan { first: page, end: upto, source: PageSource::Here { index: stored } });
+                        stored += upto - page;
+                        page = upto;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Pages `first..end` of a mapping and where their bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSpan {
+    pub first: u64,
+    pub end: u64,
+    pub source: PageSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSource {
+    /// In this image's `Pages` section, from its `index`-th page on.
+    Here { index: u64 },
+    /// In ancestor `ancestor`, from byte `offset` of that image on.
+    Ancestor { ancestor: u32, offset: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

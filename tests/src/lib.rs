@@ -924,40 +924,33 @@ impl Managed {
     /// order is not fixed). Panics with the whole output on timeout or when stdout closes first.
     #[track_caller]
     pub fn wait_line_seen<M: Matcher>(&mut self, m: M, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.drain();
-            if let Some(l) = self.out.iter().find(|l| m.matches(l)) {
-                return l.clone();
-            }
-            if self.out_eof {
-                let r = self.report();
-                panic!("{}: stdout closed while waiting for {}\n{r}", self.name, m.describe());
-            }
-            if !self.pump(deadline) && Instant::now() >= deadline {
-                let r = self.report();
-                panic!("{}: timed out after {timeout:?} waiting for {}\n{r}", self.name, m.describe());
-            }
-        }
+        self.wait_seen(false, m, timeout)
     }
 
     /// Waits until some stderr line (any seen so far, or a new one) matches, and returns it.
     /// Panics with the whole output on timeout or when stderr closes first.
     #[track_caller]
     pub fn wait_stderr_line<M: Matcher>(&mut self, m: M, timeout: Duration) -> String {
+        self.wait_seen(true, m, timeout)
+    }
+
+    #[track_caller]
+    fn wait_seen<M: Matcher>(&mut self, stderr: bool, m: M, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
+        let (stream, on) = if stderr { ("stderr", " on stderr") } else { ("stdout", "") };
         loop {
             self.drain();
-            if let Some(l) = self.err.iter().find(|l| m.matches(l)) {
+            let (lines, eof) = if stderr { (&self.err, self.err_eof) } else { (&self.out, self.out_eof) };
+            if let Some(l) = lines.iter().find(|l| m.matches(l)) {
                 return l.clone();
             }
-            if self.err_eof {
+            if eof {
                 let r = self.report();
-                panic!("{}: stderr closed while waiting for {} on stderr\n{r}", self.name, m.describe());
+                panic!("{}: {stream} closed while waiting for {}{on}\n{r}", self.name, m.describe());
             }
             if !self.pump(deadline) && Instant::now() >= deadline {
                 let r = self.report();
-                panic!("{}: timed out after {timeout:?} waiting for {} on stderr\n{r}", self.name, m.describe());
+                panic!("{}: timed out after {timeout:?} waiting for {}{on}\n{r}", self.name, m.describe());
             }
         }
     }

@@ -479,17 +479,7 @@ fn restore_under_a_limit_lowered_while_running(
     let mut p = migrate_run(&dir, &cbin("counter"), counter_args(64, 50, &log));
     let pid: i32 = field_num(&p.wait_line("ready ", STARTUP), "pid");
     let prev = CounterTick::parse(&p.wait_line("tick ", STARTUP));
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let vm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmSize in /proc/PID/status");
-    let limit = lowered(vm_kib << 10);
-    let rl = libc::rlimit64 { rlim_cur: limit, rlim_max: limit };
-    // SAFETY: prlimit on our own child with a valid new limit and no old-value pointer.
-    let rc = unsafe { libc::prlimit64(pid, resource, &rl, std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let limit = lower_limit(pid, resource, &lowered);
     let mut last = ticks_go_on(&mut p, prev, "after lowering the limit");
     let image = checkpoint(pid, true, &dir);
     if let Some(l) = p.read_to_eof(LINE).into_iter().rfind(|l| is_tick(l)) {
@@ -703,6 +693,23 @@ fn privileged_executables_are_refused_at_resume() {
     r.kill();
 }
 
+/// Sets both of process `pid`'s limits `resource` to `lowered(its VmSize in bytes)`; returns
+/// the limit.
+fn lower_limit(pid: i32, resource: libc::__rlimit_resource_t, lowered: &impl Fn(u64) -> u64) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize in /proc/PID/status");
+    let limit = lowered(vm_kib << 10);
+    let rl = libc::rlimit64 { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: prlimit on a process we started with a valid new limit and no old-value pointer.
+    let rc = unsafe { libc::prlimit64(pid, resource, &rl, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    limit
+}
+
 /// A tree whose child cannot be restored (its RLIMIT_AS was lowered below what it maps): the
 /// child's restore fails before its switch, and the parent, already restored and waiting for
 /// the whole tree at the barrier, gives up at once too: a tree never runs with a process
@@ -726,17 +733,7 @@ fn tree_member_fails(resource: libc::__rlimit_resource_t, lowered: impl Fn(u64) 
     let ready = p.wait_line("ready ", STARTUP);
     let consumer: i32 = field_num(&ready, "consumer");
     p.wait_line("child got 2 ", STARTUP);
-    let status = fs::read_to_string(format!("/proc/{consumer}/status")).unwrap();
-    let vm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmSize in /proc/PID/status");
-    let limit = lowered(vm_kib << 10);
-    let rl = libc::rlimit64 { rlim_cur: limit, rlim_max: limit };
-    // SAFETY: prlimit on a process of our tree with a valid new limit and no old-value pointer.
-    let rc = unsafe { libc::prlimit64(consumer, resource, &rl, std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    lower_limit(consumer, resource, &lowered);
     let image = checkpoint(p.pid(), true, &dir);
     p.wait_exit(QUICK);
 

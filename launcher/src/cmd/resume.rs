@@ -639,27 +639,12 @@ fn compare(id: &FileIdentity, check_inode: bool) -> io::Result<Option<String>> {
 
 /// xxh3-64 of a whole file (the same value as `xxh3_64` over its bytes).
 pub fn hash_file(path: &Path) -> io::Result<u64> {
-    // The user's persistent cache (migrate_image::file_hashes), keyed by the file's version;
-    // libmigrate fills it at checkpoint time too.
+    // The user's persistent cache (migrate_image::file_hashes); libmigrate fills it at
+    // checkpoint time too.
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     let xdg = std::env::var("XDG_RUNTIME_DIR").ok();
-    let dir = migrate_image::file_hashes::user_dir(uid, xdg.as_deref());
-    let cache = migrate_image::file_hashes::private_dir(&dir, uid).then_some(dir);
-    let key = fs::metadata(path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
-    if let (Some(dir), Some(k)) = (cache.as_deref(), key.as_ref()) {
-        if let Some(h) = migrate_image::file_hashes::lookup(dir, k) {
-            return Ok(h);
-        }
-    }
-    let h = hash_file_contents(path)?;
-    let after = fs::metadata(path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
-    if let (Some(dir), Some(k)) = (cache.as_deref(), key) {
-        if after == Some(k) {
-            migrate_image::file_hashes::store(dir, &k, h);
-        }
-    }
-    Ok(h)
+    migrate_image::file_hashes::cached(path, uid, xdg.as_deref(), || hash_file_contents(path))
 }
 
 /// The xxh3-64 of a file's whole contents.

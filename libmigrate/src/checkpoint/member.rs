@@ -181,7 +181,17 @@ struct WriteCtx<'a> {
     /// index, the job number.
     hasher: Option<&'a mut super::hasher::Hasher>,
     hashed_elsewhere: &'a [(u32, usize)],
+    /// What changes while pages are written, besides this thread's stack: see `volatile`.
+    volatile: &'a [(u64, u64)],
     error: Option<migrate_image::ImageError>,
+}
+
+/// Whether mapping `v` holds memory that changes while it is written — the writing thread's
+/// stack (at `here`) or one of the `volatile` ranges (the write's own buffers: page hashes,
+/// decisions, the compressor's, the hashing thread's) — and must be copied first, so that each
+/// page is hashed and written as the same bytes.
+fn changes_while_written(v: &migrate_image::VmaEntry, here: u64, volatile: &[(u64, u64)]) -> bool {
+    (v.start <= here && here < v.end) || volatile.iter().any(|&(p, len)| p < v.end && v.start < p + len)
 }
 
 /// Writes `v`'s runs straight from memory in large writes, following the hasher thread, which
@@ -278,15 +288,7 @@ fn write_all_pages(ctx: &mut WriteCtx<'_>, here: u64, parallel: bool) {
             ctx.writer.end_section();
             continue;
         }
-        // Memory that changes while it is written — this thread's stack, the page hashes and
-        // decisions being filled in, the compressor's buffers — is copied first, so each page
-        // is hashed and written as the same bytes.
-        let overlaps = |p: *const u8, len: usize| (p as u64) < v.end && v.start < p as u64 + len as u64;
-        let live = (v.start <= here && here < v.end)
-            || overlaps(ctx.hashes.as_ptr() as *const u8, ctx.hashes.len() * 8)
-            || overlaps(ctx.decided.as_ptr() as *const u8, ctx.decided.len() * 4)
-            || ctx.lz4.as_deref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(p, len)))
-            || ctx.hasher.as_deref().is_some_and(|h| h.buffers().iter().any(|&(p, len)| overlaps(p, len)));
+        let live = changes_while_written(v, here, ctx.volatile);
         let copy = ctx.copies.iter().find(|c| c.0 == i as u32).map(|c| c.1);
         let lz4 = match ctx.lz4.as_deref_mut() {
             Some(z) if v.compression == migrate_image::PageCompression::Lz4 => Some(z),
@@ -544,6 +546,7 @@ pub(super) fn write_sections(
         Err(_) => Scratch::Arena(alloc::vec![0u8; scratch_len]),
     };
     let mut rest = scratch.bytes();
+    let scratch_range = (rest.as_ptr() as u64, rest.len() as u64);
     let bounce = sys::carve::<u8>(&mut rest, memory::WRITE_CHUNK);
     // Everything the page writer fills is allocated now: it may not allocate.
     let mut first_page = Vec::with_capacity(meta.process.vmas.len() + 1);
@@ -589,19 +592,15 @@ pub(super) fn write_sections(
     let here = &pos as *const u64 as u64;
     let mut hasher =
         super::hasher::Hasher::new(meta.process.vmas.len(), if parent_pages.is_none() { total } else { 0 }, &mut rest);
+    // Every buffer the write changes exists now, at its final address.
+    let mut volatile: Vec<(u64, u64)> = alloc::vec![scratch_range];
+    let buffers = lz4.as_ref().map(|z| z.buffers()).into_iter().flatten().chain(hasher.buffers());
+    volatile.extend(buffers.map(|(p, len)| (p as u64, len as u64)));
     let mut hashed_elsewhere: Vec<(u32, usize)> = Vec::new();
     if parent_pages.is_none() {
-        let overlaps = |v: &migrate_image::VmaEntry, p: *const u8, len: usize| {
-            (p as u64) < v.end && v.start < p as u64 + len as u64
-        };
-        let buffers = hasher.buffers();
         for (i, v) in meta.process.vmas.iter().enumerate() {
-            let live = (v.start <= here && here < v.end)
-                || overlaps(v, hashes.as_ptr() as *const u8, hashes.len() * 8)
-                || lz4.as_ref().is_some_and(|z| z.buffers().iter().any(|&(p, len)| overlaps(v, p, len)))
-                || buffers.iter().any(|&(p, len)| overlaps(v, p, len));
             if v.runs.is_empty()
-                || live
+                || changes_while_written(v, here, &volatile)
                 || v.prot & migrate_image::PROT_READ == 0
                 || v.compression != migrate_image::PageCompression::None
                 || page_copies.iter().any(|c| c.0 == i as u32)
@@ -630,6 +629,7 @@ pub(super) fn write_sections(
         lz4: lz4.as_mut(),
         hasher: Some(&mut hasher),
         hashed_elsewhere: &hashed_elsewhere,
+        volatile: &volatile,
         error: None,
     };
     // SAFETY: ctx lives across the call; a non-zero result means we are the restored copy of this
@@ -804,19 +804,14 @@ fn load_parent(parent: &ParentImage, me: &ProcessEntry) -> Result<Vec<memory::Pa
             .iter()
             .find(|s| s.kind == SectionKind::Pages { proc: index as u32, vma: i as u32 })
             .map_or(0, |s| s.offset);
-        let mut inherited = v.inherited.iter().peekable();
-        let mut stored = 0u64;
         let mut k = 0usize;
-        for &(first, count) in &v.runs {
-            for page in first..first + count {
-                while inherited.peek().is_some_and(|r| r.first + r.count <= page) {
-                    inherited.next();
-                }
-                let (ancestor, offset) = match inherited.peek() {
-                    Some(r) if r.first <= page => (r.ancestor + 1, r.offset + (page - r.first) * 4096),
-                    _ => {
-                        stored += 1;
-                        (0, data + (stored - 1) * 4096)
+        for span in v.page_spans() {
+            for page in span.first..span.end {
+                // The parent's ancestor k is the new image's k + 1; the parent is its 0.
+                let (ancestor, offset) = match span.source {
+                    migrate_image::PageSource::Here { index: n } => (0, data + (n + page - span.first) * 4096),
+                    migrate_image::PageSource::Ancestor { ancestor, offset } => {
+                        (ancestor + 1, offset + (page - span.first) * 4096)
                     }
                 };
                 if (ancestor as usize) < migrate_image::MAX_ANCESTORS {

@@ -67,17 +67,21 @@ fn content_hash(id: &FileIdentity) -> Option<u64> {
         }
     }
     // The user's persistent cache (migrate_image::file_hashes), keyed by the file's version.
-    let cache = persistent_hash_cache();
-    let key = std::fs::metadata(&id.path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
-    if let (Some(dir), Some(k)) = (cache.as_deref(), key.as_ref()) {
-        if let Some(h) = migrate_image::file_hashes::lookup(dir, k).filter(|_| k.size == id.size) {
-            if let Ok(mut mem) = HASH_CACHE.lock() {
-                mem.push((key_of(id), h));
-            }
-            return Some(h);
-        }
+    let uid = sys::getuid();
+    let xdg = crate::env::var("XDG_RUNTIME_DIR");
+    let h = migrate_image::file_hashes::cached(std::path::Path::new(&id.path), uid, xdg.as_deref(), || {
+        read_and_hash(&id.path)
+    })
+    .ok()?;
+    if let Ok(mut mem) = HASH_CACHE.lock() {
+        mem.push((key_of(id), h));
     }
-    let fd = sys::open(&fs::cpath(id.path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0).ok()?;
+    Some(h)
+}
+
+/// The xxh3-64 of a whole file, read with raw system calls.
+fn read_and_hash(path: &str) -> Result<u64, ()> {
+    let fd = sys::open(&fs::cpath(path.as_bytes()), libc::O_RDONLY | libc::O_CLOEXEC, 0).map_err(|_| ())?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = alloc::vec![0u8; 1 << 20];
     let mut off = 0u64;
@@ -92,32 +96,11 @@ fn content_hash(id: &FileIdentity) -> Option<u64> {
         }
     };
     let _ = sys::close(fd);
-    if !ok {
-        return None;
-    }
-    let h = hasher.digest();
-    if let Ok(mut mem) = HASH_CACHE.lock() {
-        mem.push((key_of(id), h));
-    }
-    // Recorded only if the file did not change while it was read.
-    let after = std::fs::metadata(&id.path).ok().map(|md| migrate_image::file_hashes::FileKey::of(&md));
-    if let (Some(dir), Some(k)) = (cache.as_deref(), key) {
-        if after == Some(k) {
-            migrate_image::file_hashes::store(dir, &k, h);
-        }
-    }
-    Some(h)
+    ok.then(|| hasher.digest()).ok_or(())
 }
 
 fn key_of(id: &FileIdentity) -> (u64, u64, u64, i64) {
     (id.dev, id.ino, id.size, id.mtime_ns)
-}
-
-/// The user's private migrate directory holding the persistent hash cache, if usable.
-fn persistent_hash_cache() -> Option<std::path::PathBuf> {
-    let uid = sys::getuid();
-    let dir = migrate_image::file_hashes::user_dir(uid, crate::env::var("XDG_RUNTIME_DIR").as_deref());
-    migrate_image::file_hashes::private_dir(&dir, uid).then_some(dir)
 }
 
 /// Lossy UTF-8 of a byte path.

@@ -605,12 +605,12 @@ fn fatal(s: &Server, what: &[u8], addr: u64, err: i32, fix: &[u8]) -> ! {
     let _ = sys::write(fd, b"migrate-resume: error: lazy restore: ");
     let _ = sys::write(fd, what);
     let _ = sys::write(fd, b" at 0x");
-    write_num(fd, addr, 16);
+    super::switch::write_num(fd, addr, 16);
     let _ = sys::write(fd, b" (process ");
-    write_num(fd, s.pid as u64, 10);
+    super::switch::write_num(fd, s.pid as u64, 10);
     if err != 0 {
         let _ = sys::write(fd, b", errno ");
-        write_num(fd, err as u64, 10);
+        super::switch::write_num(fd, err as u64, 10);
     }
     let _ = sys::write(fd, b") from the image ");
     // SAFETY: path_len bytes were copied to `path` by build_server.
@@ -620,21 +620,6 @@ fn fatal(s: &Server, what: &[u8], addr: u64, err: i32, fix: &[u8]) -> ! {
     let _ = sys::write(fd, fix);
     let _ = sys::write(fd, b"\n");
     sys::exit_group(5)
-}
-
-fn write_num(fd: i32, mut n: u64, base: u64) {
-    let mut num = [0u8; 24];
-    let mut i = num.len();
-    loop {
-        i -= 1;
-        let d = (n % base) as u8;
-        num[i] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
-        n /= base;
-        if n == 0 {
-            break;
-        }
-    }
-    let _ = sys::write(fd, &num[i..]);
 }
 
 /// Whether stored page `index`, read into `page`, is what the checkpoint wrote: compared with
@@ -972,25 +957,25 @@ fn finish(s: &mut Server) -> ! {
         let fd = s.out_fd;
         let ms = (sys::monotonic_ns() - s.started_ns) / 1_000_000;
         let _ = sys::write(fd, b"migrate: lazy restore of process ");
-        write_num(fd, s.pid as u64, 10);
+        super::switch::write_num(fd, s.pid as u64, 10);
         let _ = sys::write(fd, b" complete in ");
-        write_num(fd, ms, 10);
+        super::switch::write_num(fd, ms, 10);
         let _ = sys::write(fd, b" ms: pages=");
-        write_num(fd, s.total, 10);
+        super::switch::write_num(fd, s.total, 10);
         let _ = sys::write(fd, b" faults=");
-        write_num(fd, s.n_faults, 10);
+        super::switch::write_num(fd, s.n_faults, 10);
         let _ = sys::write(fd, b" on_demand=");
-        write_num(fd, s.n_fault_pages, 10);
+        super::switch::write_num(fd, s.n_fault_pages, 10);
         let _ = sys::write(fd, b" background=");
-        write_num(fd, s.n_background, 10);
+        super::switch::write_num(fd, s.n_background, 10);
         let _ = sys::write(fd, b" zero=");
-        write_num(fd, s.n_zero, 10);
+        super::switch::write_num(fd, s.n_zero, 10);
         let _ = sys::write(fd, b" remove=");
-        write_num(fd, s.n_remove, 10);
+        super::switch::write_num(fd, s.n_remove, 10);
         let _ = sys::write(fd, b" unmap=");
-        write_num(fd, s.n_unmap, 10);
+        super::switch::write_num(fd, s.n_unmap, 10);
         let _ = sys::write(fd, b" remap=");
-        write_num(fd, s.n_remap, 10);
+        super::switch::write_num(fd, s.n_remap, 10);
         let _ = sys::write(fd, b"\n");
     }
     for &fd in s.sources.iter().take(s.nsources as usize).chain([&s.uffd, &s.out_fd]) {

@@ -241,30 +241,14 @@ fn plan_runs(
     ancestor_fds: &[i32],
     out: &mut Vec<PlanRun>,
 ) -> Result<(), String> {
-    let mut stored = 0u64; // pages of this image's section used so far
-    let mut inherited = v.inherited.iter().peekable();
-    for &(first, count) in &v.runs {
-        let mut page = first;
-        let end = first + count;
-        while page < end {
-            while inherited.peek().is_some_and(|r| r.first + r.count <= page) {
-                inherited.next();
+    for span in v.page_spans() {
+        let (fd, offset) = match span.source {
+            migrate_image::PageSource::Here { index } => (image_fd, data_offset + index * 4096),
+            migrate_image::PageSource::Ancestor { ancestor, offset } => {
+                (*ancestor_fds.get(ancestor as usize).ok_or("an ancestor image is not open")?, offset)
             }
-            match inherited.peek() {
-                Some(r) if r.first <= page => {
-                    let upto = (r.first + r.count).min(end);
-                    let fd = *ancestor_fds.get(r.ancestor as usize).ok_or("an ancestor image is not open")?;
-                    out.push(PlanRun { start: page, end: upto, fd, offset: r.offset + (page - r.first) * 4096 });
-                    page = upto;
-                }
-                next => {
-                    let upto = next.map_or(end, |r| r.first.min(end));
-                    out.push(PlanRun { start: page, end: upto, fd: image_fd, offset: data_offset + stored * 4096 });
-                    stored += upto - page;
-                    page = upto;
-                }
-            }
-        }
+        };
+        out.push(PlanRun { start: span.first, end: span.end, fd, offset });
     }
     Ok(())
 }

@@ -73,8 +73,9 @@ fn mark_tree_failed() {
     }
 }
 
-/// Writes `n` in base 10 or 16 without formatting machinery.
-fn write_num(fd: i32, mut n: u64, base: u64) {
+/// Writes `n` in base 10 or 16 without formatting machinery (no libc, no allocation: the
+/// switch and the lazy page server use it).
+pub(super) fn write_num(fd: i32, mut n: u64, base: u64) {
     let mut num = [0u8; 24];
     let mut i = num.len();
     loop {
